@@ -1,0 +1,21 @@
+"""Shared fixtures: the repo root on sys.path and the toy world, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def toy_world() -> str:
+    """Path of a built toy world: $TOY_WORLD if set, else built (or reused) under the repo's toy_world/."""
+    from utils.toy.build import build
+
+    path = os.environ.get("TOY_WORLD", os.path.join(ROOT, "toy_world"))
+    return build(path)

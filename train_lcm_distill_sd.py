@@ -1,0 +1,373 @@
+"""Latent consistency distillation (LCM) of a Stable Diffusion 1.x / 2.x teacher, and LCF.
+
+    accelerate launch train_lcm_distill_sd.py --pretrained_teacher_model <hub id or folder> \
+        --train_data_dir <imagefolder> --output_dir out/ --max_train_steps 1000
+
+The recipe (Luo et al. 2023, "Latent Consistency Models"):
+  1. sample a point t = tau_i of the skip grid (tau_i = i*k - 1, k = T // N), its neighbour s = t - k,
+     and a guidance scale w ~ U[w_min, w_max];
+  2. noise the image latent to x_t; the teacher (cond + uncond in ONE batched pass, CFG with scale
+     w) takes one DDIM step to x_s;
+  3. the student f(x, t, w, c) = c_skip(t) x + c_out(t) x0_theta(x, t, w, c) is pulled towards the EMA
+     target f_ema(x_s, s, w, c): loss d(f(x_t, t), stopgrad f_ema(x_s, s)), d = L2 or pseudo-Huber;
+  4. the EMA target follows the student: theta_ema <- mu theta_ema + (1 - mu) theta.
+The student gets w through a sinusoidal embedding into the UNet's `timestep_cond` (a new
+`time_cond_proj` layer, zero-initialised so the untrained student equals the teacher).
+
+With --lcf (latent consistency fine-tuning) there is no teacher: x_s is the same image latent
+noised with the same noise at s, so an existing LCM can be fine-tuned on a custom dataset.
+
+The output folder is a complete StableDiffusionPipeline with an LCMScheduler: load it with
+`StableDiffusionPipeline.from_pretrained(out)` and sample in 2-8 steps (guidance_scale = w + 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from utils import checkpoint, data, models, training
+from utils.consistency import consistency_fn, guidance_scale_embedding, scalings_for_boundary_conditions
+from utils.ema import ema_update
+from utils.errors import fail, user_errors
+from utils.losses import LOSS_TYPES, consistency_loss
+from utils.solvers import (PREDICTION_TYPES, alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
+                           x0_eps_from_model_output)
+
+logger = logging.getLogger("train_lcm_distill_sd")
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = training.Parser(description=__doc__.split("\n\n")[0],
+                             epilog="Every flag's default is shown in --help; see README.md for a full walk-through.")
+    m = parser.add_argument_group("models")
+    m.add_argument("--pretrained_teacher_model", required=True,
+                   help="SD 1.x/2.x pipeline: hub id or local diffusers folder (for --lcf: an LCM pipeline)")
+    m.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a separate VAE (hub id or folder) to use instead of the teacher's own")
+    m.add_argument("--revision", default=None, help="revision of the teacher on the hub")
+    m.add_argument("--variant", default=None, help='weights variant of the teacher, e.g. "fp16"')
+    m.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
+                   help="width of the guidance-scale embedding fed to the student (default: %(default)s)")
+    m.add_argument("--cast_teacher_unet", action="store_true",
+                   help="keep the frozen teacher UNet in the mixed-precision dtype (saves memory)")
+    m.add_argument("--vae_encode_batch_size", type=int, default=32, help="images per VAE encode call")
+    d = parser.add_argument_group("data")
+    d.add_argument("--dataset_name", default=None, help="a `datasets` hub id or local dataset folder")
+    d.add_argument("--train_data_dir", default=None, help="an imagefolder (images + metadata.jsonl with captions)")
+    d.add_argument("--train_shards_path_or_url", default=None, help="webdataset .tar shards: path, glob or {a..b}")
+    d.add_argument("--image_column", default="image", help="image column of the dataset (default: %(default)s)")
+    d.add_argument("--caption_column", default="text", help="caption column of the dataset (default: %(default)s)")
+    d.add_argument("--max_train_samples", type=int, default=None, help="use only the first N samples")
+    d.add_argument("--cache_dir", default=None, help="`datasets` cache folder")
+    d.add_argument("--resolution", type=int, default=512, help="training image side in pixels (default: %(default)s)")
+    d.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
+    d.add_argument("--random_flip", action="store_true", help="random horizontal flips")
+    d.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="fraction of captions replaced by the empty prompt")
+    a = parser.add_argument_group("latent consistency distillation")
+    a.add_argument("--num_ddim_timesteps", type=int, default=50, help="N, points of the skip grid (default: %(default)s)")
+    a.add_argument("--w_min", type=float, default=5.0, help="smallest guidance scale w (LCM convention, CFG = w + 1)")
+    a.add_argument("--w_max", type=float, default=15.0, help="largest guidance scale w")
+    a.add_argument("--loss_type", default="l2", choices=LOSS_TYPES, help="distance d (default: %(default)s)")
+    a.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss")
+    a.add_argument("--timestep_scaling_factor", type=float, default=10.0,
+                   help="c in c_skip/c_out: larger makes the boundary condition sharper (default: %(default)s)")
+    a.add_argument("--ema_decay", type=float, default=0.95, help="mu of the EMA target (default: %(default)s)")
+    a.add_argument("--zero_init_time_cond_proj", action=argparse.BooleanOptionalAction, default=True,
+                   help="zero-initialise the new guidance projection so the student starts as the teacher")
+    a.add_argument("--lcf", action="store_true",
+                   help="latent consistency fine-tuning: no teacher, x_s = the same latent noised at s")
+    training.add_training_args(parser)
+    args = parser.parse_args(argv)
+
+    if args.w_min > args.w_max:
+        fail(f"--w_min {args.w_min} is larger than --w_max {args.w_max}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        fail(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        fail(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+    if args.huber_c <= 0:
+        fail(f"--huber_c must be positive, got {args.huber_c}")
+    if args.vae_encode_batch_size < 1:
+        fail(f"--vae_encode_batch_size must be at least 1, got {args.vae_encode_batch_size}")
+    training.check_training_args(args)
+    return args
+
+
+def make_student(teacher_unet, time_cond_proj_dim: int, zero_init: bool):
+    """The teacher's UNet plus a guidance-embedding input (`time_embedding.cond_proj`)."""
+    from diffusers import UNet2DConditionModel
+
+    if teacher_unet.config.time_cond_proj_dim is not None:  # already an LCM (e.g. for LCF): reuse it
+        return copy.deepcopy(teacher_unet)
+    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), (missing, unexpected)
+    if zero_init:
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+@torch.no_grad()
+def encode_latents(vae, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """z = scaling_factor * (sample of q(z | x)), in chunks to bound memory."""
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+@torch.random.fork_rng()  # sampling must not move the training RNG: resumed runs stay identical
+def validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config, prompts, step):
+    """Sample the student with LCMScheduler at 1/2/4/8 steps; log a grid (rows = step counts)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=accelerator.unwrap_model(student), scheduler=lcm_scheduler(args, scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    w = (args.w_min + args.w_max) / 2
+    rows, labels = [], []
+    for steps in (1, 2, 4, 8):
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+        with accelerator.autocast():
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=w + 1, generator=gens,
+                          height=args.resolution, width=args.resolution, output_type="pt").images
+        rows.append(images.float().cpu() * 2 - 1)
+        labels.append(f"{steps} steps")
+    path = training.log_image_grid(accelerator, rows, labels, step, args.output_dir)
+    logger.info(f"validation grid (rows: 1/2/4/8 LCM steps, w = {w}) -> {path}")
+
+
+def lcm_scheduler(args, scheduler_config: dict):
+    """LCMScheduler on the teacher's noise schedule, with this run's skip grid and boundary scaling."""
+    from diffusers import LCMScheduler
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return LCMScheduler.from_config(config, original_inference_steps=args.num_ddim_timesteps,
+                                    timestep_scaling=args.timestep_scaling_factor)
+
+
+def main(args) -> None:
+    accelerator = training.make_accelerator(args)
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+
+    # ---- models: frozen VAE, text encoder and teacher; trainable student; EMA target
+    models.require_architecture(args.pretrained_teacher_model, "sd", revision=args.revision)
+    dtype = training.weight_dtype(accelerator)
+    scheduler_config = models.load_noise_scheduler_config(args.pretrained_teacher_model, args.revision)
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        fail(f"teacher's scheduler has prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    from diffusers import DDPMScheduler
+
+    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(accelerator.device)
+    vae = models.load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
+                          args.variant).requires_grad_(False).eval()
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        fail(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae_factor}")
+    (tokenizer,), (text_encoder,) = models.load_text_encoders(args.pretrained_teacher_model, "sd", args.revision,
+                                                              args.variant)
+    teacher = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant).requires_grad_(False)
+    student = make_student(teacher, args.unet_time_cond_proj_dim, args.zero_init_time_cond_proj).train()
+    target = copy.deepcopy(student).requires_grad_(False).eval()  # the EMA target
+    if args.lcf:
+        del teacher  # consistency training needs no teacher
+        teacher = None
+    else:
+        teacher.eval().to(accelerator.device, dtype if args.cast_teacher_unet else torch.float32)
+    # the VAE stays fp32 when its config asks for it (SD-family VAEs overflow in fp16)
+    vae.to(accelerator.device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
+    text_encoder.to(accelerator.device, dtype)
+    target.to(accelerator.device)
+    for unet in (student, target, teacher):
+        if unet is not None:
+            training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+
+    # ---- data
+    transform = data.ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    dataset = data.load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.train_shards_path_or_url,
+                                              args.image_column, args.caption_column, args.max_train_samples,
+                                              args.cache_dir, args.seed, transform)
+    dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
+    batches_per_epoch = len(dataloader) if hasattr(dataset, "__len__") else None
+    training.resolve_train_steps(args, batches_per_epoch)
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = training.make_optimizer(student.parameters(), args)
+    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if batches_per_epoch is not None:  # webdataset streams split themselves across processes already
+        dataloader = accelerator.prepare(dataloader)
+    params = [p for p in student.parameters() if p.requires_grad]
+    accelerator.register_for_checkpointing(target)
+
+    with torch.no_grad():
+        uncond_embeds = models.encode_prompt_sd([""], tokenizer, text_encoder)  # the CFG's unconditional input
+    grid = ddim_timesteps(scheduler_config["num_train_timesteps"], args.num_ddim_timesteps).to(accelerator.device)
+    k = scheduler_config["num_train_timesteps"] // args.num_ddim_timesteps
+
+    # ---- resume
+    global_step, epoch, batches_done, nan_streak, skipped_images = 0, 0, 0, 0, 0
+    resume = checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if resume:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        nan_streak, skipped_images = state.get("nan_streak", 0), state.get("skipped_images", 0)
+        logger.info(f"resumed from {resume} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from: starting fresh")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("lcm_distill_sd", config={k_: str(v) for k_, v in vars(args).items()})
+    validation_prompts = args.validation_prompts
+
+    # ---- the loop
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        epoch_loader = checkpoint.skip_batches_for_resume(accelerator, dataloader, batches_done)
+        for batch in epoch_loader:
+            batches_done += 1
+            skipped_images += batch["num_skipped"]
+            if len(batch["captions"]) == 0:
+                continue
+            if validation_prompts is None:
+                validation_prompts = batch["captions"][:4]
+            with accelerator.accumulate(student):
+                loss = lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds,
+                                alphas_cumprod, grid, k, prediction_type, accelerator, dtype)
+                finite = training.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler,
+                                                  args.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            if not finite:  # skip the update, count it, stop if it keeps happening
+                nan_streak += 1
+                logger.warning(f"step {global_step}: non-finite loss or gradients, update skipped ({nan_streak} in a row)")
+                if nan_streak >= args.max_nan_steps:
+                    fail(f"{nan_streak} consecutive non-finite steps (--max_nan_steps); the last good checkpoint "
+                         f"is kept in {args.output_dir}")
+                continue
+            nan_streak = 0
+            ema_update(target, accelerator.unwrap_model(student), args.ema_decay)
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                state = {"epoch": epoch, "batches_in_epoch": batches_done, "nan_streak": nan_streak,
+                         "skipped_images": skipped_images}
+                path = checkpoint.save_checkpoint(accelerator, args.output_dir, global_step, state,
+                                                  args.checkpoints_total_limit)
+                logger.info(f"saved {path}")
+            if accelerator.is_main_process and global_step % args.validation_steps == 0:
+                validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config,
+                         validation_prompts, global_step)
+            if global_step >= args.max_train_steps:
+                break
+        else:  # the epoch ran out: a first epoch of nothing but undecodable images is fatal
+            if epoch == 0:
+                data.check_not_all_corrupt(batches_done * args.train_batch_size, skipped_images)
+            epoch, batches_done = epoch + 1, 0
+    progress.close()
+
+    # ---- save: the student UNet and a complete LCM pipeline
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_pipeline(args, accelerator.unwrap_model(student), vae, tokenizer, text_encoder, scheduler_config)
+        if validation_prompts:
+            validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config,
+                     validation_prompts, global_step)
+    accelerator.end_training()
+
+
+def lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds, alphas_cumprod,
+             grid, k, prediction_type, accelerator, dtype) -> torch.Tensor:
+    """One LCM (or LCF) loss evaluation on a batch: steps 1-3 of the module docstring."""
+    device = accelerator.device
+    pixel_values = batch["pixel_values"].to(device, vae.dtype)
+    latents = encode_latents(vae, pixel_values, args.vae_encode_batch_size).float()
+    bsz = latents.shape[0]
+    captions = [c if torch.rand(()) >= args.proportion_empty_prompts else "" for c in batch["captions"]]
+    with torch.no_grad():
+        embeds = models.encode_prompt_sd(captions, tokenizer, text_encoder)
+
+    # 1. the skip grid: t = tau_i, s = t - k (clamped at 0); w ~ U[w_min, w_max]
+    t = grid[torch.randint(0, len(grid), (bsz,), device=device)]
+    s = previous_timestep(t, k)
+    w = torch.empty(bsz, device=device).uniform_(args.w_min, args.w_max)
+    w_embedding = guidance_scale_embedding(w, args.unet_time_cond_proj_dim).to(device)
+    c_skip_t, c_out_t = scalings_for_boundary_conditions(t, timestep_scaling=args.timestep_scaling_factor)
+    c_skip_s, c_out_s = scalings_for_boundary_conditions(s, timestep_scaling=args.timestep_scaling_factor)
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t)
+    alpha_s, sigma_s = alpha_sigma(alphas_cumprod, s)
+    noise = torch.randn_like(latents)
+    x_t = ddim_step(latents, noise, alpha_t, sigma_t)  # = alpha_t z + sigma_t eps
+
+    # 3. the online student's consistency function at (x_t, t)
+    with accelerator.autocast():
+        out = student(x_t, t, encoder_hidden_states=embeds, timestep_cond=w_embedding).sample
+    x0_student = x0_eps_from_model_output(out.float(), x_t, alpha_t, sigma_t, prediction_type)[0]
+    f_student = consistency_fn(x_t, x0_student, c_skip_t, c_out_t)
+
+    with torch.no_grad():
+        # 2. the teacher's DDIM step t -> s with CFG (cond and uncond in one batched forward)
+        if teacher is None:  # LCF: the same latent and noise at the neighbouring grid point
+            x_s = ddim_step(latents, noise, alpha_s, sigma_s)
+        else:
+            with accelerator.autocast():
+                both = teacher(torch.cat([x_t, x_t]).to(teacher.dtype), torch.cat([t, t]),
+                               encoder_hidden_states=torch.cat([embeds, uncond_embeds.expand(bsz, -1, -1)]).to(teacher.dtype)).sample
+            x0_eps_c = x0_eps_from_model_output(both[:bsz].float(), x_t, alpha_t, sigma_t, prediction_type)
+            x0_eps_u = x0_eps_from_model_output(both[bsz:].float(), x_t, alpha_t, sigma_t, prediction_type)
+            x0 = cfg(x0_eps_c[0], x0_eps_u[0], w)
+            eps = cfg(x0_eps_c[1], x0_eps_u[1], w)
+            x_s = ddim_step(x0, eps, alpha_s, sigma_s)
+        # 3. the EMA target's consistency function at (x_s, s)
+        with accelerator.autocast():
+            out = target(x_s, s, encoder_hidden_states=embeds, timestep_cond=w_embedding).sample
+        x0_target = x0_eps_from_model_output(out.float(), x_s, alpha_s, sigma_s, prediction_type)[0]
+        f_target = consistency_fn(x_s, x0_target, c_skip_s, c_out_s)
+
+    return consistency_loss(f_student.float(), f_target.float(), args.loss_type, args.huber_c)
+
+
+def save_pipeline(args, student, vae, tokenizer, text_encoder, scheduler_config) -> None:
+    """Write `unet/` and the whole StableDiffusionPipeline (LCMScheduler) to --output_dir, atomically per part."""
+    from diffusers import StableDiffusionPipeline
+
+    student = copy.deepcopy(student).to(torch.float32)
+    pipe = StableDiffusionPipeline(vae=vae.to(torch.float32), text_encoder=text_encoder.to(torch.float32),
+                                   tokenizer=tokenizer, unet=student, scheduler=lcm_scheduler(args, scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(args.output_dir)
+    w = (args.w_min + args.w_max) / 2
+    training.write_model_card(args.output_dir, "LCM student (latent consistency distillation)", args, f"""
+Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_sd.py`{' (LCF mode)' if args.lcf else ''}.
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{args.output_dir}")
+image = pipe("a prompt", num_inference_steps=4, guidance_scale={w + 1:.1f}).images[0]
+```
+`guidance_scale` is w + 1 (trained for w in [{args.w_min}, {args.w_max}]); the scheduler is LCMScheduler.
+""")
+
+
+if __name__ == "__main__":
+    with user_errors():  # bad input anywhere (a path, a column, a file) ends as one line, exit code 2
+        main(parse_args())

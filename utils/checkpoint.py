@@ -1,0 +1,269 @@
+"""Crash-safe training checkpoints shared by all recipes.
+
+Layout: ``<output_dir>/checkpoint-<step>/`` holds what ``accelerator.save_state`` writes (prepared
+models, optimizers, LR schedulers, per-process RNG states, registered objects) plus
+``training_state.json`` with ``global_step``, ``epoch``, ``batches_in_epoch`` and any extra keys
+the recipe passes. A checkpoint is written to ``checkpoint-<step>.partial/`` and renamed only when
+complete, so a process killed mid-save leaves the previous checkpoint as the latest. Only
+directories named exactly ``checkpoint-<int>`` that contain ``training_state.json`` count.
+
+Typical use in a recipe::
+
+    model, optimizer, lr_scheduler, loader = accelerator.prepare(model, optimizer, lr_scheduler, loader)
+    accelerator.register_for_checkpointing(ema_model)   # before save_state / load_state
+    path = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if path is not None:
+        state = load_checkpoint(accelerator, path)
+        global_step, first_epoch = state["global_step"], state["epoch"]
+        ...
+    for epoch in range(first_epoch, num_epochs):
+        batches = skip_batches_for_resume(accelerator, loader, skip) if epoch == first_epoch else loader
+        ...
+        save_checkpoint(accelerator, args.output_dir, global_step,
+                        {"epoch": epoch, "batches_in_epoch": i + 1}, total_limit=args.checkpoints_total_limit)
+
+Extra objects: anything that is not prepared (an EMA/target ``nn.Module``, a custom counter, a
+GradScaler-like helper) is saved and restored if it has ``state_dict``/``load_state_dict`` and is
+passed to ``accelerator.register_for_checkpointing(obj)`` once, in the same order in the saving and
+the loading run (accelerate stores them by position as ``custom_checkpoint_<i>.pkl``). An EMA copy
+therefore needs no wrapper. Plain Python values (a best metric, a config echo) go in the ``state``
+dict of ``save_checkpoint`` instead and come back from ``load_checkpoint``.
+
+Exact data order on resume needs a seeded sampler (``DataLoader(..., shuffle=True,
+generator=torch.Generator().manual_seed(seed))``) built identically in both runs, and
+``skip_batches_for_resume`` for the epoch the checkpoint was taken in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from utils.errors import UserError
+
+if TYPE_CHECKING:  # accelerate is heavy to import; only the annotations need it
+    from accelerate import Accelerator
+
+STATE_FILE = "training_state.json"
+FAULT_ENV = "DISTILL_FAULT_DURING_SAVE"
+_NAME_RE = re.compile(r"^checkpoint-(\d+)$")
+# Suffixes of directories that are never complete checkpoints: being written, being replaced, being deleted.
+_PARTIAL, _OLD, _DELETING = ".partial", ".old", ".deleting"
+_REQUIRED_KEYS = ("epoch", "batches_in_epoch")
+
+
+def _is_writer(accelerator: Accelerator) -> bool:
+    """Whether this process owns the file system moves (the node's main process when saving on each node)."""
+    if getattr(accelerator.project_configuration, "save_on_each_node", False):
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a directory named ``checkpoint-<step>``, else None."""
+    match = _NAME_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_complete(path: str) -> bool:
+    """Whether path is a finished checkpoint directory (renamed into place, with its state file)."""
+    return _step_of(os.path.basename(os.path.normpath(path))) is not None and os.path.isfile(
+        os.path.join(path, STATE_FILE)
+    )
+
+
+def _remove(path: str) -> None:
+    """Delete a directory by first renaming it out of the checkpoint namespace, so a kill mid-delete is harmless."""
+    if not os.path.exists(path):
+        return
+    doomed = path + _DELETING
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file under path and the directories themselves, so the rename never outruns the data."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a directory entry (best effort: some platforms cannot open directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fault_delay() -> float:
+    """Seconds to stall between writing and renaming, from DISTILL_FAULT_DURING_SAVE (0 when unset)."""
+    raw = os.environ.get(FAULT_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        return max(0.0, float(raw))
+    except ValueError as exc:
+        raise ValueError(f"{FAULT_ENV} must be a number of seconds, got {raw!r}") from exc
+
+
+def _state_json(global_step: int, state: dict) -> str:
+    """Serialise the training state, failing before anything is written if it is incomplete or not JSON."""
+    missing = [key for key in _REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint state is missing {missing}")
+    payload = {**state, "global_step": int(global_step)}
+    return json.dumps(payload, indent=2, sort_keys=True)
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a small text file and flush it to disk."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _prune(output_dir: str, keep: str, total_limit: int) -> None:
+    """Delete the oldest complete checkpoints so at most total_limit remain, always keeping `keep`."""
+    others = [path for path in list_checkpoints(output_dir) if os.path.normpath(path) != os.path.normpath(keep)]
+    # `keep` takes one slot; the newest of the rest fill the others.
+    excess = len(others) - (total_limit - 1)
+    for path in others[: max(0, excess)]:
+        _remove(path)
+
+
+def _clean_leftovers(output_dir: str) -> None:
+    """Remove debris of earlier crashes (.partial/.old/.deleting dirs); called only after our own rename."""
+    for name in os.listdir(output_dir):
+        base, ext = os.path.splitext(name)
+        if ext in (_PARTIAL, _OLD, _DELETING) and _step_of(base) is not None:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, global_step: int, state: dict, total_limit: int | None = None
+) -> str:
+    """Atomically write ``<output_dir>/checkpoint-<global_step>`` and prune old ones; returns its path.
+
+    Every process must call this (accelerate writes each process's RNG state, and some backends
+    gather weights collectively); only the main process creates, renames and prunes directories.
+    ``state`` must hold ``epoch`` and ``batches_in_epoch`` (batches of that epoch already trained)
+    and may hold any other JSON-serialisable values. With ``total_limit`` set, the oldest complete
+    checkpoints are deleted until at most that many remain; the new one is never deleted.
+
+    Testing aid: if the environment variable ``DISTILL_FAULT_DURING_SAVE`` holds a number of
+    seconds, every process sleeps that long after ``save_state`` and before the rename, so a test
+    can kill the process while the checkpoint is still ``.partial``.
+    """
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"total_limit must be >= 1 or None, got {total_limit}")
+    if accelerator.project_configuration.automatic_checkpoint_naming:
+        # save_state would ignore our directory and write under project_dir/checkpoints.
+        raise ValueError("save_checkpoint needs ProjectConfiguration(automatic_checkpoint_naming=False)")
+    text = _state_json(global_step, state)
+    delay = _fault_delay()
+    final = os.path.join(output_dir, f"checkpoint-{int(global_step)}")
+    partial = final + _PARTIAL
+    writer = _is_writer(accelerator)
+
+    if writer:
+        os.makedirs(output_dir, exist_ok=True)
+        # A stale .partial of this step is from a crashed save; never mix its files with ours.
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    accelerator.wait_for_everyone()  # nobody writes before the clean directory exists
+    accelerator.save_state(partial)
+    if delay:
+        time.sleep(delay)
+    accelerator.wait_for_everyone()  # every process's files (RNG states) are in before the rename
+
+    if writer:
+        _write_text(os.path.join(partial, STATE_FILE), text)
+        _fsync_tree(partial)
+        _install(partial, final)
+        _fsync_dir(output_dir)
+        _clean_leftovers(output_dir)
+        if total_limit is not None:
+            _prune(output_dir, final, total_limit)
+    accelerator.wait_for_everyone()  # nobody proceeds (or loads) before the checkpoint is in place
+    return final
+
+
+def _install(partial: str, final: str) -> None:
+    """Rename the finished .partial into place, moving aside an existing checkpoint of the same step."""
+    if not os.path.exists(final):
+        os.replace(partial, final)
+        return
+    # os.replace cannot overwrite a non-empty directory; .old is ignored by list_checkpoints.
+    old = final + _OLD
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Paths of the complete checkpoints in output_dir, oldest (lowest step) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        step = _step_of(name)
+        path = os.path.join(output_dir, name)
+        if step is not None and os.path.isdir(path) and _is_complete(path):
+            found.append((step, path))
+    return [path for _step, path in sorted(found)]
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint to resume from: None, the newest for "latest" (None if there is none), or a checked path."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    given = os.path.expanduser(resume_from_checkpoint)
+    path = given if os.path.isabs(given) else os.path.join(output_dir, given)
+    if not os.path.exists(path) and os.path.exists(given):
+        path = given  # a path relative to the working directory, e.g. out/checkpoint-100
+    if not os.path.isdir(path):
+        raise UserError(f"checkpoint not found: {path} (--resume_from_checkpoint)")
+    if not _is_complete(path):
+        raise UserError(f"not a complete checkpoint (partial, or no {STATE_FILE}): {path} (--resume_from_checkpoint)")
+    return path
+
+
+def load_checkpoint(accelerator: Accelerator, path: str) -> dict:
+    """Restore everything save_checkpoint saved into the prepared/registered objects; returns the training state."""
+    if not _is_complete(path):
+        raise UserError(f"not a complete checkpoint: {path} (--resume_from_checkpoint)")
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        state = json.load(handle)
+    accelerator.load_state(path)
+    return state
+
+
+def skip_batches_for_resume(accelerator: Accelerator, dataloader: Any, batches_in_epoch: int) -> Any:
+    """The dataloader with the first batches_in_epoch batches skipped (the dataloader itself when 0)."""
+    if batches_in_epoch < 0:
+        raise ValueError(f"batches_in_epoch must be >= 0, got {batches_in_epoch}")
+    if batches_in_epoch == 0:
+        return dataloader
+    return accelerator.skip_first_batches(dataloader, batches_in_epoch)

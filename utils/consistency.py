@@ -1,0 +1,49 @@
+"""Consistency-model parameterisation: boundary-condition scalings, f(x, t), guidance embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from utils.solvers import Coef, broadcast_like
+
+
+def scalings_for_boundary_conditions(
+    timestep: Coef, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> tuple[Coef, Coef]:
+    """c_skip = sd^2 / ((t c)^2 + sd^2), c_out = (t c) / sqrt((t c)^2 + sd^2), c = timestep_scaling.
+
+    c_out here deliberately omits the sigma_data factor of the consistency-models paper
+    (c_out = sd (t c) / sqrt(...)): released LCMs and diffusers' LCMScheduler use this form, so
+    we keep it for compatibility. c_skip(0) = 1, c_out(0) = 0 (the boundary condition f(x, 0) = x).
+    """
+    if isinstance(timestep, Tensor) and not timestep.is_floating_point():
+        timestep = timestep.double()
+    scaled = timestep * timestep_scaling
+    denom = scaled**2 + sigma_data**2
+    return sigma_data**2 / denom, scaled / denom**0.5
+
+
+def consistency_fn(x_t: Tensor, x0_pred: Tensor, c_skip: Coef, c_out: Coef) -> Tensor:
+    """f(x, t) = c_skip(t) x + c_out(t) x0_pred(x, t)."""
+    return broadcast_like(c_skip, x_t) * x_t + broadcast_like(c_out, x_t) * x0_pred
+
+
+def guidance_scale_embedding(
+    w: Tensor, embedding_dim: int = 256, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """emb(w) = [sin(1000 w f_j) | cos(1000 w f_j)], f_j = exp(-log(10000) j / (half - 1)), j < half = dim // 2;
+    zero-padded by one column if dim is odd. Shape (B, embedding_dim)."""
+    if w.ndim != 1:
+        raise ValueError(f"w must have shape (B,), got {tuple(w.shape)}")
+    half = embedding_dim // 2
+    if half < 2:
+        raise ValueError(f"embedding_dim must be >= 4, got {embedding_dim}")
+    freqs = torch.exp(torch.arange(half, dtype=dtype, device=w.device) * (-math.log(10000.0) / (half - 1)))
+    args = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb

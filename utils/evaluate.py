@@ -1,0 +1,250 @@
+"""Evaluation of a text-to-image pipeline on the toy world: prompt accuracy, toy FD, wall time.
+
+    python -m utils.evaluate --pipeline toy_world/models/sd --steps 4 50 --guidance_scale 7.5
+
+For each step count it samples every evaluation prompt from fixed seeds, lets the toy judge read
+shape and colour off each image, and reports:
+  - prompt accuracy: fraction of images whose shape and colour both match the prompt;
+  - toy FD: Frechet distance between judge features of the samples and of real test images;
+  - seconds per image (sampling only, VAE decode included).
+It writes `metrics.json`, `metrics.md` and a grid PNG (rows = step counts, columns = prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import fail, user_errors
+from .toy import data as toy_data
+from .toy.judge import ToyJudge, frechet_distance, judge_images, prompt_accuracy
+
+
+@dataclass
+class Result:
+    label: str
+    steps: int
+    prompt_accuracy: float
+    toy_fd: float
+    seconds_per_image: float
+    teacher_rmse: float | None = None  # pixel RMSE to the reference (teacher, 50 steps) from the same noise
+
+
+# scheduler names accepted by --scheduler, and the diffusers class (+ overrides) each means
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name: str | None) -> str:
+    """Swap the pipeline's scheduler for SCHEDULERS[name] on the same noise schedule; returns its class name."""
+    if name in (None, "default"):
+        return type(pipe.scheduler).__name__
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    return cls_name
+
+
+def eval_prompts(per_combo: int = 1) -> list[tuple[str, int, int]]:
+    """Fixed prompts covering every shape x colour (backgrounds and sizes cycled): (caption, shape, colour)."""
+    prompts, k = [], 0
+    for _ in range(per_combo):
+        for shape in toy_data.SHAPES:
+            for colour in toy_data.COLOUR_NAMES:
+                bg = toy_data.BACKGROUND_NAMES[k % len(toy_data.BACKGROUND_NAMES)]
+                size = toy_data.SIZE_NAMES[(k // len(toy_data.BACKGROUND_NAMES)) % len(toy_data.SIZE_NAMES)]
+                cap = toy_data.caption(shape, colour, bg, size)
+                prompts.append((cap, toy_data.SHAPES.index(shape), toy_data.COLOUR_NAMES.index(colour)))
+                k += 1
+    return prompts
+
+
+def guidance_kwargs(pipe, guidance_scale: float, num_prompts: int) -> dict:
+    """Pipeline kwargs for classifier-free guidance of scale `guidance_scale` (diffusers' convention).
+
+    FLUX with a guidance embedding takes the scale as an input; FLUX without one needs "true CFG"
+    with an empty negative prompt; UNet pipelines take `guidance_scale` directly.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return {"guidance_scale": guidance_scale}
+    kwargs = {"max_sequence_length": min(512, pipe.tokenizer_2.model_max_length)}
+    if transformer.config.get("guidance_embeds", False):
+        kwargs["guidance_scale"] = guidance_scale
+    elif guidance_scale > 1.0:
+        kwargs.update(true_cfg_scale=guidance_scale, negative_prompt=[""] * num_prompts)
+    return kwargs
+
+
+def default_resolution(pipe) -> int:
+    """The image side a pipeline was made for: the UNet's sample size, else the VAE's (FLUX)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return unet.config.sample_size * pipe.vae_scale_factor
+    sample_size = pipe.vae.config.sample_size
+    return sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 64,
+           **extra) -> tuple[torch.Tensor, float]:
+    """Images in [-1, 1] (N, 3, H, W) for the prompts, image i from seed + i; and seconds per image."""
+    images, elapsed = [], 0.0
+    res = default_resolution(pipe)
+    extra = {"height": res, "width": res, **extra}
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        kwargs = dict(guidance_kwargs(pipe, guidance_scale, len(chunk)), **extra)
+        t0 = time.perf_counter()
+        out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="np", **kwargs).images
+        elapsed += time.perf_counter() - t0
+        images.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1)
+    return torch.cat(images).float(), elapsed / len(prompts)
+
+
+def load_real_images(folder: str, limit: int = 500) -> torch.Tensor:
+    """Images of an imagefolder split, in [-1, 1]."""
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        names = [json.loads(line)["file_name"] for line in f][:limit]
+    arr = np.stack([np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in names])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def read_labels(folder: str) -> torch.Tensor:
+    """(shape, colour) label rows of a toy imagefolder split, in metadata order."""
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        return torch.tensor([[row["shape"], row["colour"]] for row in map(json.loads, f)])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path: str, columns: int = 12, scale: int = 2) -> None:
+    """One row of images per entry of `rows` (the first `columns` images of each)."""
+    tiles = [to_uint8(r[:columns]) for r in rows]
+    h, w = tiles[0].shape[1:3]
+    grid = np.full((len(tiles) * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+    for i, row in enumerate(tiles):
+        for j, img in enumerate(row):
+            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = img
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def evaluate(pipe, judge: ToyJudge, steps_list: list[int], guidance_scale: float, real_feats: torch.Tensor,
+             label: str = "", per_combo: int = 1, seed: int = 0,
+             reference: torch.Tensor | None = None) -> tuple[list[Result], list[torch.Tensor]]:
+    """Judge the pipeline's samples at every step count; returns results and the sampled images.
+
+    `reference`: images of the same prompts and seeds (e.g. the teacher at 50 steps) to measure
+    fidelity against; the same seeds give the same initial noise when the latent shapes match.
+    """
+    prompts = eval_prompts(per_combo)
+    shape = torch.tensor([p[1] for p in prompts])
+    colour = torch.tensor([p[2] for p in prompts])
+    results, images = [], []
+    for steps in steps_list:
+        imgs, sec = sample(pipe, [p[0] for p in prompts], steps, guidance_scale, seed)
+        ps, pc, feats = judge_images(judge, imgs)
+        rmse = None if reference is None else (imgs - reference).pow(2).mean().sqrt().item()
+        results.append(Result(label, steps, prompt_accuracy(ps, pc, shape, colour),
+                              frechet_distance(feats, real_feats), sec, rmse))
+        images.append(imgs)
+    return results, images
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = ["| model / sampler | steps | prompt accuracy | toy FD | RMSE to teacher@50 | ms / image |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rmse = "-" if r.teacher_rmse is None else f"{r.teacher_rmse:.3f}"
+        lines.append(f"| {r.label} | {r.steps} | {r.prompt_accuracy:.3f} | {r.toy_fd:.2f} | {rmse} | "
+                     f"{r.seconds_per_image * 1000:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(results: list[Result], out_dir: str, name: str = "metrics") -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump([asdict(r) for r in results], f, indent=2)
+    table = markdown_table(results)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    return table
+
+
+def main() -> None:
+    from .training import Parser
+
+    parser = Parser(prog="python -m utils.evaluate", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", required=True, help="diffusers pipeline folder (or hub id) to sample")
+    parser.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS],
+                        help="sampler to use on the pipeline's noise schedule (default: the pipeline's own)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (default: %(default)s)")
+    parser.add_argument("--guidance_scale", type=float, default=7.5,
+                        help="CFG scale, diffusers convention (for an LCM student: w + 1)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher pipeline folder: also report RMSE to its --teacher_steps sample from the same noise")
+    parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher reference (default: %(default)s)")
+    parser.add_argument("--teacher_guidance_scale", type=float, default=None, help="teacher CFG (default: --guidance_scale)")
+    parser.add_argument("--judge", default="toy_world/judge", help="toy judge folder (default: %(default)s)")
+    parser.add_argument("--real_images", default="toy_world/data/test", help="imagefolder of real images for toy FD")
+    parser.add_argument("--output_dir", default="results/eval", help="where metrics and the grid go")
+    parser.add_argument("--per_combo", type=int, default=1, help="prompts per shape x colour (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="image i is sampled from seed + i")
+    args = parser.parse_args()
+    if any(s < 1 or s > 1000 for s in args.steps):
+        fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    for flag, path in (("--judge", args.judge), ("--real_images", args.real_images)):
+        if not os.path.isdir(path):
+            fail(f"{flag} {path} does not exist (build the toy world: python -m utils.toy build)")
+
+    from diffusers import DiffusionPipeline
+
+    from .models import pipeline_index
+
+    with user_errors():
+        pipeline_index(args.pipeline, flag="--pipeline")
+        if args.teacher:
+            pipeline_index(args.teacher, flag="--teacher")
+    judge = ToyJudge.from_pretrained(args.judge)
+    real_feats = judge_images(judge, load_real_images(args.real_images))[2]
+    reference, rows = None, []
+    if args.teacher:
+        teacher = DiffusionPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
+        teacher.set_progress_bar_config(disable=True)
+        g = args.guidance_scale if args.teacher_guidance_scale is None else args.teacher_guidance_scale
+        ref_results, (reference,) = evaluate(teacher, judge, [args.teacher_steps], g, real_feats,
+                                             f"teacher ({type(teacher.scheduler).__name__})", args.per_combo, args.seed)
+        rows.append(reference)
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    sampler = set_scheduler(pipe, args.scheduler)
+    label = f"{os.path.basename(os.path.normpath(args.pipeline))} ({sampler})"
+    results, images = evaluate(pipe, judge, args.steps, args.guidance_scale, real_feats, label, args.per_combo,
+                               args.seed, reference)
+    if args.teacher:
+        results = ref_results + results
+    print(write_report(results, args.output_dir))
+    save_grid(rows + images, os.path.join(args.output_dir, "grid.png"))
+    print(f"metrics.json, metrics.md and grid.png written to {args.output_dir}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Loading a teacher's components and encoding prompts, shared by every recipe and by inference.
+
+One code path serves a hub id and a local folder: every component comes from
+`Class.from_pretrained(path, subfolder=..., revision=..., variant=...)` (configs from
+`Class.load_config(path, subfolder=...)`), so the toy world is loaded exactly like a real model.
+
+Architectures (detected from model_index.json and the denoiser's config):
+    sd    UNet2DConditionModel without additional embeddings (SD 1.x / 2.x family)
+    sdxl  UNet2DConditionModel with addition_embed_type "text_time" (SDXL, SSD-1B)
+    flux  FluxTransformer2DModel (FLUX.1, with or without guidance embedding)
+Bad input (a missing folder, a folder that is not a pipeline, the wrong architecture) raises
+`UserError` with one line naming the path or flag.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import torch
+import transformers
+from diffusers import (AutoencoderKL, DDPMScheduler, DiffusionPipeline, FluxTransformer2DModel,
+                       UNet2DConditionModel)
+from torch import Tensor
+from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
+                          T5TokenizerFast)
+
+from .errors import UserError
+
+ARCHITECTURES = ("sd", "sdxl", "flux")
+
+# Denoiser class named in model_index.json -> the subfolder it lives in.
+DENOISERS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "transformer"}
+
+# Per architecture: (subfolder, default class) of each tokenizer and text encoder, in the order the
+# encode_prompt_* functions expect them.
+TOKENIZERS = {
+    "sd": [("tokenizer", CLIPTokenizer)],
+    "sdxl": [("tokenizer", CLIPTokenizer), ("tokenizer_2", CLIPTokenizer)],
+    "flux": [("tokenizer", CLIPTokenizer), ("tokenizer_2", T5TokenizerFast)],
+}
+TEXT_ENCODERS = {
+    "sd": [("text_encoder", CLIPTextModel)],
+    "sdxl": [("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)],
+    "flux": [("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel)],
+}
+
+VAE_FLAG = "--pretrained_vae_model_name_or_path"
+T5_MAX_SEQUENCE_LENGTH = 512  # FLUX.1 was trained with at most 512 T5 tokens
+
+# "owner/name" as the hub spells repository ids; anything else that does not exist is a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- paths and configs
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors run to paragraphs)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """True for an 'owner/name' string that is not an existing local path."""
+    return not os.path.exists(path) and bool(_HUB_ID.match(path)) and ".." not in path
+
+
+def _check_exists(path: str, flag: str | None = None) -> None:
+    """Raise UserError for a local-looking path that does not exist (hub ids are left to the loaders)."""
+    if not os.path.exists(path) and not looks_like_hub_id(path):
+        where = f" ({flag})" if flag else ""
+        raise UserError(f"{path} does not exist{where}")
+
+
+def _unloadable(path: str, exc: BaseException, what: str, flag: str | None) -> UserError:
+    """The one-line UserError for a path the libraries could not load."""
+    where = f" ({flag})" if flag else ""
+    if looks_like_hub_id(path):
+        # Our machines are offline, so a typo'd local path that happens to look like owner/name lands here too.
+        return UserError(f"{path} is not a local folder and could not be loaded from the hub as {what}"
+                         f" (offline machines can't download){where}: {_first_line(exc)}")
+    return UserError(f"{path}: could not load {what}{where}: {_first_line(exc)}")
+
+
+def pipeline_index(path: str, revision: str | None = None, flag: str | None = None) -> dict[str, Any]:
+    """The pipeline's model_index.json as a dict; UserError if `path` is not a diffusers pipeline."""
+    _check_exists(path, flag)
+    if os.path.exists(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        where = f" ({flag})" if flag else ""
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json){where}")
+    try:
+        return dict(DiffusionPipeline.load_config(path, revision=revision))
+    except OSError as exc:  # EnvironmentError is OSError: missing files, failed downloads, bad JSON
+        raise _unloadable(path, exc, "a diffusers pipeline", flag) from exc
+
+
+def component_class(index: dict[str, Any], name: str) -> str | None:
+    """Class name of component `name` in a model_index dict, or None when absent or null."""
+    entry = index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        return str(entry[1])
+    return None
+
+
+def _load_config(cls: Any, path: str, subfolder: str, revision: str | None, flag: str | None = None) -> dict:
+    """cls.load_config(path, subfolder=...) as a dict, with library errors turned into a UserError."""
+    try:
+        return dict(cls.load_config(path, subfolder=subfolder, revision=revision))
+    except OSError as exc:
+        raise _unloadable(path, exc, f"the {subfolder} config", flag) from exc
+
+
+def _from_pretrained(cls: Any, path: str, flag: str | None = None, **kwargs: Any) -> Any:
+    """cls.from_pretrained(path, **kwargs), with library errors turned into a UserError."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        what = f"{cls.__name__} ({kwargs['subfolder']})" if kwargs.get("subfolder") else cls.__name__
+        raise _unloadable(path, exc, what, flag) from exc
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def detect_architecture(path: str, revision: str | None = None, flag: str | None = None) -> str:
+    """'sd', 'sdxl' or 'flux' for the pipeline at `path` (a local folder or a hub id)."""
+    index = pipeline_index(path, revision, flag)
+    where = f" ({flag})" if flag else ""
+    transformer, unet = component_class(index, "transformer"), component_class(index, "unet")
+    if transformer is None and unet is None:
+        raise UserError(f"{path} is not a diffusers pipeline folder (model_index.json names no unet or"
+                        f" transformer){where}")
+    denoiser, subfolder = (transformer, "transformer") if transformer is not None else (unet, "unet")
+    if DENOISERS.get(denoiser) != subfolder:
+        raise UserError(f"{path}: unsupported denoiser {denoiser} in {subfolder}/ (supported: FLUX's"
+                        f" FluxTransformer2DModel, SD/SDXL's UNet2DConditionModel){where}")
+    if subfolder == "transformer":
+        return "flux"
+    config = _load_config(UNet2DConditionModel, path, "unet", revision, flag)
+    # SDXL conditions on pooled text embeddings + size/crop ids; SSD-1B keeps that and drops blocks.
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def require_architecture(path: str, expected: str | tuple[str, ...], flag: str = "--pretrained_teacher_model",
+                         revision: str | None = None) -> str:
+    """Detect the architecture and raise UserError naming `flag` unless it is one of `expected`."""
+    allowed = (expected,) if isinstance(expected, str) else tuple(expected)
+    arch = detect_architecture(path, revision, flag)
+    if arch not in allowed:
+        raise UserError(f"{path} has architecture {arch}, but this needs {' or '.join(allowed)} ({flag})")
+    return arch
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def load_vae(path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None,
+             dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """AutoencoderKL from `vae_path` (a VAE folder/hub id, no subfolder) if given, else `path`/vae."""
+    if vae_path:
+        _check_exists(vae_path, VAE_FLAG)
+        if os.path.isfile(os.path.join(vae_path, "model_index.json")):
+            # A common slip: the flag wants the VAE folder itself, not the pipeline holding it.
+            raise UserError(f"{vae_path} is a whole pipeline; pass its VAE folder"
+                            f" ({os.path.join(vae_path, 'vae')}) ({VAE_FLAG})")
+        # revision/variant name versions of the teacher repo; a separate VAE repo (e.g. the fp16-fix VAE)
+        # has its own, so they are not passed on.
+        return _from_pretrained(AutoencoderKL, vae_path, VAE_FLAG, torch_dtype=dtype)
+    _check_exists(path)
+    return _from_pretrained(AutoencoderKL, path, subfolder="vae", revision=revision, variant=variant,
+                            torch_dtype=dtype)
+
+
+def load_denoiser(path: str, revision: str | None = None, variant: str | None = None,
+                  dtype: torch.dtype = torch.float32) -> UNet2DConditionModel | FluxTransformer2DModel:
+    """The UNet (sd, sdxl) or FLUX transformer of the pipeline at `path`."""
+    if detect_architecture(path, revision) == "flux":
+        cls, subfolder = FluxTransformer2DModel, "transformer"
+    else:
+        cls, subfolder = UNet2DConditionModel, "unet"
+    return _from_pretrained(cls, path, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype)
+
+
+def _transformers_class(index: dict[str, Any], name: str, default: type) -> type:
+    """The transformers class model_index.json names for `name`, or `default` if it names none we have."""
+    named = component_class(index, name)
+    return getattr(transformers, named, default) if named else default
+
+
+def load_text_encoders(path: str, arch: str | None = None, revision: str | None = None,
+                       variant: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[list, list]:
+    """(tokenizers, text_encoders) of the pipeline, frozen and in eval mode, in encode_prompt_* order."""
+    arch = arch or detect_architecture(path, revision)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    index = pipeline_index(path, revision)
+    for name, _ in TOKENIZERS[arch] + TEXT_ENCODERS[arch]:
+        if component_class(index, name) is None:
+            raise UserError(f"{path} has no {name}, which a {arch} pipeline needs")
+    # Tokenizers use fixed classes: the fast ones read tokenizer.json or convert vocab files, while the
+    # class names in model_index.json differ between transformers versions (T5Tokenizer vs T5TokenizerFast).
+    tokenizers = [_from_pretrained(cls, path, subfolder=name, revision=revision) for name, cls in TOKENIZERS[arch]]
+    encoders = []
+    for name, default in TEXT_ENCODERS[arch]:
+        cls = _transformers_class(index, name, default)
+        encoder = _from_pretrained(cls, path, subfolder=name, revision=revision, variant=variant, dtype=dtype)
+        encoders.append(encoder.eval().requires_grad_(False))
+    return tokenizers, encoders
+
+
+def load_noise_scheduler_config(path: str, revision: str | None = None) -> dict:
+    """The config dict of the pipeline's scheduler subfolder (its _class_name included)."""
+    _check_exists(path)
+    # load_config only reads scheduler_config.json; any scheduler class reads the same file, whatever
+    # class the file itself names, so this works for DDIM, Euler and flow-matching schedulers alike.
+    return _load_config(DDPMScheduler, path, "scheduler", revision)
+
+
+# ----------------------------------------------------------------------------- prompt encoding
+
+
+def _as_list(prompts: str | Sequence[str]) -> list[str]:
+    """A single prompt becomes a batch of one."""
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def _token_ids(tokenizer: Any, prompts: list[str], max_length: int) -> Any:
+    """Tokenizer output padded and truncated to exactly max_length tokens, as tensors."""
+    return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+
+
+def encode_prompt_sd(prompts: str | Sequence[str], tokenizer: Any, text_encoder: Any) -> Tensor:
+    """(B, L, D) last hidden state of the CLIP text encoder, L = tokenizer.model_max_length."""
+    tokens = _token_ids(tokenizer, _as_list(prompts), tokenizer.model_max_length)
+    device = text_encoder.device
+    # A few SD 2.x-era encoders were trained with an attention mask; the pipeline honours the flag too.
+    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+
+def encode_prompt_sdxl(prompts: str | Sequence[str], tokenizers: Sequence[Any],
+                       text_encoders: Sequence[Any]) -> tuple[Tensor, Tensor]:
+    """(embeds (B, L, D1 + D2), pooled (B, P)): penultimate layers of both encoders, encoder 2's text_embeds."""
+    prompts = _as_list(prompts)
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        ids = _token_ids(tokenizer, prompts, tokenizer.model_max_length).input_ids
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer (no final norm)
+        pooled = getattr(out, "text_embeds", None)
+    if pooled is None:
+        raise ValueError("the last SDXL text encoder must return text_embeds (CLIPTextModelWithProjection)")
+    device, dtype = text_encoders[-1].device, text_encoders[-1].dtype
+    embeds = torch.cat([h.to(device) for h in hidden], dim=-1).to(dtype)
+    return embeds, pooled
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int],
+                  batch_size: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, 6) SDXL micro-conditioning ids: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+
+    Every argument is (height, width) or (top, left) order, as diffusers' pipelines take them:
+    original_size=(48, 32) is an image 48 px high and 32 px wide. (Reference training scripts
+    that build these from PIL's (width, height) `.size` swap h and w; do not pass `.size` here.)
+    """
+    values = [*original_size, *crop_top_left, *target_size]
+    if len(values) != 6:
+        raise ValueError(f"sdxl_time_ids takes three pairs, got {original_size}, {crop_top_left}, {target_size}")
+    return torch.tensor([values], dtype=dtype).repeat(batch_size, 1)
+
+
+def flux_max_sequence_length(tokenizer_2: Any) -> int:
+    """T5 sequence length for FLUX: the tokenizer's limit, at most 512."""
+    return min(T5_MAX_SEQUENCE_LENGTH, int(tokenizer_2.model_max_length))
+
+
+def encode_prompt_flux(prompts: str | Sequence[str], tokenizers: Sequence[Any], text_encoders: Sequence[Any],
+                       max_sequence_length: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(T5 embeds (B, L, D), CLIP pooled (B, P), text_ids zeros (L, 3)) as FluxPipeline encodes them."""
+    prompts = _as_list(prompts)
+    clip_tok, t5_tok = tokenizers
+    clip, t5 = text_encoders
+    length = max_sequence_length or flux_max_sequence_length(t5_tok)
+    clip_ids = _token_ids(clip_tok, prompts, clip_tok.model_max_length).input_ids
+    pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output.to(clip.dtype)
+    t5_ids = _token_ids(t5_tok, prompts, length).input_ids
+    embeds = t5(t5_ids.to(t5.device), output_hidden_states=False)[0].to(t5.dtype)
+    # Text tokens carry no position in FLUX's 3-axis RoPE: all ids are zero.
+    text_ids = torch.zeros(embeds.shape[1], 3, device=embeds.device, dtype=clip.dtype)
+    return embeds, pooled, text_ids
+
+
+def encode_prompts(arch: str, prompts: str | Sequence[str], tokenizers: Sequence[Any],
+                   text_encoders: Sequence[Any], **kwargs: Any) -> dict[str, Tensor]:
+    """Encode prompts for `arch` into a dict of named tensors (the keyword names the pipelines use)."""
+    if arch == "sd":
+        return {"prompt_embeds": encode_prompt_sd(prompts, tokenizers[0], text_encoders[0], **kwargs)}
+    if arch == "sdxl":
+        embeds, pooled = encode_prompt_sdxl(prompts, tokenizers, text_encoders, **kwargs)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if arch == "flux":
+        embeds, pooled, text_ids = encode_prompt_flux(prompts, tokenizers, text_encoders, **kwargs)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+# ----------------------------------------------------------------------------- FLUX latent packing
+
+
+def _check_even(height: int, width: int) -> None:
+    """FLUX packs 2x2 latent patches, so both latent sides must be even."""
+    if height % 2 or width % 2:
+        raise ValueError(f"FLUX latents need even height and width, got {height}x{width}")
+
+
+def pack_latents(latents: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token, row-major over patches."""
+    b, c, h, w = latents.shape
+    _check_even(h, w)
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2)
+    # token order (patch row, patch col); features ordered (channel, dy, dx)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: Tensor, height: int, width: int) -> Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W), the inverse of pack_latents for latent height/width H, W."""
+    b, n, d = packed.shape
+    _check_even(height, width)
+    if n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(f"packed latents {tuple(packed.shape)} do not fit a {height}x{width} latent")
+    patches = packed.reshape(b, height // 2, width // 2, d // 4, 2, 2)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """(H/2 * W/2, 3) RoPE ids (0, patch row, patch col) of the packed tokens of an H x W latent."""
+    _check_even(height, width)
+    rows = torch.arange(height // 2).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2).repeat(height // 2)
+    ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(torch.float32)
+    return ids.to(device=device, dtype=dtype)

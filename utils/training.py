@@ -1,0 +1,239 @@
+"""Plumbing every training recipe shares: flags, accelerator, optimizer, precision, logging, model card.
+
+The recipes keep the algorithm (models, loss, loop) in their own file; what is here is the part
+that is the same for all of them and that a user rarely changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any, Iterable
+
+import torch
+
+from .errors import fail
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, `error: ...`, exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        fail(message)
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the optimisation loop, precision, checkpointing and logging (diffusers-example names)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", default="out", help="where checkpoints, logs and the result go (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random: init, data order, noise")
+    g.add_argument("--train_batch_size", type=int, default=16, help="batch size per process (default: %(default)s)")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="optimizer steps to run; overrides --num_train_epochs when given")
+    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs to run if --max_train_steps is not given")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, about 30%% slower")
+    g.add_argument("--learning_rate", type=float, default=1e-6, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--scale_lr", action="store_true",
+                   help="multiply the learning rate by batch size x accumulation x processes")
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="learning-rate schedule")
+    g.add_argument("--lr_warmup_steps", type=int, default=500, help="linear warm-up steps (default: %(default)s)")
+    g.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes (CUDA only)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--mixed_precision", default=None, choices=PRECISIONS,
+                   help="autocast precision; default: accelerate's config. Frozen models are stored in it too")
+    g.add_argument("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention; on a machine without CUDA or xformers this warns and uses PyTorch SDPA")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data-loading worker processes")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a resumable checkpoint every N steps")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='a checkpoint folder (path or name in --output_dir) or "latest"')
+    g.add_argument("--report_to", default="tensorboard", help='tracker: "tensorboard", "wandb", "all" or "none"')
+    g.add_argument("--logging_dir", default="logs", help="tracker folder, inside --output_dir")
+    g.add_argument("--validation_steps", type=int, default=200, help="sample a validation grid every N steps")
+    g.add_argument("--validation_prompts", nargs="*", default=None,
+                   help="prompts of the validation grid (default: the first 4 captions of the data)")
+    g.add_argument("--max_nan_steps", type=int, default=10,
+                   help="stop after N consecutive steps whose loss or gradients are not finite")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Reject impossible combinations before any model is loaded."""
+    positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                "num_train_epochs", "max_nan_steps"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        fail(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        fail(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.learning_rate <= 0:
+        fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        fail("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        fail("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast on CPU is not supported); use bf16 or no")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as exc:
+        fail(f"--output_dir {args.output_dir} is not writable ({exc.strerror})")
+
+
+def make_accelerator(args: argparse.Namespace):
+    """An Accelerator with the run's precision, accumulation and tracker; logging set up on every process."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    config = ProjectConfiguration(project_dir=args.output_dir,
+                                  logging_dir=os.path.join(args.output_dir, args.logging_dir))
+    report_to = None if args.report_to == "none" else args.report_to
+    # a seedable sampler makes epoch e's order a function of (seed, e): exact resume mid-run needs it
+    loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision, log_with=report_to, project_config=config,
+                              dataloader_config=loader_config)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    # accelerate logs every file of every checkpoint at INFO; the libraries warn about casts we do on purpose
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()  # per-file loading bars; the run has its own
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype for frozen models: the autocast precision (fp16/bf16) or fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def enable_xformers(model: Any, requested: bool) -> None:
+    """Use xformers attention if asked and possible; otherwise say why and keep PyTorch SDPA."""
+    if not requested:
+        return
+    if not torch.cuda.is_available():
+        logger.warning("--enable_xformers_memory_efficient_attention: no CUDA device; using PyTorch SDPA attention")
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        logger.warning("--enable_xformers_memory_efficient_attention: xformers is not installed; using PyTorch SDPA")
+        return
+    model.enable_xformers_memory_efficient_attention()
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW with the run's hyper-parameters."""
+    params = [p for p in params if p.requires_grad]
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        if not torch.cuda.is_available():
+            fail("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers run on CUDA)")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, num_processes: int):
+    from diffusers.optimization import get_scheduler
+
+    # the scheduler is stepped once per process per optimizer step by accelerate's wrapper
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=args.max_train_steps * num_processes)
+
+
+def resolve_train_steps(args: argparse.Namespace, batches_per_epoch: int | None) -> None:
+    """Fill args.max_train_steps from epochs (or epochs from steps) for a dataset of known length."""
+    if batches_per_epoch is None:  # a stream: only --max_train_steps can end it
+        if args.max_train_steps is None:
+            fail("--max_train_steps is required with --train_shards_path_or_url (a stream has no epoch length)")
+        return
+    updates_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+
+
+def grads_are_finite(params: Iterable[torch.nn.Parameter]) -> bool:
+    """True if every gradient is finite (a NaN/inf step must be skipped, not applied)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+
+
+def apply_gradients(accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, lr_scheduler,
+                    max_grad_norm: float) -> bool:
+    """Backward, then (on a sync step) clip and step, unless the loss or a gradient is not finite.
+
+    `params` must be a list: a generator would be exhausted by the finiteness check and the
+    clipping would then silently do nothing (a known defect of the reference scripts).
+    Returns False when the update was skipped because of a non-finite value.
+    """
+    accelerator.backward(loss)
+    finite = bool(torch.isfinite(loss.detach())) and grads_are_finite(params)
+    if finite:
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def log_image_grid(accelerator, rows: list[torch.Tensor], row_labels: list[str], step: int, output_dir: str,
+                   tag: str = "validation") -> str:
+    """Log a grid (one row per entry, images in [-1, 1]) to the trackers and save it as a PNG."""
+    import numpy as np
+
+    from .evaluate import save_grid
+
+    path = os.path.join(output_dir, "validation", f"{tag}-{step:06d}.png")
+    save_grid(rows, path, columns=max(r.shape[0] for r in rows), scale=4)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            from PIL import Image
+
+            grid = np.asarray(Image.open(path).convert("RGB"))
+            tracker.writer.add_image(tag, grid, step, dataformats="HWC")
+            tracker.writer.add_text(f"{tag}/rows", ", ".join(row_labels), step)
+    return path
+
+
+def write_model_card(output_dir: str, title: str, args: argparse.Namespace, body: str = "") -> None:
+    """A README.md in the output folder: what it is, how to load it, and every training argument."""
+    lines = [f"# {title}", "", body.strip(), "", "## Training arguments", "", "```json",
+             json.dumps(vars(args), indent=2, default=str), "```", ""]
+    with open(os.path.join(output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))
