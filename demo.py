@@ -94,14 +94,17 @@ def main() -> None:
     ev = dict(judge=judge, real_feats=real_feats, per_combo=args.per_combo, seed=args.seed)
 
     # teachers with their own samplers: 50 steps vs 4 steps
-    teacher_results = []
+    teacher_results, teacher_rows = [], []
     for name, g in TEACHERS.items():
         pipe = load(os.path.join(world, "models", name))
         label = f"teacher {name} ({type(pipe.scheduler).__name__}, CFG {g})"
         res, images = evaluate(pipe, steps_list=[4, 50], guidance_scale=g, label=label, **ev)
         teacher_results += res
+        teacher_rows += images
         save_grid(images, os.path.join(args.output_dir, f"teacher_{name}_grid.png"))
         print(markdown_table(res).split("\n", 2)[2], flush=True)
+
+    save_grid(teacher_rows, os.path.join(args.output_dir, "teachers_grid.png"))
 
     # LCM distillation of the SD teacher, then student vs teacher samplers at the same step counts
     student_dir = os.path.join(args.output_dir, "lcm-sd")

@@ -106,7 +106,7 @@ def make_student(teacher_unet, time_cond_proj_dim: int, zero_init: bool):
     from diffusers import UNet2DConditionModel
 
     if teacher_unet.config.time_cond_proj_dim is not None:  # already an LCM (e.g. for LCF): reuse it
-        return copy.deepcopy(teacher_unet)
+        return copy.deepcopy(teacher_unet).requires_grad_(True)
     student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("time_embedding.cond_proj") for k in missing), (missing, unexpected)
@@ -116,9 +116,9 @@ def make_student(teacher_unet, time_cond_proj_dim: int, zero_init: bool):
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values: torch.Tensor, batch_size: int) -> torch.Tensor:
+def encode_latents(vae, pixel_values: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     """z = scaling_factor * (sample of q(z | x)), in chunks to bound memory."""
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixel_values.split(batch_size)]
+    latents = [vae.encode(chunk).latent_dist.sample(gen) for chunk in pixel_values.split(batch_size)]
     return torch.cat(latents) * vae.config.scaling_factor
 
 
@@ -211,7 +211,8 @@ def main(args) -> None:
     if batches_per_epoch is not None:  # webdataset streams split themselves across processes already
         dataloader = accelerator.prepare(dataloader)
     params = [p for p in student.parameters() if p.requires_grad]
-    accelerator.register_for_checkpointing(target)
+    rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
+    accelerator.register_for_checkpointing(target, rng)
 
     with torch.no_grad():
         uncond_embeds = models.encode_prompt_sd([""], tokenizer, text_encoder)  # the CFG's unconditional input
@@ -248,7 +249,7 @@ def main(args) -> None:
                 validation_prompts = batch["captions"][:4]
             with accelerator.accumulate(student):
                 loss = lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds,
-                                alphas_cumprod, grid, k, prediction_type, accelerator, dtype)
+                                alphas_cumprod, grid, k, prediction_type, accelerator, rng.generator)
                 finite = training.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler,
                                                   args.max_grad_norm)
             if not accelerator.sync_gradients:
@@ -296,26 +297,27 @@ def main(args) -> None:
 
 
 def lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds, alphas_cumprod,
-             grid, k, prediction_type, accelerator, dtype) -> torch.Tensor:
-    """One LCM (or LCF) loss evaluation on a batch: steps 1-3 of the module docstring."""
+             grid, k, prediction_type, accelerator, gen: torch.Generator) -> torch.Tensor:
+    """One LCM (or LCF) loss evaluation on a batch: steps 1-3 of the module docstring; all draws from `gen`."""
     device = accelerator.device
     pixel_values = batch["pixel_values"].to(device, vae.dtype)
-    latents = encode_latents(vae, pixel_values, args.vae_encode_batch_size).float()
+    latents = encode_latents(vae, pixel_values, args.vae_encode_batch_size, gen).float()
     bsz = latents.shape[0]
-    captions = [c if torch.rand(()) >= args.proportion_empty_prompts else "" for c in batch["captions"]]
+    drop = torch.rand(bsz, generator=gen, device=gen.device) < args.proportion_empty_prompts
+    captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
     with torch.no_grad():
         embeds = models.encode_prompt_sd(captions, tokenizer, text_encoder)
 
     # 1. the skip grid: t = tau_i, s = t - k (clamped at 0); w ~ U[w_min, w_max]
-    t = grid[torch.randint(0, len(grid), (bsz,), device=device)]
+    t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]
     s = previous_timestep(t, k)
-    w = torch.empty(bsz, device=device).uniform_(args.w_min, args.w_max)
+    w = torch.empty(bsz, device=device).uniform_(args.w_min, args.w_max, generator=gen)
     w_embedding = guidance_scale_embedding(w, args.unet_time_cond_proj_dim).to(device)
     c_skip_t, c_out_t = scalings_for_boundary_conditions(t, timestep_scaling=args.timestep_scaling_factor)
     c_skip_s, c_out_s = scalings_for_boundary_conditions(s, timestep_scaling=args.timestep_scaling_factor)
     alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t)
     alpha_s, sigma_s = alpha_sigma(alphas_cumprod, s)
-    noise = torch.randn_like(latents)
+    noise = torch.randn(latents.shape, device=device, generator=gen)
     x_t = ddim_step(latents, noise, alpha_t, sigma_t)  # = alpha_t z + sigma_t eps
 
     # 3. the online student's consistency function at (x_t, t)

@@ -187,6 +187,24 @@ def resolve_train_steps(args: argparse.Namespace, batches_per_epoch: int | None)
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
 
+class TrainingRNG:
+    """The generator of every random draw of the loss (timesteps, w, noise, dropout), checkpointed with the run.
+
+    A dedicated generator, not torch's global one: data loaders and libraries draw from the global
+    RNG at moments that differ between a resumed and an uninterrupted run (a new loader iterator,
+    for one), which would make the resumed run diverge.
+    """
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu", process_index: int = 0) -> None:
+        self.generator = torch.Generator(device).manual_seed(seed * 1000 + process_index)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
 def grads_are_finite(params: Iterable[torch.nn.Parameter]) -> bool:
     """True if every gradient is finite (a NaN/inf step must be skipped, not applied)."""
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
