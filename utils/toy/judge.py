@@ -63,7 +63,7 @@ def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | t
     b = np.asarray(feats_b, dtype=np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # near-singular product: regularise as the FID reference does
         eps = np.eye(a.shape[1]) * 1e-6
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
