@@ -98,7 +98,7 @@ def main() -> None:
     for name, g in TEACHERS.items():
         pipe = load(os.path.join(world, "models", name))
         label = f"teacher {name} ({type(pipe.scheduler).__name__}, CFG {g})"
-        res, images = evaluate(pipe, steps_list=[4, 50], guidance_scale=g, label=label, **ev)
+        res, images = evaluate(pipe, [4, 50], g, label=label, **ev)
         teacher_results += res
         teacher_rows += images
         save_grid(images, os.path.join(args.output_dir, f"teacher_{name}_grid.png"))

@@ -216,3 +216,25 @@ def test_ema_target_follows_the_formula(recipe):
     assert changed, "EMA target equals the online student after an update"
     for k in new:
         assert torch.allclose(new[k], 0.95 * old[k] + 0.05 * online[k], atol=1e-7)
+
+
+def test_v_prediction_teacher_from_webdataset_shards(toy_world, tmp_path):
+    """The v-prediction code path and the webdataset source (the toy teacher's config is edited to v)."""
+    import json
+    import shutil
+
+    teacher = str(tmp_path / "v_teacher")
+    shutil.copytree(os.path.join(toy_world, "models/sd"), teacher)
+    config_path = os.path.join(teacher, "scheduler/scheduler_config.json")
+    config = json.load(open(config_path))
+    json.dump(dict(config, prediction_type="v_prediction"), open(config_path, "w"))
+    out = str(tmp_path / "out")
+    args = base_args(toy_world, out)
+    args[args.index("--pretrained_teacher_model") + 1] = teacher
+    i = args.index("--train_data_dir")
+    args[i:i + 2] = ["--train_shards_path_or_url", os.path.join(toy_world, "data/shards/shard-*.tar")]
+    i = args.index("--max_train_samples")
+    del args[i:i + 2]
+    run(args + ["--max_train_steps", "2"])
+    saved = json.load(open(os.path.join(out, "scheduler/scheduler_config.json")))
+    assert saved["_class_name"] == "LCMScheduler" and saved["prediction_type"] == "v_prediction"

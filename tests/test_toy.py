@@ -133,3 +133,49 @@ def test_evaluate_cli_writes_metrics_and_grid(toy_world, tmp_path):
     bad = subprocess.run([*cmd[:4], "/nonexistent/pipe", *cmd[5:]], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--pipeline" in bad.stderr
+
+
+def test_clip_metrics_on_a_local_clip_model(toy_world, tmp_path):
+    """CLIP score / CLIP FD (the real-model metrics) with a small CLIP folder, here a random one."""
+    import subprocess
+    import sys
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from utils.evaluate import ClipScorer, load_real_images
+    from utils.toy.judge import frechet_distance
+
+    tok = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    folder = str(tmp_path / "clip")
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(folder)
+
+    scorer = ClipScorer(folder)
+    real = load_real_images(os.path.join(toy_world, "data/test"), limit=64)
+    feats = scorer.image_features(real)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(64), atol=1e-5)
+    prompts = ["a large red circle on a white background"] * 64
+    cos = (feats * scorer.text_features(prompts)).sum(-1)
+    assert abs(scorer.score(real, prompts) - 100 * cos.clamp(min=0).mean().item()) < 1e-4
+    assert frechet_distance(feats, feats) < 1e-6
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a small blue square on a black background\na large green cross on a gray background\n")
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "utils.evaluate", "--pipeline", os.path.join(toy_world, "models/sd"), "--steps", "2",
+         "--judge", "none", "--clip_model", folder, "--prompts_file", str(prompts_file),
+         "--real_images", os.path.join(toy_world, "data/test"), "--output_dir", str(out)],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.load(open(out / "metrics.json"))
+    assert row["prompt_accuracy"] is None and 0 <= row["clip_score"] <= 100 and row["clip_fd"] > 0

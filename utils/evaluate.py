@@ -1,13 +1,18 @@
-"""Evaluation of a text-to-image pipeline on the toy world: prompt accuracy, toy FD, wall time.
+"""Evaluation of a text-to-image pipeline: prompt accuracy, toy FD, CLIP score, FD, fidelity, wall time.
 
     python -m utils.evaluate --pipeline toy_world/models/sd --steps 4 50 --guidance_scale 7.5
 
-For each step count it samples every evaluation prompt from fixed seeds, lets the toy judge read
-shape and colour off each image, and reports:
-  - prompt accuracy: fraction of images whose shape and colour both match the prompt;
-  - toy FD: Frechet distance between judge features of the samples and of real test images;
-  - seconds per image (sampling only, VAE decode included).
-It writes `metrics.json`, `metrics.md` and a grid PNG (rows = step counts, columns = prompts).
+For each step count it samples every evaluation prompt from fixed seeds and reports:
+  - prompt accuracy (toy world): fraction of images whose shape and colour, as the toy judge reads
+    them, both match the prompt;
+  - toy FD: Frechet distance between judge features of the samples and of real images;
+  - with --clip_model (a local CLIP folder, for real models): CLIP score, 100 * mean cosine of image
+    and prompt embeddings (negatives clipped to 0), and CLIP FD, the Frechet distance of CLIP
+    image embeddings of the samples and of --real_images;
+  - with --teacher: RMSE to the teacher's sample from the same noise (fidelity);
+  - milliseconds per image (sampling only, VAE decode included).
+Real models use --prompts_file (one prompt per line) and --judge none. It writes `metrics.json`,
+`metrics.md` and a grid PNG (rows = step counts, columns = prompts).
 """
 
 from __future__ import annotations
@@ -31,10 +36,43 @@ from .toy.judge import ToyJudge, frechet_distance, judge_images, prompt_accuracy
 class Result:
     label: str
     steps: int
-    prompt_accuracy: float
-    toy_fd: float
+    prompt_accuracy: float | None
+    toy_fd: float | None
     seconds_per_image: float
     teacher_rmse: float | None = None  # pixel RMSE to the reference (teacher, 50 steps) from the same noise
+    clip_score: float | None = None
+    clip_fd: float | None = None
+
+
+class ClipScorer:
+    """CLIP score and CLIP-feature Frechet distance with a CLIP model from a local folder (or hub id)."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(path).eval()
+        self.processor = CLIPProcessor.from_pretrained(path)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm CLIP image embeddings of images in [-1, 1]."""
+        pil = [Image.fromarray(a) for a in to_uint8(images)]
+        inputs = self.processor(images=pil, return_tensors="pt")
+        emb = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        emb = getattr(emb, "pooler_output", emb)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=prompts, return_tensors="pt", padding=True, truncation=True)
+        emb = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        emb = getattr(emb, "pooler_output", emb)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> float:
+        """100 * mean(max(cos(image, prompt), 0)): the usual CLIP score."""
+        cos = (self.image_features(images) * self.text_features(prompts)).sum(-1)
+        return 100.0 * cos.clamp(min=0).mean().item()
 
 
 # scheduler names accepted by --scheduler, and the diffusers class (+ overrides) each means
@@ -146,35 +184,53 @@ def save_grid(rows: list[torch.Tensor], path: str, columns: int = 12, scale: int
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
-def evaluate(pipe, judge: ToyJudge, steps_list: list[int], guidance_scale: float, real_feats: torch.Tensor,
-             label: str = "", per_combo: int = 1, seed: int = 0,
-             reference: torch.Tensor | None = None) -> tuple[list[Result], list[torch.Tensor]]:
-    """Judge the pipeline's samples at every step count; returns results and the sampled images.
+def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge | None = None,
+             real_feats: torch.Tensor | None = None, label: str = "", per_combo: int = 1, seed: int = 0,
+             reference: torch.Tensor | None = None, prompts: list[str] | None = None, clip: ClipScorer | None = None,
+             clip_real_feats: torch.Tensor | None = None) -> tuple[list[Result], list[torch.Tensor]]:
+    """Sample the pipeline at every step count and measure; returns results and the sampled images.
 
-    `reference`: images of the same prompts and seeds (e.g. the teacher at 50 steps) to measure
-    fidelity against; the same seeds give the same initial noise when the latent shapes match.
+    Prompts are the toy evaluation prompts (with their labels, for the judge) unless `prompts` is
+    given. `reference`: images of the same prompts and seeds (e.g. the teacher at 50 steps) to
+    measure fidelity against; the same seeds give the same initial noise when the latent shapes match.
     """
-    prompts = eval_prompts(per_combo)
-    shape = torch.tensor([p[1] for p in prompts])
-    colour = torch.tensor([p[2] for p in prompts])
+    labelled = eval_prompts(per_combo) if prompts is None else None
+    texts = [p[0] for p in labelled] if labelled else list(prompts)
     results, images = [], []
     for steps in steps_list:
-        imgs, sec = sample(pipe, [p[0] for p in prompts], steps, guidance_scale, seed)
-        ps, pc, feats = judge_images(judge, imgs)
+        imgs, sec = sample(pipe, texts, steps, guidance_scale, seed)
+        acc = fd = None
+        if judge is not None:
+            ps, pc, feats = judge_images(judge, imgs)
+            if labelled:
+                acc = prompt_accuracy(ps, pc, torch.tensor([p[1] for p in labelled]),
+                                      torch.tensor([p[2] for p in labelled]))
+            fd = None if real_feats is None else frechet_distance(feats, real_feats)
         rmse = None if reference is None else (imgs - reference).pow(2).mean().sqrt().item()
-        results.append(Result(label, steps, prompt_accuracy(ps, pc, shape, colour),
-                              frechet_distance(feats, real_feats), sec, rmse))
+        result = Result(label, steps, acc, fd, sec, rmse)
+        if clip is not None:
+            result.clip_score = clip.score(imgs, texts)
+            if clip_real_feats is not None:
+                result.clip_fd = frechet_distance(clip.image_features(imgs), clip_real_feats)
+        results.append(result)
         images.append(imgs)
     return results, images
 
 
 def markdown_table(results: list[Result]) -> str:
-    lines = ["| model / sampler | steps | prompt accuracy | toy FD | RMSE to teacher@50 | ms / image |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """A Markdown table of the results; CLIP columns only when some result has them."""
+    has_clip = any(r.clip_score is not None for r in results)
+    head = "| model / sampler | steps | prompt accuracy | toy FD | RMSE to teacher@50 |"
+    head += " CLIP score | CLIP FD |" * has_clip + " ms / image |"
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+
+    def f(x: float | None, digits: int) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
     for r in results:
-        rmse = "-" if r.teacher_rmse is None else f"{r.teacher_rmse:.3f}"
-        lines.append(f"| {r.label} | {r.steps} | {r.prompt_accuracy:.3f} | {r.toy_fd:.2f} | {rmse} | "
-                     f"{r.seconds_per_image * 1000:.1f} |")
+        row = f"| {r.label} | {r.steps} | {f(r.prompt_accuracy, 3)} | {f(r.toy_fd, 2)} | {f(r.teacher_rmse, 3)} |"
+        row += f" {f(r.clip_score, 2)} | {f(r.clip_fd, 4)} |" * has_clip
+        lines.append(row + f" {r.seconds_per_image * 1000:.1f} |")
     return "\n".join(lines)
 
 
@@ -203,45 +259,60 @@ def main() -> None:
                         help="teacher pipeline folder: also report RMSE to its --teacher_steps sample from the same noise")
     parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher reference (default: %(default)s)")
     parser.add_argument("--teacher_guidance_scale", type=float, default=None, help="teacher CFG (default: --guidance_scale)")
-    parser.add_argument("--judge", default="toy_world/judge", help="toy judge folder (default: %(default)s)")
-    parser.add_argument("--real_images", default="toy_world/data/test", help="imagefolder of real images for toy FD")
+    parser.add_argument("--judge", default="toy_world/judge",
+                        help='toy judge folder, or "none" for real models (default: %(default)s)')
+    parser.add_argument("--real_images", default="toy_world/data/test",
+                        help="imagefolder of real images for toy FD / CLIP FD (default: %(default)s)")
+    parser.add_argument("--clip_model", default=None, help="CLIP model folder (or hub id): adds CLIP score and CLIP FD")
+    parser.add_argument("--prompts_file", default=None,
+                        help="evaluation prompts, one per line (default: the toy prompts, every shape x colour)")
     parser.add_argument("--output_dir", default="results/eval", help="where metrics and the grid go")
-    parser.add_argument("--per_combo", type=int, default=1, help="prompts per shape x colour (default: %(default)s)")
+    parser.add_argument("--per_combo", type=int, default=1, help="toy prompts per shape x colour (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="image i is sampled from seed + i")
     args = parser.parse_args()
     if any(s < 1 or s > 1000 for s in args.steps):
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
-    for flag, path in (("--judge", args.judge), ("--real_images", args.real_images)):
-        if not os.path.isdir(path):
-            fail(f"{flag} {path} does not exist (build the toy world: python -m utils.toy build)")
+    use_judge = args.judge.lower() != "none"
+    for flag, path, needed in (("--judge", args.judge, use_judge),
+                               ("--real_images", args.real_images, use_judge or args.clip_model)):
+        if needed and not os.path.isdir(path):
+            fail(f"{flag} {path} does not exist (for the toy world: python -m utils.toy build)")
 
     from diffusers import DiffusionPipeline
 
+    from .data import load_prompts
     from .models import pipeline_index
 
     with user_errors():
         pipeline_index(args.pipeline, flag="--pipeline")
         if args.teacher:
             pipeline_index(args.teacher, flag="--teacher")
-    judge = ToyJudge.from_pretrained(args.judge)
-    real_feats = judge_images(judge, load_real_images(args.real_images))[2]
-    reference, rows = None, []
+        prompts = load_prompts(prompts_file=args.prompts_file) if args.prompts_file else None
+    real = load_real_images(args.real_images) if (use_judge or args.clip_model) else None
+    ev = dict(per_combo=args.per_combo, seed=args.seed, prompts=prompts)
+    if use_judge:
+        ev["judge"] = ToyJudge.from_pretrained(args.judge)
+        ev["real_feats"] = judge_images(ev["judge"], real)[2]
+    if args.clip_model:
+        try:
+            ev["clip"] = ClipScorer(args.clip_model)
+        except OSError as exc:
+            fail(f"--clip_model {args.clip_model} could not be loaded: {str(exc).splitlines()[0]}")
+        ev["clip_real_feats"] = ev["clip"].image_features(real)
+    reference, rows, results = None, [], []
     if args.teacher:
         teacher = DiffusionPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
         teacher.set_progress_bar_config(disable=True)
         g = args.guidance_scale if args.teacher_guidance_scale is None else args.teacher_guidance_scale
-        ref_results, (reference,) = evaluate(teacher, judge, [args.teacher_steps], g, real_feats,
-                                             f"teacher ({type(teacher.scheduler).__name__})", args.per_combo, args.seed)
+        results, (reference,) = evaluate(teacher, [args.teacher_steps], g,
+                                         label=f"teacher ({type(teacher.scheduler).__name__})", **ev)
         rows.append(reference)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     sampler = set_scheduler(pipe, args.scheduler)
     label = f"{os.path.basename(os.path.normpath(args.pipeline))} ({sampler})"
-    results, images = evaluate(pipe, judge, args.steps, args.guidance_scale, real_feats, label, args.per_combo,
-                               args.seed, reference)
-    if args.teacher:
-        results = ref_results + results
-    print(write_report(results, args.output_dir))
+    res, images = evaluate(pipe, args.steps, args.guidance_scale, label=label, reference=reference, **ev)
+    print(write_report(results + res, args.output_dir))
     save_grid(rows + images, os.path.join(args.output_dir, "grid.png"))
     print(f"metrics.json, metrics.md and grid.png written to {args.output_dir}/")
 
