@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
-import os
 
 import torch
 from tqdm.auto import tqdm
@@ -201,14 +199,15 @@ def main(args) -> None:
                                               args.image_column, args.caption_column, args.max_train_samples,
                                               args.cache_dir, args.seed, transform)
     dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
-    batches_per_epoch = len(dataloader) if hasattr(dataset, "__len__") else None
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)  # webdataset shards: no epoch length
+    batches_per_epoch = None if streaming else len(dataloader)
     training.resolve_train_steps(args, batches_per_epoch)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = training.make_optimizer(student.parameters(), args)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    if batches_per_epoch is not None:  # webdataset streams split themselves across processes already
+    if not streaming:  # webdataset streams split themselves across processes already
         dataloader = accelerator.prepare(dataloader)
     params = [p for p in student.parameters() if p.requires_grad]
     rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
