@@ -1,0 +1,340 @@
+"""LoRA adapters and their file formats (diffusers, PEFT folder, kohya/ComfyUI/A1111), shared by the LoRA recipes.
+
+Alpha / scale convention
+------------------------
+A LoRA layer computes ``W x + (alpha / r) * B A x``. The three file formats store the scale differently:
+
+* PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``): alpha lives in the json. The
+  released TLCM/LCM loading snippet (seed 003) does ``get_peft_model(unet, LoraConfig(r=64, ...))`` and
+  then ``load_adapter(dir, adapter_name="default")``; because "default" already exists, PEFT keeps the
+  in-memory config and IGNORES the saved alpha, so the scale is PEFT's default ``8 / r``. We therefore
+  always write PEFT folders with ``lora_alpha = 8`` (``PEFT_DEFAULT_ALPHA``) and, when the adapter in
+  memory used another alpha, fold the ratio into ``lora_B`` so the output is unchanged.
+* diffusers (``pytorch_lora_weights.safetensors``): we write no alphas, and diffusers then loads with
+  ``alpha = rank`` (scale 1) — so we fold each module's scale ``alpha / r`` into ``lora_B``.
+* kohya: every module carries an ``.alpha`` scalar; loaders use ``alpha / rank`` where rank is
+  ``lora_down``'s first dim. Exported as-is (no folding).
+
+``DEFAULT_LORA_ALPHA = 8`` (regardless of rank) is the default of ``add_lora``, so a freshly trained adapter
+needs no folding for the PEFT folder and its weights are bit-identical to what the seed-003 snippet loads.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from utils.errors import UserError
+
+PEFT_DEFAULT_ALPHA = 8
+DEFAULT_LORA_ALPHA = PEFT_DEFAULT_ALPHA
+
+LCM_LORA_TARGETS = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+DIFFUSERS_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+FLUX_LORA_TARGETS = [
+    "to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "context_embedder", "x_embedder", "linear", "linear_1", "linear_2", "proj_mlp",
+    "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj", "ff_context.net.2",
+]
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_PEFT_PREFIX = "base_model.model."
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+_DIFFUSERS_PREFIXES = ("unet.", "transformer.")
+
+
+# ----------------------------------------------------------------------------- adding and reading adapters
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_LORA_ALPHA, targets: list[str] | None = None,
+             dropout: float = 0.0, adapter_name: str = "default", init: str | bool = "gaussian") -> Any:
+    """Add a PEFT LoRA adapter to a diffusers model (UNet or FLUX transformer) and return its LoraConfig."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or LCM_LORA_TARGETS),
+                        lora_dropout=dropout, init_lora_weights=init)
+    model.add_adapter(config, adapter_name=adapter_name)
+    return config
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The plain diffusers model under a PeftModel wrapper (or the model itself)."""
+    from peft import PeftModel
+
+    return model.base_model.model if isinstance(model, PeftModel) else model
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights with PEFT keys relative to the diffusers model (`<module>.lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {_strip(k, _PEFT_PREFIX): v for k, v in sd.items()}
+
+
+def lora_scalings(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """Each LoRA module's scale alpha / r, keyed by module name relative to the diffusers model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: float(m.scaling[adapter_name]) for name, m in base_model(model).named_modules()
+            if isinstance(m, LoraLayer) and adapter_name in m.scaling}
+
+
+def _strip(key: str, prefix: str) -> str:
+    """`key` without `prefix` when it starts with it."""
+    return key[len(prefix):] if key.startswith(prefix) else key
+
+
+def _module_of(key: str) -> str:
+    """Module name of a PEFT LoRA key (`a.b.lora_A.weight` -> `a.b`)."""
+    return key.rsplit(".lora_", 1)[0]
+
+
+def _fold_scale(sd: Mapping[str, torch.Tensor], factors: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Multiply each module's lora_B by its factor (factors of exactly 1 leave the tensor untouched)."""
+    out = {}
+    for key, value in sd.items():
+        factor = factors.get(_module_of(key), 1.0)
+        out[key] = value * factor if ".lora_B." in key and factor != 1.0 else value
+    return out
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_diffusers_lora(model: nn.Module, out_dir: str, component: str = "unet",
+                        adapter_name: str = "default") -> str:
+    """Write `pytorch_lora_weights.safetensors` loadable by the pipeline's `load_lora_weights` (scale folded in)."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    sd = _fold_scale(lora_state_dict(model, adapter_name), lora_scalings(model, adapter_name))
+    # Keys stay in PEFT naming (`lora_A`/`lora_B`), as diffusers' current training scripts save them:
+    # `convert_state_dict_to_diffusers` renames only attention projections (`lora.down`), and diffusers reads
+    # a file mixing both namings as PEFT, silently skipping the renamed modules.
+    layers = {k: v.detach().contiguous() for k, v in sd.items()}
+    if component == "unet":
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers)
+    elif component == "transformer":
+        FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=layers)
+    else:
+        raise UserError(f"unknown LoRA component {component!r}: use 'unet' or 'transformer'")
+    return os.path.join(out_dir, DIFFUSERS_WEIGHTS_NAME)
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str, adapter_name: str = "default") -> str:
+    """Write `adapter_config.json` + `adapter_model.safetensors` with lora_alpha 8 (the seed-003 snippet's scale)."""
+    from peft import LoraConfig
+
+    cfg = base_model(model).peft_config[adapter_name]
+    ranks = _ranks(lora_state_dict(model, adapter_name))
+    factors = {m: s * r / PEFT_DEFAULT_ALPHA for m, s in lora_scalings(model, adapter_name).items()
+               for r in [ranks[m]]}
+    sd = _fold_scale(lora_state_dict(model, adapter_name), factors)
+    targets = sorted(cfg.target_modules) if isinstance(cfg.target_modules, (set, list)) else cfg.target_modules
+    config = LoraConfig(r=cfg.r, lora_alpha=PEFT_DEFAULT_ALPHA, target_modules=targets,
+                        rank_pattern=dict(cfg.rank_pattern or {}), lora_dropout=cfg.lora_dropout)
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    tensors = {_PEFT_PREFIX + k: v.detach().contiguous() for k, v in sd.items()}
+    path = os.path.join(out_dir, PEFT_WEIGHTS_NAME)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path
+
+
+# ----------------------------------------------------------------------------- kohya / ComfyUI / A1111
+
+
+def _to_peft_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT keys (`.lora_A/.lora_B`) from PEFT, PeftModel or diffusers-style keys."""
+    out = {}
+    for key, value in sd.items():
+        for prefix in (_PEFT_PREFIX, *_DIFFUSERS_PREFIXES):
+            key = _strip(key, prefix)
+        key = re.sub(r"\.lora(?:_linear_layer)?\.down\.", ".lora_A.", key)
+        key = re.sub(r"\.lora(?:_linear_layer)?\.up\.", ".lora_B.", key)
+        out[key] = value
+    return out
+
+
+def to_kohya(sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float] | float,
+             prefix: str = "lora_unet") -> dict[str, torch.Tensor]:
+    """kohya keys `<prefix>_<module_with_underscores>.lora_down/.lora_up.weight` and `.alpha` scalars."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in _to_peft_keys(sd).items():
+        if key.endswith(".alpha"):
+            continue
+        module = _module_of(key)
+        flat = f"{prefix}_{module.replace('.', '_')}"
+        kind = "lora_down" if ".lora_A." in key else "lora_up"
+        out[f"{flat}.{kind}.weight"] = value
+        alpha = alphas if isinstance(alphas, (int, float)) else alphas[module]
+        out[f"{flat}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def from_kohya(sd: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PEFT state dict and per-module alphas from kohya keys, resolved against the model's real module names."""
+    lookup = {}
+    for name, _ in base_model(model).named_modules():
+        if name and ".lora_" not in name and not name.endswith("base_layer"):
+            lookup.setdefault(name.replace(".", "_"), name)
+    peft_sd: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for key, value in sd.items():
+        flat, _, kind = key.partition(".")
+        stem = next((_strip(flat, p) for p in _KOHYA_PREFIXES if flat.startswith(p)), None)
+        if stem is None or stem not in lookup:
+            raise UserError(f"LoRA key {key!r} names a module this model does not have (another architecture?)")
+        module = lookup[stem]
+        if kind == "alpha":
+            alphas[module] = float(value.item())
+        elif kind in ("lora_down.weight", "lora_up.weight"):
+            peft_sd[f"{module}.{'lora_A' if kind.startswith('lora_down') else 'lora_B'}.weight"] = value
+        else:
+            raise UserError(f"LoRA key {key!r} is not a kohya lora_down/lora_up/alpha key")
+    return peft_sd, alphas
+
+
+# ----------------------------------------------------------------------------- loading any format
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, or a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"LoRA file {path} does not exist")
+    if not path.endswith(".safetensors"):
+        raise UserError(f"LoRA file {path} is not a .safetensors file (convert .bin/.pt/.ckpt first)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"LoRA file {path} is not a readable safetensors file (truncated or corrupt?): {first}") from None
+
+
+def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
+    """`kohya`, `diffusers` or `peft`, from the key names."""
+    keys = list(sd)
+    if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
+        return "kohya"
+    if any(k.startswith(_DIFFUSERS_PREFIXES) for k in keys):
+        return "diffusers"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft"
+    raise UserError("file holds no LoRA keys in kohya, diffusers or PEFT format")
+
+
+def _peft_folder_alphas(path: str, modules: list[str]) -> dict[str, float]:
+    """Alphas from an `adapter_config.json` next to a PEFT weights file (PEFT's default 8 without one)."""
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+    alpha, pattern = float(PEFT_DEFAULT_ALPHA), {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        alpha, pattern = float(cfg.get("lora_alpha", alpha)), cfg.get("alpha_pattern") or {}
+    return {m: float(next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", m)), alpha)) for m in modules}
+
+
+def read_lora_file(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PEFT state dict and per-module alphas of a LoRA file in any supported format, checked against the model."""
+    raw, _ = _read_safetensors(path)
+    fmt = detect_format(raw)
+    if fmt == "kohya":
+        sd, alphas = from_kohya(raw, model)
+    else:
+        sd = {k: v for k, v in _to_peft_keys(raw).items() if not k.endswith(".alpha")}
+        ranks = _ranks(sd)
+        alphas = ({m: float(r) for m, r in ranks.items()} if fmt == "diffusers"
+                  else _peft_folder_alphas(path, list(ranks)))
+        alphas.update({_module_of(k): float(v.item()) for k, v in _to_peft_keys(raw).items() if k.endswith(".alpha")})
+    check_fits(sd, model)
+    return sd, alphas
+
+
+def _ranks(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Each module's rank (lora_A's first dim)."""
+    return {_module_of(k): int(v.shape[0]) for k, v in sd.items() if ".lora_A." in k}
+
+
+def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise a one-line UserError when a key names a missing module or a shape does not fit its in/out dims."""
+    modules = dict(base_model(model).named_modules())
+    for key, value in sd.items():
+        name = _module_of(key)
+        if name not in modules:
+            raise UserError(f"LoRA module {name!r} is not in this model (a LoRA for another architecture?)")
+        layer = getattr(modules[name], "base_layer", modules[name])
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            raise UserError(f"LoRA module {name!r} is not a Linear/Conv layer in this model")
+        out_dim, in_dim = weight.shape[0], weight.shape[1]
+        if value.ndim != weight.ndim:
+            raise UserError(f"LoRA {name!r}: {value.ndim}-d {key.rsplit('.', 2)[-2]} {tuple(value.shape)} does not fit "
+                            f"the model's {weight.ndim}-d weight {tuple(weight.shape)} (another architecture?)")
+        if ".lora_A." in key and (value.shape[1] != in_dim or tuple(value.shape[2:]) != tuple(weight.shape[2:])):
+            raise UserError(f"LoRA {name!r}: lora_A shape {tuple(value.shape)} does not fit in-dim "
+                            f"{in_dim} of the model (weight {tuple(weight.shape)})")
+        if ".lora_B." in key and value.shape[0] != out_dim:
+            raise UserError(f"LoRA {name!r}: lora_B shape {tuple(value.shape)} does not fit out-dim "
+                            f"{out_dim} of the model (weight {tuple(weight.shape)})")
+
+
+def _config_for(sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float]) -> Any:
+    """A LoraConfig whose targets are exactly the file's modules, with per-module rank/alpha patterns."""
+    from peft import LoraConfig
+
+    ranks = _ranks(sd)
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas[m] for m in ranks).most_common(1)[0][0]
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(ranks),
+                      rank_pattern={m: v for m, v in ranks.items() if v != r},
+                      alpha_pattern={m: alphas[m] for m in ranks if alphas[m] != alpha})
+
+
+def load_lora_file(path: str, model: nn.Module, adapter_name: str = "default") -> Any:
+    """Add the LoRA in `path` (kohya, diffusers or PEFT .safetensors) to the model as a new adapter; return its config."""
+    from peft import set_peft_model_state_dict
+
+    sd, alphas = read_lora_file(path, model)
+    target = base_model(model)
+    if adapter_name in (getattr(target, "peft_config", None) or {}):
+        raise UserError(f"the model already has a LoRA adapter named {adapter_name!r}")
+    config = _config_for(sd, alphas)
+    target.add_adapter(config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(target, dict(sd), adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if f".lora_A.{adapter_name}" in k or f".lora_B.{adapter_name}" in k]
+    if missing or result.unexpected_keys:
+        raise UserError(f"LoRA file {path} did not load cleanly ({len(missing)} missing, "
+                        f"{len(result.unexpected_keys)} unexpected keys)")
+    return config
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fuse the active adapter(s) into the base weights and remove every LoRA layer; returns the plain model."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    model.fuse_lora()
+    model.unload_lora()
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether any parameter of the model belongs to a LoRA layer."""
+    return any("lora_" in name for name, _ in model.named_parameters())
