@@ -28,9 +28,8 @@ import copy
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
-from utils import checkpoint, data, models, training
+from utils import data, models, training
 from utils.consistency import consistency_fn, guidance_scale_embedding, scalings_for_boundary_conditions
 from utils.ema import ema_update
 from utils.errors import fail, user_errors
@@ -218,80 +217,25 @@ def main(args) -> None:
     grid = ddim_timesteps(scheduler_config["num_train_timesteps"], args.num_ddim_timesteps).to(accelerator.device)
     k = scheduler_config["num_train_timesteps"] // args.num_ddim_timesteps
 
-    # ---- resume
-    global_step, epoch, batches_done, nan_streak, skipped_images = 0, 0, 0, 0, 0
-    resume = checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume:
-        state = checkpoint.load_checkpoint(accelerator, resume)
-        global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        nan_streak, skipped_images = state.get("nan_streak", 0), state.get("skipped_images", 0)
-        logger.info(f"resumed from {resume} at step {global_step}")
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint to resume from: starting fresh")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("lcm_distill_sd", config={k_: str(v) for k_, v in vars(args).items()})
-    validation_prompts = args.validation_prompts
+    # ---- the loop (resume, accumulation, checkpoints, logging: utils/training.py); the algorithm is lcm_loss
+    def loss_fn(batch):
+        return lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds,
+                        alphas_cumprod, grid, k, prediction_type, accelerator, rng.generator)
 
-    # ---- the loop
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
-    while global_step < args.max_train_steps:
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)
-        epoch_loader = checkpoint.skip_batches_for_resume(accelerator, dataloader, batches_done)
-        for batch in epoch_loader:
-            batches_done += 1
-            skipped_images += batch["num_skipped"]
-            if len(batch["captions"]) == 0:
-                continue
-            if validation_prompts is None:
-                validation_prompts = batch["captions"][:4]
-            with accelerator.accumulate(student):
-                loss = lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds,
-                                alphas_cumprod, grid, k, prediction_type, accelerator, rng.generator)
-                finite = training.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler,
-                                                  args.max_grad_norm)
-            if not accelerator.sync_gradients:
-                continue
-            if not finite:  # skip the update, count it, stop if it keeps happening
-                nan_streak += 1
-                logger.warning(f"step {global_step}: non-finite loss or gradients, update skipped ({nan_streak} in a row)")
-                if nan_streak >= args.max_nan_steps:
-                    fail(f"{nan_streak} consecutive non-finite steps (--max_nan_steps); the last good checkpoint "
-                         f"is kept in {args.output_dir}")
-                continue
-            nan_streak = 0
-            ema_update(target, accelerator.unwrap_model(student), args.ema_decay)
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=global_step)
+    def validate_fn(prompts, step):
+        validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config, prompts, step)
 
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                state = {"epoch": epoch, "batches_in_epoch": batches_done, "nan_streak": nan_streak,
-                         "skipped_images": skipped_images}
-                path = checkpoint.save_checkpoint(accelerator, args.output_dir, global_step, state,
-                                                  args.checkpoints_total_limit)
-                logger.info(f"saved {path}")
-            if accelerator.is_main_process and global_step % args.validation_steps == 0:
-                validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config,
-                         validation_prompts, global_step)
-            if global_step >= args.max_train_steps:
-                break
-        else:  # the epoch ran out: a first epoch of nothing but undecodable images is fatal
-            if epoch == 0:
-                data.check_not_all_corrupt(batches_done * args.train_batch_size, skipped_images)
-            epoch, batches_done = epoch + 1, 0
-    progress.close()
+    done = training.run_training(
+        accelerator, args, dataloader, student, params, optimizer, lr_scheduler, loss_fn,
+        after_step=lambda: ema_update(target, accelerator.unwrap_model(student), args.ema_decay),  # step 4
+        validate=validate_fn, name="lcm_distill_sd")
 
     # ---- save: the student UNet and a complete LCM pipeline
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_pipeline(args, accelerator.unwrap_model(student), vae, tokenizer, text_encoder, scheduler_config)
-        if validation_prompts:
-            validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config,
-                     validation_prompts, global_step)
+        if done["validation_prompts"]:
+            validate_fn(done["validation_prompts"], done["global_step"])
     accelerator.end_training()
 
 

@@ -255,3 +255,79 @@ def write_model_card(output_dir: str, title: str, args: argparse.Namespace, body
              json.dumps(vars(args), indent=2, default=str), "```", ""]
     with open(os.path.join(output_dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def run_training(accelerator, args: argparse.Namespace, dataloader, model, params: list[torch.nn.Parameter],
+                 optimizer, lr_scheduler, loss_fn, after_step=None, validate=None, name: str = "distill") -> dict:
+    """The loop every recipe shares: resume, epochs, accumulation, skipped non-finite steps, logs, checkpoints.
+
+    loss_fn(batch) -> loss is the recipe's algorithm; after_step() runs after each optimizer update
+    (e.g. the EMA target); validate(prompts, step) samples a grid on the main process. Returns
+    {"global_step", "validation_prompts"}. Everything needed to resume exactly (model, optimizer,
+    scheduler, registered objects, RNG, data position) is saved every --checkpointing_steps.
+    """
+    from tqdm.auto import tqdm
+
+    from . import checkpoint, data
+
+    global_step, epoch, batches_done, nan_streak, skipped_images = 0, 0, 0, 0, 0
+    resume = checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if resume:
+        state = checkpoint.load_checkpoint(accelerator, resume)
+        global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        nan_streak, skipped_images = state.get("nan_streak", 0), state.get("skipped_images", 0)
+        logger.info(f"resumed from {resume} at step {global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint to resume from: starting fresh")
+    if accelerator.is_main_process:
+        accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
+    prompts = args.validation_prompts
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    while global_step < args.max_train_steps:
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        for batch in checkpoint.skip_batches_for_resume(accelerator, dataloader, batches_done):
+            batches_done += 1
+            skipped_images += batch["num_skipped"]
+            if len(batch["captions"]) == 0:
+                continue
+            if prompts is None:
+                prompts = batch["captions"][:4]
+            with accelerator.accumulate(model):
+                loss = loss_fn(batch)
+                finite = apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            if not finite:  # skip the update, count it, stop if it keeps happening
+                nan_streak += 1
+                logger.warning(f"step {global_step}: non-finite loss or gradients, update skipped ({nan_streak} in a row)")
+                if nan_streak >= args.max_nan_steps:
+                    fail(f"{nan_streak} consecutive non-finite steps (--max_nan_steps); the last good checkpoint "
+                         f"is kept in {args.output_dir}")
+                continue
+            nan_streak = 0
+            if after_step is not None:
+                after_step()
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                state = {"epoch": epoch, "batches_in_epoch": batches_done, "nan_streak": nan_streak,
+                         "skipped_images": skipped_images}
+                path = checkpoint.save_checkpoint(accelerator, args.output_dir, global_step, state,
+                                                  args.checkpoints_total_limit)
+                logger.info(f"saved {path}")
+            if validate is not None and accelerator.is_main_process and global_step % args.validation_steps == 0:
+                validate(prompts, global_step)
+            if global_step >= args.max_train_steps:
+                break
+        else:  # the epoch ran out: a first epoch of nothing but undecodable images is fatal
+            if epoch == 0:
+                data.check_not_all_corrupt(batches_done * args.train_batch_size, skipped_images)
+            epoch, batches_done = epoch + 1, 0
+    progress.close()
+    return {"global_step": global_step, "validation_prompts": prompts}
