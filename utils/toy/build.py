@@ -22,16 +22,12 @@ from typing import Callable
 import torch
 
 from . import data
-from .train import WEIGHTS
+from .train import WEIGHTS, weights_dir
 
 DEFAULT_OUT = "toy_world"
 
 
-def _w(name: str) -> str:
-    path = os.path.join(WEIGHTS, name)
-    if not os.path.isdir(path):
-        raise SystemExit(f"error: toy weights {path} are missing (python -m utils.toy.train --help)")
-    return path
+_w = weights_dir  # short name: every component below is read from the committed weights
 
 
 def _atomic(out: str, write: Callable[[str], None], force: bool = False) -> bool:

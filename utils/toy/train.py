@@ -140,11 +140,16 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def load_weights(cls, name: str):
+def weights_dir(name: str) -> str:
+    """The committed folder of one trained component; a clear exit if it was never trained."""
     path = os.path.join(WEIGHTS, name)
     if not os.path.isdir(path):
-        raise SystemExit(f"error: {path} is missing: train it first (python -m utils.toy.train {name.split('/')[0]})")
-    return cls.from_pretrained(path, torch_dtype=torch.float32)
+        raise SystemExit(f"error: toy weights {path} are missing: train them (python -m utils.toy.train --help)")
+    return path
+
+
+def load_weights(cls, name: str):
+    return cls.from_pretrained(weights_dir(name), torch_dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------ teachers
