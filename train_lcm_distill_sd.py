@@ -33,7 +33,7 @@ from utils import data, models, training
 from utils.consistency import consistency_fn, guidance_scale_embedding, scalings_for_boundary_conditions
 from utils.ema import ema_update
 from utils.errors import fail, user_errors
-from utils.losses import LOSS_TYPES, consistency_loss
+from utils.losses import consistency_loss
 from utils.solvers import (PREDICTION_TYPES, alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
                            x0_eps_from_model_output)
 
@@ -43,39 +43,14 @@ logger = logging.getLogger("train_lcm_distill_sd")
 def parse_args(argv: list[str] | None = None):
     parser = training.Parser(description=__doc__.split("\n\n")[0],
                              epilog="Every flag's default is shown in --help; see README.md for a full walk-through.")
-    m = parser.add_argument_group("models")
-    m.add_argument("--pretrained_teacher_model", required=True,
-                   help="SD 1.x/2.x pipeline: hub id or local diffusers folder (for --lcf: an LCM pipeline)")
-    m.add_argument("--pretrained_vae_model_name_or_path", default=None,
-                   help="a separate VAE (hub id or folder) to use instead of the teacher's own")
-    m.add_argument("--revision", default=None, help="revision of the teacher on the hub")
-    m.add_argument("--variant", default=None, help='weights variant of the teacher, e.g. "fp16"')
+    m = training.add_teacher_args(parser, "SD 1.x/2.x pipeline: hub id or local diffusers folder "
+                                          "(for --lcf: an LCM pipeline)")
     m.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
                    help="width of the guidance-scale embedding fed to the student (default: %(default)s)")
     m.add_argument("--cast_teacher_unet", action="store_true",
                    help="keep the frozen teacher UNet in the mixed-precision dtype (saves memory)")
-    m.add_argument("--vae_encode_batch_size", type=int, default=32, help="images per VAE encode call")
-    d = parser.add_argument_group("data")
-    d.add_argument("--dataset_name", default=None, help="a `datasets` hub id or local dataset folder")
-    d.add_argument("--train_data_dir", default=None, help="an imagefolder (images + metadata.jsonl with captions)")
-    d.add_argument("--train_shards_path_or_url", default=None, help="webdataset .tar shards: path, glob or {a..b}")
-    d.add_argument("--image_column", default="image", help="image column of the dataset (default: %(default)s)")
-    d.add_argument("--caption_column", default="text", help="caption column of the dataset (default: %(default)s)")
-    d.add_argument("--max_train_samples", type=int, default=None, help="use only the first N samples")
-    d.add_argument("--cache_dir", default=None, help="`datasets` cache folder")
-    d.add_argument("--resolution", type=int, default=512, help="training image side in pixels (default: %(default)s)")
-    d.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
-    d.add_argument("--random_flip", action="store_true", help="random horizontal flips")
-    d.add_argument("--proportion_empty_prompts", type=float, default=0.0,
-                   help="fraction of captions replaced by the empty prompt")
-    a = parser.add_argument_group("latent consistency distillation")
-    a.add_argument("--num_ddim_timesteps", type=int, default=50, help="N, points of the skip grid (default: %(default)s)")
-    a.add_argument("--w_min", type=float, default=5.0, help="smallest guidance scale w (LCM convention, CFG = w + 1)")
-    a.add_argument("--w_max", type=float, default=15.0, help="largest guidance scale w")
-    a.add_argument("--loss_type", default="l2", choices=LOSS_TYPES, help="distance d (default: %(default)s)")
-    a.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss")
-    a.add_argument("--timestep_scaling_factor", type=float, default=10.0,
-                   help="c in c_skip/c_out: larger makes the boundary condition sharper (default: %(default)s)")
+    training.add_data_args(parser, resolution=512)
+    a = training.add_lcm_args(parser, w_min=5.0, w_max=15.0)
     a.add_argument("--ema_decay", type=float, default=0.95, help="mu of the EMA target (default: %(default)s)")
     a.add_argument("--zero_init_time_cond_proj", action=argparse.BooleanOptionalAction, default=True,
                    help="zero-initialise the new guidance projection so the student starts as the teacher")
@@ -84,16 +59,9 @@ def parse_args(argv: list[str] | None = None):
     training.add_training_args(parser)
     args = parser.parse_args(argv)
 
-    if args.w_min > args.w_max:
-        fail(f"--w_min {args.w_min} is larger than --w_max {args.w_max}")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        fail(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    training.check_lcm_args(args)
     if not 0.0 <= args.ema_decay <= 1.0:
         fail(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
-    if args.huber_c <= 0:
-        fail(f"--huber_c must be positive, got {args.huber_c}")
-    if args.vae_encode_batch_size < 1:
-        fail(f"--vae_encode_batch_size must be at least 1, got {args.vae_encode_batch_size}")
     training.check_training_args(args)
     return args
 

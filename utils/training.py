@@ -31,6 +31,66 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
+def add_teacher_args(parser: argparse.ArgumentParser, teacher_help: str) -> argparse._ArgumentGroup:
+    """The teacher and its VAE (hub id or folder, same code path); returns the group for recipe extras."""
+    m = parser.add_argument_group("models")
+    m.add_argument("--pretrained_teacher_model", required=True, help=teacher_help)
+    m.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="a separate VAE (hub id or folder, e.g. an fp16-fix VAE) instead of the teacher's own")
+    m.add_argument("--revision", default=None, help="revision of the teacher on the hub")
+    m.add_argument("--variant", default=None, help='weights variant of the teacher, e.g. "fp16"')
+    m.add_argument("--vae_encode_batch_size", type=int, default=32, help="images per VAE encode call")
+    return m
+
+
+def add_data_args(parser: argparse.ArgumentParser, resolution: int) -> None:
+    """Image+caption data: one of three sources, columns, size, crop and flip, caption dropout."""
+    d = parser.add_argument_group("data")
+    d.add_argument("--dataset_name", default=None, help="a `datasets` hub id or local dataset folder")
+    d.add_argument("--train_data_dir", default=None, help="an imagefolder (images + metadata.jsonl with captions)")
+    d.add_argument("--train_shards_path_or_url", default=None, help="webdataset .tar shards: path, glob or {a..b}")
+    d.add_argument("--image_column", default="image", help="image column of the dataset (default: %(default)s)")
+    d.add_argument("--caption_column", default="text", help="caption column of the dataset (default: %(default)s)")
+    d.add_argument("--max_train_samples", type=int, default=None, help="use only the first N samples")
+    d.add_argument("--cache_dir", default=None, help="`datasets` cache folder")
+    d.add_argument("--resolution", type=int, default=resolution,
+                   help="training image side in pixels (default: %(default)s)")
+    d.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
+    d.add_argument("--random_flip", action="store_true", help="random horizontal flips")
+    d.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="fraction of captions replaced by the empty prompt")
+
+
+def add_lcm_args(parser: argparse.ArgumentParser, w_min: float, w_max: float) -> argparse._ArgumentGroup:
+    """Latent consistency distillation: skip grid, guidance range, distance, boundary scaling."""
+    from .losses import LOSS_TYPES
+
+    a = parser.add_argument_group("latent consistency distillation")
+    a.add_argument("--num_ddim_timesteps", type=int, default=50, help="N, points of the skip grid (default: %(default)s)")
+    a.add_argument("--w_min", type=float, default=w_min,
+                   help="smallest guidance scale w (LCM convention, CFG = w + 1; default: %(default)s)")
+    a.add_argument("--w_max", type=float, default=w_max, help="largest guidance scale w (default: %(default)s)")
+    a.add_argument("--loss_type", default="l2", choices=LOSS_TYPES, help="distance d (default: %(default)s)")
+    a.add_argument("--huber_c", type=float, default=0.001, help="c of the pseudo-Huber loss")
+    a.add_argument("--timestep_scaling_factor", type=float, default=10.0,
+                   help="c in c_skip/c_out: larger makes the boundary condition sharper (default: %(default)s)")
+    return a
+
+
+def check_lcm_args(args: argparse.Namespace) -> None:
+    """Reject impossible LCM and data settings before any model is loaded."""
+    if args.w_min > args.w_max:
+        fail(f"--w_min {args.w_min} is larger than --w_max {args.w_max}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        fail(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.huber_c <= 0:
+        fail(f"--huber_c must be positive, got {args.huber_c}")
+    if args.vae_encode_batch_size < 1:
+        fail(f"--vae_encode_batch_size must be at least 1, got {args.vae_encode_batch_size}")
+    if not 1 <= args.num_ddim_timesteps <= 1000:
+        fail(f"--num_ddim_timesteps must be in 1..1000, got {args.num_ddim_timesteps}")
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the optimisation loop, precision, checkpointing and logging (diffusers-example names)."""
     g = parser.add_argument_group("training")

@@ -1,0 +1,133 @@
+"""train_lcm_distill_lora_sdxl.py on the toy SDXL and SD teachers: outputs load everywhere, teacher = base UNet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train_lcm_distill_lora_sdxl.py")
+
+
+def run(world: str, teacher: str, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", os.path.join(world, "models", teacher),
+           "--train_data_dir", os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32",
+           "--train_batch_size", "4", "--max_train_samples", "32", "--lora_rank", "4", "--w_min", "2",
+           "--w_max", "6", "--validation_steps", "1000", "--report_to", "none", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(toy_world, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora") / "sdxl")
+    run(toy_world, "sdxl", out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+        "--checkpoints_total_limit", "2", "--learning_rate", "1e-2")
+    return out
+
+
+def unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    emb = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+    kw = {}
+    if unet.config.addition_embed_type == "text_time":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g),
+                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+    with torch.no_grad():
+        return unet(x, torch.tensor([999, 259]), emb, **kw).sample
+
+
+def test_outputs_load_through_diffusers_peft_and_kohya_with_equal_results(toy_world, sdxl_run):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import PeftModel
+
+    from utils import lora
+
+    assert sorted(d for d in os.listdir(sdxl_run) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
+    base_path = os.path.join(toy_world, "models/sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
+    base = unet_output(pipe.unet)
+    pipe.load_lora_weights(sdxl_run)
+    via_diffusers = unet_output(pipe.unet)
+    assert not torch.allclose(via_diffusers, base, atol=1e-4)  # the trained LoRA changes the UNet
+
+    peft_unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(base_path, subfolder="unet"),
+                                          os.path.join(sdxl_run, "unet"))
+    assert torch.allclose(unet_output(peft_unet), via_diffusers, atol=1e-5)
+
+    kohya_unet = UNet2DConditionModel.from_pretrained(base_path, subfolder="unet")
+    lora.load_lora_file(os.path.join(sdxl_run, "lora_kohya.safetensors"), kohya_unet)
+    assert torch.allclose(unet_output(kohya_unet), via_diffusers, atol=1e-5)
+    assert "Training arguments" in open(os.path.join(sdxl_run, "README.md")).read()
+
+
+def test_teacher_pass_is_the_base_unet(toy_world):
+    """Inside the recipe's adapters_disabled block the LoRA UNet computes exactly the base UNet."""
+    sys.path.insert(0, ROOT)
+    import train_lcm_distill_lora_sdxl as recipe
+    from diffusers import UNet2DConditionModel
+
+    from utils import lora
+
+    path = os.path.join(toy_world, "models/sdxl")
+    base = unet_output(UNet2DConditionModel.from_pretrained(path, subfolder="unet"))
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    lora.add_lora(unet, rank=4, targets=lora.LCM_LORA_TARGETS)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert not torch.allclose(unet_output(unet), base, atol=1e-4)
+    with recipe.adapters_disabled(unet):
+        assert torch.equal(unet_output(unet), base)
+    assert not torch.allclose(unet_output(unet), base, atol=1e-4)  # switched back on afterwards
+
+
+def test_time_ids_carry_height_then_width(toy_world, tmp_path):
+    sys.path.insert(0, ROOT)
+    import train_lcm_distill_lora_sdxl as recipe
+
+    from utils import models
+
+    args = recipe.parse_args(["--pretrained_teacher_model", "x", "--output_dir", str(tmp_path),
+                              "--resolution", "32"])
+    tokenizers, encoders = models.load_text_encoders(os.path.join(toy_world, "models/sdxl"), "sdxl")
+    batch = {"captions": ["a red circle"], "original_sizes": [(48, 32)], "crop_top_lefts": [(8, 0)]}
+    _, added = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
+    assert added["time_ids"].tolist() == [[48.0, 32.0, 8.0, 0.0, 32.0, 32.0]]
+
+
+def test_same_script_trains_an_sd1_teacher(toy_world, tmp_path):
+    out = str(tmp_path / "sd")
+    run(toy_world, "sd", out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(toy_world, "models/sd"))
+    pipe.load_lora_weights(out)
+    assert os.path.exists(os.path.join(out, "unet/adapter_config.json"))
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--pretrained_vae_model_name_or_path", "/nonexistent/vae"], "--pretrained_vae_model_name_or_path"),
+    (["--lora_rank", "0"], "--lora_rank"),
+    (["--w_min", "9", "--w_max", "3"], "--w_min"),
+])
+def test_bad_input_is_one_line_error(toy_world, tmp_path, extra, needle):
+    proc = run(toy_world, "sdxl", str(tmp_path / "bad"), "--max_train_steps", "1", *extra, check=False)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], \
+        proc.stderr[-2000:]
+
+
+def test_flux_folder_is_refused(toy_world, tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
+                           "--train_data_dir", os.path.join(toy_world, "data/train"), "--output_dir",
+                           str(tmp_path / "o"), "--max_train_steps", "1", "--report_to", "none"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--pretrained_teacher_model" in proc.stderr and "Traceback" not in proc.stderr

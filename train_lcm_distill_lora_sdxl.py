@@ -1,0 +1,267 @@
+"""LCM-LoRA: latent consistency distillation into a LoRA of an SDXL (SSD-1B, SD 1.x) teacher.
+
+    accelerate launch train_lcm_distill_lora_sdxl.py --pretrained_teacher_model <hub id or folder> \
+        --train_data_dir <imagefolder> --output_dir out/ --max_train_steps 1000
+
+The recipe (Luo et al. 2023, "LCM-LoRA"): the same consistency distillation as
+train_lcm_distill_sd.py, with ONE UNet in memory:
+  - student = the UNet with the LoRA enabled (only the LoRA trains; no guidance embedding: the
+    teacher's CFG scale w ~ U[w_min, w_max] is baked in);
+  - teacher = the same UNet with the LoRA disabled, cond + uncond in ONE batched forward, one DDIM
+    step t -> s with CFG on x0 and eps;
+  - target = the online student at (x_s, s) under no_grad; loss d(f(x_t, t), stopgrad f(x_s, s)).
+SDXL conditioning: two text encoders (penultimate states concatenated, pooled embeds of encoder 2)
+and the micro-conditioning time ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w) of
+each image. The architecture (SDXL family or SD 1.x) is read from the teacher's UNet config.
+
+Output: `pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights(out)`), a PEFT
+adapter folder `out/unet` (`PeftModel.from_pretrained(pipe.unet, out/unet)`), the same LoRA with
+kohya/ComfyUI key names (`lora_kohya.safetensors`), and a model card. Sample with LCMScheduler,
+2-8 steps, guidance_scale 0 or 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+import torch
+
+from utils import data, lora, models, training
+from utils.consistency import consistency_fn, scalings_for_boundary_conditions
+from utils.errors import fail, user_errors
+from utils.losses import consistency_loss
+from utils.solvers import (PREDICTION_TYPES, alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
+                           x0_eps_from_model_output)
+
+logger = logging.getLogger("train_lcm_distill_lora_sdxl")
+TARGET_PRESETS = {"lcm": lora.LCM_LORA_TARGETS, "diffusers": lora.DIFFUSERS_LORA_TARGETS}
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = training.Parser(description=__doc__.split("\n\n")[0])
+    m = training.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline: hub id or local diffusers folder")
+    m.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r (default: %(default)s)")
+    m.add_argument("--lora_alpha", type=float, default=lora.DEFAULT_LORA_ALPHA,
+                   help="LoRA alpha; scale = alpha / r. 8 matches PEFT's default, so a LoraConfig(r=...) "
+                        "without alpha loads our files with the trained scale (default: %(default)s)")
+    m.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
+    m.add_argument("--lora_target_modules", default="lcm",
+                   help='"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet convs, '
+                        'up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), or a comma list')
+    m.add_argument("--uncond", default="zeros", choices=["zeros", "empty"],
+                   help="the teacher's unconditional input: all-zero embeddings (SDXL's default) or the empty prompt")
+    training.add_data_args(parser, resolution=1024)
+    training.add_lcm_args(parser, w_min=3.0, w_max=15.0)
+    training.add_training_args(parser)
+    parser.set_defaults(learning_rate=1e-4)
+    args = parser.parse_args(argv)
+    training.check_lcm_args(args)
+    if args.lora_rank < 1:
+        fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    args.lora_targets = TARGET_PRESETS.get(args.lora_target_modules,
+                                           [t.strip() for t in args.lora_target_modules.split(",") if t.strip()])
+    training.check_training_args(args)
+    return args
+
+
+@contextmanager
+def adapters_disabled(unet):
+    """The teacher: the same UNet with its LoRA switched off for the duration of the block."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def conditioning(args, arch, batch, tokenizers, encoders, device):
+    """Prompt embeddings and UNet kwargs (SDXL: pooled embeds + per-image time ids) for a batch."""
+    captions = batch["captions"]
+    if arch == "sd":
+        return models.encode_prompt_sd(captions, tokenizers[0], encoders[0]), {}
+    embeds, pooled = models.encode_prompt_sdxl(captions, tokenizers, encoders)
+    r = args.resolution
+    time_ids = torch.cat([models.sdxl_time_ids(tuple(o), tuple(c), (r, r))
+                          for o, c in zip(batch["original_sizes"], batch["crop_top_lefts"])]).to(device)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def main(args) -> None:
+    accelerator = training.make_accelerator(args)
+    from accelerate.utils import set_seed
+    from diffusers import DDPMScheduler
+
+    set_seed(args.seed)
+    arch = models.require_architecture(args.pretrained_teacher_model, ("sdxl", "sd"), revision=args.revision)
+    scheduler_config = models.load_noise_scheduler_config(args.pretrained_teacher_model, args.revision)
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        fail(f"teacher's scheduler has prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(accelerator.device)
+    dtype = training.weight_dtype(accelerator)
+
+    # ---- models: frozen VAE and text encoders; one UNet = frozen teacher + trainable LoRA student
+    vae = models.load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
+                          args.variant).requires_grad_(False).eval()
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % vae_factor:
+        fail(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae_factor}")
+    vae.to(accelerator.device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
+    tokenizers, encoders = models.load_text_encoders(args.pretrained_teacher_model, arch, args.revision, args.variant)
+    for enc in encoders:
+        enc.to(accelerator.device, dtype)
+    unet = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant).requires_grad_(False)
+    unet.to(accelerator.device, dtype)
+    try:
+        lora.add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    except ValueError as exc:
+        fail(f"--lora_target_modules {args.lora_target_modules}: {str(exc).splitlines()[0]}")
+    for p in unet.parameters():  # the LoRA trains in fp32 even when the frozen base is fp16/bf16
+        if p.requires_grad:
+            p.data = p.data.float()
+    training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    # ---- data
+    transform = data.ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    dataset = data.load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.train_shards_path_or_url,
+                                              args.image_column, args.caption_column, args.max_train_samples,
+                                              args.cache_dir, args.seed, transform)
+    dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    training.resolve_train_steps(args, None if streaming else len(dataloader))
+    if args.scale_lr:
+        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = training.make_optimizer(unet.parameters(), args)
+    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if not streaming:  # webdataset streams split themselves across processes already
+        dataloader = accelerator.prepare(dataloader)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
+    accelerator.register_for_checkpointing(rng)
+    base = accelerator.unwrap_model(unet)
+
+    grid = ddim_timesteps(scheduler_config["num_train_timesteps"], args.num_ddim_timesteps).to(accelerator.device)
+    k = scheduler_config["num_train_timesteps"] // args.num_ddim_timesteps
+    with torch.no_grad():
+        empty = {"captions": [""], "original_sizes": [(args.resolution,) * 2], "crop_top_lefts": [(0, 0)]}
+        uncond_embeds, uncond_kwargs = conditioning(args, arch, empty, tokenizers, encoders, accelerator.device)
+        if args.uncond == "zeros":
+            uncond_embeds = torch.zeros_like(uncond_embeds)
+            uncond_kwargs = {k_: (torch.zeros_like(v) if k_ == "text_embeds" else v) for k_, v in uncond_kwargs.items()}
+
+    def loss_fn(batch):
+        """Steps 1-3 of train_lcm_distill_sd.py's recipe, teacher = this UNet with adapters disabled."""
+        gen = rng.generator
+        device = accelerator.device
+        pixels = batch["pixel_values"].to(device, vae.dtype)
+        with torch.no_grad():
+            latents = torch.cat([vae.encode(c).latent_dist.sample(gen) for c in pixels.split(args.vae_encode_batch_size)])
+            latents = latents.float() * vae.config.scaling_factor
+            embeds, added = conditioning(args, arch, batch, tokenizers, encoders, device)
+        bsz = latents.shape[0]
+        t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]
+        s = previous_timestep(t, k)
+        w = torch.empty(bsz, device=device).uniform_(args.w_min, args.w_max, generator=gen)
+        c_skip_t, c_out_t = scalings_for_boundary_conditions(t, timestep_scaling=args.timestep_scaling_factor)
+        c_skip_s, c_out_s = scalings_for_boundary_conditions(s, timestep_scaling=args.timestep_scaling_factor)
+        alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t)
+        alpha_s, sigma_s = alpha_sigma(alphas_cumprod, s)
+        noise = torch.randn(latents.shape, device=device, generator=gen)
+        x_t = ddim_step(latents, noise, alpha_t, sigma_t)  # = alpha_t z + sigma_t eps
+
+        def unet_x0(x, timesteps, emb, kwargs):
+            with accelerator.autocast():
+                out = unet(x.to(dtype), timesteps, encoder_hidden_states=emb.to(dtype),
+                           added_cond_kwargs={k_: v.to(dtype) for k_, v in kwargs.items()} or None).sample
+            a, sg = alpha_sigma(alphas_cumprod, timesteps)
+            return x0_eps_from_model_output(out.float(), x, a, sg, prediction_type)
+
+        f_student = consistency_fn(x_t, unet_x0(x_t, t, embeds, added)[0], c_skip_t, c_out_t)
+        with torch.no_grad():
+            with adapters_disabled(base):
+                both_kwargs = {k_: torch.cat([v, uncond_kwargs[k_].expand_as(v)]) for k_, v in added.items()}
+                x0_both, eps_both = unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                            torch.cat([embeds, uncond_embeds.expand_as(embeds)]), both_kwargs)
+            x0 = cfg(x0_both[:bsz], x0_both[bsz:], w)
+            eps = cfg(eps_both[:bsz], eps_both[bsz:], w)
+            x_s = ddim_step(x0, eps, alpha_s, sigma_s)
+            f_target = consistency_fn(x_s, unet_x0(x_s, s, embeds, added)[0], c_skip_s, c_out_s)
+        return consistency_loss(f_student.float(), f_target.float(), args.loss_type, args.huber_c)
+
+    def validate_fn(prompts, step):
+        validate(accelerator, args, arch, base, vae, tokenizers, encoders, scheduler_config, prompts, step)
+
+    done = training.run_training(accelerator, args, dataloader, unet, params, optimizer, lr_scheduler, loss_fn,
+                                 validate=validate_fn, name="lcm_distill_lora")
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_lora(args, base)
+        if done["validation_prompts"]:
+            validate_fn(done["validation_prompts"], done["global_step"])
+    accelerator.end_training()
+
+
+def lcm_pipeline(arch, unet, vae, tokenizers, encoders, scheduler_config, args):
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    scheduler = LCMScheduler.from_config(config, original_inference_steps=args.num_ddim_timesteps,
+                                         timestep_scaling=args.timestep_scaling_factor)
+    if arch == "sd":
+        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+
+
+@torch.no_grad()
+@torch.random.fork_rng()  # sampling must not move the training RNG
+def validate(accelerator, args, arch, unet, vae, tokenizers, encoders, scheduler_config, prompts, step):
+    """LCMScheduler samples of the LoRA student at 1/2/4/8 steps, no CFG; a grid to the trackers and PNG."""
+    pipe = lcm_pipeline(arch, unet, vae, tokenizers, encoders, scheduler_config, args)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for steps in (1, 2, 4, 8):
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+        with accelerator.autocast():
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, generator=gens,
+                          height=args.resolution, width=args.resolution, output_type="pt").images
+        rows.append(images.float().cpu() * 2 - 1)
+    path = training.log_image_grid(accelerator, rows, ["1 step", "2 steps", "4 steps", "8 steps"], step,
+                                   args.output_dir)
+    logger.info(f"validation grid (rows: 1/2/4/8 LCM steps) -> {path}")
+
+
+def save_lora(args, unet) -> None:
+    """The LoRA in diffusers, PEFT and kohya formats, and a model card."""
+    from safetensors.torch import save_file
+
+    lora.save_diffusers_lora(unet, args.output_dir, "unet")
+    lora.save_peft_adapter(unet, os.path.join(args.output_dir, "unet"))
+    kohya = lora.to_kohya(lora.lora_state_dict(unet), args.lora_alpha)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(args.output_dir, "lora_kohya.safetensors"))
+    training.write_model_card(args.output_dir, "LCM-LoRA (latent consistency distillation)", args, f"""
+Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_lora_sdxl.py` (rank {args.lora_rank},
+alpha {args.lora_alpha}).
+
+```python
+from diffusers import DiffusionPipeline, LCMScheduler
+pipe = DiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights("{args.output_dir}")
+image = pipe("a prompt", num_inference_steps=4, guidance_scale=1.0).images[0]
+```
+PEFT: `PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`; ComfyUI / A1111: `lora_kohya.safetensors`.
+""")
+
+
+if __name__ == "__main__":
+    with user_errors():  # bad input anywhere ends as one line, exit code 2
+        main(parse_args())
