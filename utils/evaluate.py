@@ -250,6 +250,8 @@ def main() -> None:
     parser = Parser(prog="python -m utils.evaluate", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="diffusers pipeline folder (or hub id) to sample")
+    parser.add_argument("--lora", default=None,
+                        help="a LoRA (folder or file with pytorch_lora_weights.safetensors) to load into --pipeline")
     parser.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS],
                         help="sampler to use on the pipeline's noise schedule (default: the pipeline's own)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (default: %(default)s)")
@@ -309,8 +311,13 @@ def main() -> None:
         rows.append(reference)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        if not os.path.exists(args.lora):
+            fail(f"--lora {args.lora} does not exist")
+        pipe.load_lora_weights(args.lora)
     sampler = set_scheduler(pipe, args.scheduler)
-    label = f"{os.path.basename(os.path.normpath(args.pipeline))} ({sampler})"
+    name = os.path.basename(os.path.normpath(args.lora or args.pipeline))
+    label = f"{name} ({sampler})"
     res, images = evaluate(pipe, args.steps, args.guidance_scale, label=label, reference=reference, **ev)
     print(write_report(results + res, args.output_dir))
     save_grid(rows + images, os.path.join(args.output_dir, "grid.png"))
