@@ -28,11 +28,11 @@ from contextlib import contextmanager
 
 import torch
 
-from utils import data, lora, models, training
+from utils import lora, models, training
 from utils.consistency import consistency_fn, scalings_for_boundary_conditions
 from utils.errors import fail, user_errors
 from utils.losses import consistency_loss
-from utils.solvers import (PREDICTION_TYPES, alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
+from utils.solvers import (alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
                            x0_eps_from_model_output)
 
 logger = logging.getLogger("train_lcm_distill_lora_sdxl")
@@ -91,24 +91,14 @@ def conditioning(args, arch, batch, tokenizers, encoders, device):
 def main(args) -> None:
     accelerator = training.make_accelerator(args)
     from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
 
     set_seed(args.seed)
     arch = models.require_architecture(args.pretrained_teacher_model, ("sdxl", "sd"), revision=args.revision)
-    scheduler_config = models.load_noise_scheduler_config(args.pretrained_teacher_model, args.revision)
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        fail(f"teacher's scheduler has prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
-    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(accelerator.device)
     dtype = training.weight_dtype(accelerator)
+    scheduler_config, prediction_type, alphas_cumprod = training.load_teacher_schedule(args, accelerator.device)
 
     # ---- models: frozen VAE and text encoders; one UNet = frozen teacher + trainable LoRA student
-    vae = models.load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
-                          args.variant).requires_grad_(False).eval()
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % vae_factor:
-        fail(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae_factor}")
-    vae.to(accelerator.device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
+    vae = training.load_frozen_vae(args, accelerator.device, dtype)
     tokenizers, encoders = models.load_text_encoders(args.pretrained_teacher_model, arch, args.revision, args.variant)
     for enc in encoders:
         enc.to(accelerator.device, dtype)
@@ -126,20 +116,12 @@ def main(args) -> None:
         unet.enable_gradient_checkpointing()
 
     # ---- data
-    transform = data.ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    dataset = data.load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.train_shards_path_or_url,
-                                              args.image_column, args.caption_column, args.max_train_samples,
-                                              args.cache_dir, args.seed, transform)
-    dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
-    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
-    training.resolve_train_steps(args, None if streaming else len(dataloader))
+    dataloader = training.make_train_data(args, accelerator)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = training.make_optimizer(unet.parameters(), args)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    if not streaming:  # webdataset streams split themselves across processes already
-        dataloader = accelerator.prepare(dataloader)
     params = [p for p in unet.parameters() if p.requires_grad]
     rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
     accelerator.register_for_checkpointing(rng)
@@ -160,8 +142,7 @@ def main(args) -> None:
         device = accelerator.device
         pixels = batch["pixel_values"].to(device, vae.dtype)
         with torch.no_grad():
-            latents = torch.cat([vae.encode(c).latent_dist.sample(gen) for c in pixels.split(args.vae_encode_batch_size)])
-            latents = latents.float() * vae.config.scaling_factor
+            latents = models.encode_latents(vae, pixels, args.vae_encode_batch_size, gen).float()
             embeds, added = conditioning(args, arch, batch, tokenizers, encoders, device)
         bsz = latents.shape[0]
         t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]

@@ -29,12 +29,12 @@ import logging
 
 import torch
 
-from utils import data, models, training
+from utils import models, training
 from utils.consistency import consistency_fn, guidance_scale_embedding, scalings_for_boundary_conditions
 from utils.ema import ema_update
 from utils.errors import fail, user_errors
 from utils.losses import consistency_loss
-from utils.solvers import (PREDICTION_TYPES, alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
+from utils.solvers import (alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
                            x0_eps_from_model_output)
 
 logger = logging.getLogger("train_lcm_distill_sd")
@@ -81,13 +81,6 @@ def make_student(teacher_unet, time_cond_proj_dim: int, zero_init: bool):
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-    """z = scaling_factor * (sample of q(z | x)), in chunks to bound memory."""
-    latents = [vae.encode(chunk).latent_dist.sample(gen) for chunk in pixel_values.split(batch_size)]
-    return torch.cat(latents) * vae.config.scaling_factor
-
-
-@torch.no_grad()
 @torch.random.fork_rng()  # sampling must not move the training RNG: resumed runs stay identical
 def validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config, prompts, step):
     """Sample the student with LCMScheduler at 1/2/4/8 steps; log a grid (rows = step counts)."""
@@ -128,18 +121,8 @@ def main(args) -> None:
     # ---- models: frozen VAE, text encoder and teacher; trainable student; EMA target
     models.require_architecture(args.pretrained_teacher_model, "sd", revision=args.revision)
     dtype = training.weight_dtype(accelerator)
-    scheduler_config = models.load_noise_scheduler_config(args.pretrained_teacher_model, args.revision)
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        fail(f"teacher's scheduler has prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
-    from diffusers import DDPMScheduler
-
-    alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.to(accelerator.device)
-    vae = models.load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
-                          args.variant).requires_grad_(False).eval()
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % vae_factor:
-        fail(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {vae_factor}")
+    scheduler_config, prediction_type, alphas_cumprod = training.load_teacher_schedule(args, accelerator.device)
+    vae = training.load_frozen_vae(args, accelerator.device, dtype)
     (tokenizer,), (text_encoder,) = models.load_text_encoders(args.pretrained_teacher_model, "sd", args.revision,
                                                               args.variant)
     teacher = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant).requires_grad_(False)
@@ -150,8 +133,6 @@ def main(args) -> None:
         teacher = None
     else:
         teacher.eval().to(accelerator.device, dtype if args.cast_teacher_unet else torch.float32)
-    # the VAE stays fp32 when its config asks for it (SD-family VAEs overflow in fp16)
-    vae.to(accelerator.device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
     text_encoder.to(accelerator.device, dtype)
     target.to(accelerator.device)
     for unet in (student, target, teacher):
@@ -161,21 +142,12 @@ def main(args) -> None:
         student.enable_gradient_checkpointing()
 
     # ---- data
-    transform = data.ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    dataset = data.load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.train_shards_path_or_url,
-                                              args.image_column, args.caption_column, args.max_train_samples,
-                                              args.cache_dir, args.seed, transform)
-    dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
-    streaming = isinstance(dataset, torch.utils.data.IterableDataset)  # webdataset shards: no epoch length
-    batches_per_epoch = None if streaming else len(dataloader)
-    training.resolve_train_steps(args, batches_per_epoch)
+    dataloader = training.make_train_data(args, accelerator)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     optimizer = training.make_optimizer(student.parameters(), args)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    if not streaming:  # webdataset streams split themselves across processes already
-        dataloader = accelerator.prepare(dataloader)
     params = [p for p in student.parameters() if p.requires_grad]
     rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
     accelerator.register_for_checkpointing(target, rng)
@@ -212,7 +184,7 @@ def lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder
     """One LCM (or LCF) loss evaluation on a batch: steps 1-3 of the module docstring; all draws from `gen`."""
     device = accelerator.device
     pixel_values = batch["pixel_values"].to(device, vae.dtype)
-    latents = encode_latents(vae, pixel_values, args.vae_encode_batch_size, gen).float()
+    latents = models.encode_latents(vae, pixel_values, args.vae_encode_batch_size, gen).float()
     bsz = latents.shape[0]
     drop = torch.rand(bsz, generator=gen, device=gen.device) < args.proportion_empty_prompts
     captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]

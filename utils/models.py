@@ -309,6 +309,13 @@ def encode_prompts(arch: str, prompts: str | Sequence[str], tokenizers: Sequence
 # ----------------------------------------------------------------------------- FLUX latent packing
 
 
+@torch.no_grad()
+def encode_latents(vae: Any, pixel_values: Tensor, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """z = scaling_factor * (a sample of q(z | x)), encoded in chunks of batch_size to bound memory."""
+    latents = [vae.encode(chunk).latent_dist.sample(generator) for chunk in pixel_values.split(batch_size)]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
 def _check_even(height: int, width: int) -> None:
     """FLUX packs 2x2 latent patches, so both latent sides must be even."""
     if height % 2 or width % 2:

@@ -391,3 +391,46 @@ def run_training(accelerator, args: argparse.Namespace, dataloader, model, param
             epoch, batches_done = epoch + 1, 0
     progress.close()
     return {"global_step": global_step, "validation_prompts": prompts}
+
+
+def load_teacher_schedule(args: argparse.Namespace, device) -> tuple[dict, str, torch.Tensor]:
+    """The teacher's noise-scheduler config, its prediction type (checked) and alphas_cumprod on `device`."""
+    from diffusers import DDPMScheduler
+
+    from . import models
+    from .solvers import PREDICTION_TYPES
+
+    config = models.load_noise_scheduler_config(args.pretrained_teacher_model, args.revision)
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        fail(f"teacher's scheduler has prediction_type {prediction_type!r}; supported: {', '.join(PREDICTION_TYPES)}")
+    return config, prediction_type, DDPMScheduler.from_config(config).alphas_cumprod.to(device)
+
+
+def load_frozen_vae(args: argparse.Namespace, device, dtype: torch.dtype):
+    """The (possibly separate) VAE, frozen, on `device`; --resolution checked against its downsampling."""
+    from . import models
+
+    vae = models.load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
+                          args.variant).requires_grad_(False).eval()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        fail(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    # the VAE stays fp32 when its config asks for it (SD-family VAEs overflow in fp16)
+    return vae.to(device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
+
+
+def make_train_data(args: argparse.Namespace, accelerator):
+    """The image+caption dataloader of the data flags, prepared for the processes; fills max_train_steps."""
+    from . import data
+
+    transform = data.ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    dataset = data.load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.train_shards_path_or_url,
+                                              args.image_column, args.caption_column, args.max_train_samples,
+                                              args.cache_dir, args.seed, transform)
+    dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # webdataset shards: no epoch length, and
+        resolve_train_steps(args, None)  # the stream already splits itself across processes
+        return dataloader
+    resolve_train_steps(args, len(dataloader))
+    return accelerator.prepare(dataloader)
