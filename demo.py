@@ -1,14 +1,16 @@
 """The main job on the toy world, end to end: build it, distill, sample, write grids and tables.
 
-    python demo.py          # about 10 minutes on 2 CPU cores; results in results/demo/
+    python demo.py          # about 25 minutes on 2 CPU cores; results in results/demo/
 
 1. build the toy world (datasets + pipeline folders) from the committed weights;
 2. check the judge on real images and on VAE reconstructions;
 3. sample every toy teacher with its own full-step sampler (50 steps, CFG) and at 4 steps;
-4. distill the toy SD teacher with train_lcm_distill_sd.py (skipped when its output exists);
-5. compare the LCM student at 1/2/4/8 steps with the teacher's DDIM and DPM-Solver++ at the same
-   step counts and with DDIM at 50 steps: prompt accuracy, toy FD, RMSE to the teacher's 50-step
-   sample from the same noise, and time per image.
+4. distill the toy SD teacher with train_lcm_distill_sd.py, the toy SDXL teacher with
+   train_lcm_distill_lora_sdxl.py and the toy FLUX teacher with train_tlcm_flux.py (each skipped
+   when its output exists);
+5. compare each student with its teacher's own sampler at the same step counts and with the
+   teacher's full-step sample (50 steps; FLUX: 28): prompt accuracy, toy FD, RMSE to the
+   teacher's full-step sample from the same noise, and time per image.
 Writes results/demo/metrics.md (all tables), metrics.json, and *_grid.png (rows = sampler/steps).
 """
 
@@ -60,19 +62,70 @@ def load(path: str):
     return pipe
 
 
-def distill_sd(world: str, out: str, steps: int, seed: int) -> None:
-    """Run the LCM recipe on the toy SD teacher (a subprocess, exactly as a user runs it)."""
-    if os.path.exists(os.path.join(out, "model_index.json")):
-        print(f"reusing the distilled student in {out} (delete it to distill again)")
+def distill(script: str, out: str, done_file: str, args: list[str]) -> None:
+    """Run a recipe on a toy teacher (a subprocess, exactly as a user runs it) unless its output exists."""
+    if os.path.exists(os.path.join(out, done_file)):
+        print(f"reusing the distilled result in {out} (delete it to distill again)")
         return
-    cmd = [sys.executable, os.path.join(ROOT, "train_lcm_distill_sd.py"),
-           "--pretrained_teacher_model", os.path.join(world, "models/sd"),
-           "--train_data_dir", os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32",
-           "--train_batch_size", "32", "--learning_rate", "2e-4", "--lr_warmup_steps", "100",
-           "--w_min", "3", "--w_max", "8", "--max_train_steps", str(steps), "--validation_steps", "250",
-           "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--seed", str(seed)]
+    cmd = [sys.executable, os.path.join(ROOT, script), "--output_dir", out, "--resolution", "32",
+           "--checkpoints_total_limit", "1", *args]
     print("distilling:", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def distill_sd(world: str, out: str, steps: int, seed: int) -> None:
+    distill("train_lcm_distill_sd.py", out, "model_index.json", [
+        "--pretrained_teacher_model", os.path.join(world, "models/sd"), "--train_data_dir",
+        os.path.join(world, "data/train"), "--train_batch_size", "32", "--learning_rate", "2e-4",
+        "--lr_warmup_steps", "100", "--w_min", "3", "--w_max", "8", "--max_train_steps", str(steps),
+        "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed)])
+
+
+def distill_lora_sdxl(world: str, out: str, steps: int, seed: int) -> None:
+    distill("train_lcm_distill_lora_sdxl.py", out, "pytorch_lora_weights.safetensors", [
+        "--pretrained_teacher_model", os.path.join(world, "models/sdxl"), "--train_data_dir",
+        os.path.join(world, "data/train"), "--train_batch_size", "32", "--learning_rate", "5e-4",
+        "--lr_warmup_steps", "100", "--w_min", "2", "--w_max", "6", "--max_train_steps", str(steps),
+        "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed)])
+
+
+def distill_tlcm_flux(world: str, out: str, stage1_steps: int, stage2_steps: int, seed: int) -> None:
+    distill("train_tlcm_flux.py", out, "adapter_model.safetensors", [
+        "--pretrained_teacher_model", os.path.join(world, "models/flux"), "--prompts_file",
+        os.path.join(world, "data/train/metadata.jsonl"), "--lora_rank", "16", "--train_batch_size", "16",
+        "--stage1_steps", str(stage1_steps), "--stage1_learning_rate", "5e-4", "--stage2_steps",
+        str(stage2_steps), "--stage2_learning_rate", "1e-5", "--validation_steps", "250",
+        "--checkpointing_steps", "500", "--seed", str(seed)])
+
+
+def with_lora(world: str, teacher: str, lora_dir: str):
+    """The toy teacher's pipeline with a distilled LoRA loaded the diffusers way."""
+    pipe = load(os.path.join(world, "models", teacher))
+    pipe.load_lora_weights(lora_dir)
+    return pipe
+
+
+def compare(world: str, teacher: str, samplers: list[str], g: float, reference_steps: int, steps: list[int],
+            students: list, ev: dict, out_dir: str, name: str) -> list:
+    """Teacher at reference_steps, teacher samplers and students at `steps`; a grid; returns the results."""
+    pipe = load(os.path.join(world, "models", teacher))
+    set_scheduler(pipe, samplers[0])
+    label = f"teacher {teacher} {samplers[0]}"
+    results, (reference,) = evaluate(pipe, steps_list=[reference_steps], guidance_scale=g, label=label, **ev)
+    results, rows = list(results), [reference]
+    for sampler in samplers:
+        set_scheduler(pipe, sampler)
+        res, images = evaluate(pipe, steps_list=steps, guidance_scale=g, label=f"teacher {teacher} {sampler}",
+                               reference=reference, **ev)
+        results, rows = results + res, rows + images
+    for label, student, sampler, guidance in students:
+        set_scheduler(student, sampler)
+        res, images = evaluate(student, steps_list=steps, guidance_scale=guidance, label=label,
+                               reference=reference, **ev)
+        results, rows = results + res, rows + images
+    save_grid(rows, os.path.join(out_dir, f"{name}_grid.png"))
+    print(markdown_table(results), flush=True)
+    return results
 
 
 def main() -> None:
@@ -80,6 +133,9 @@ def main() -> None:
     parser.add_argument("--toy_world", default=DEFAULT_OUT, help="where the toy world is (re)built")
     parser.add_argument("--output_dir", default="results/demo", help="where grids, metrics and the student go")
     parser.add_argument("--distill_steps", type=int, default=1000, help="LCM distillation steps (default: %(default)s)")
+    parser.add_argument("--lora_steps", type=int, default=1000, help="LCM-LoRA (SDXL) steps (default: %(default)s)")
+    parser.add_argument("--tlcm_stage1_steps", type=int, default=1000, help="TLCM stage 1 steps (default: %(default)s)")
+    parser.add_argument("--tlcm_stage2_steps", type=int, default=200, help="TLCM stage 2 steps (default: %(default)s)")
     parser.add_argument("--per_combo", type=int, default=2, help="evaluation prompts per shape x colour")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -106,38 +162,42 @@ def main() -> None:
 
     save_grid(teacher_rows, os.path.join(args.output_dir, "teachers_grid.png"))
 
-    # LCM distillation of the SD teacher, then student vs teacher samplers at the same step counts
-    student_dir = os.path.join(args.output_dir, "lcm-sd")
-    distill_sd(world, student_dir, args.distill_steps, args.seed)
-    teacher = load(os.path.join(world, "models/sd"))
+    # each recipe on its toy teacher, then student vs the teacher's own samplers at the same step counts
+    sd_dir, lora_dir, tlcm_dir = (os.path.join(args.output_dir, n) for n in ("lcm-sd", "lcm-lora-sdxl", "tlcm-flux"))
+    distill_sd(world, sd_dir, args.distill_steps, args.seed)
     g = TEACHERS["sd"]
-    set_scheduler(teacher, "ddim")
-    ref_res, (reference,) = evaluate(teacher, steps_list=[50], guidance_scale=g, label="teacher DDIM", **ev)
-    compare, rows = list(ref_res), [reference]
-    for sampler in ("ddim", "dpm++"):
-        set_scheduler(teacher, sampler)
-        res, images = evaluate(teacher, steps_list=[1, 2, 4, 8], guidance_scale=g,
-                               label=f"teacher {'DDIM' if sampler == 'ddim' else 'DPM-Solver++'}",
-                               reference=reference, **ev)
-        compare += res
-        rows += images
-    student = load(student_dir)
-    # the student embeds w = guidance_scale - 1: the same CFG strength as the teacher's scale g
-    res, images = evaluate(student, steps_list=[1, 2, 4, 8], guidance_scale=g, label="LCM student (LCMScheduler)",
-                           reference=reference, **ev)
-    compare += res
-    rows += images
-    save_grid(rows, os.path.join(args.output_dir, "lcm_sd_grid.png"))
+    # the full LCM student embeds w = guidance_scale - 1: the same CFG strength as the teacher's scale g
+    lcm_sd = compare(world, "sd", ["ddim", "dpm++"], g, 50, [1, 2, 4, 8],
+                     [("LCM student (LCMScheduler)", load(sd_dir), None, g)], ev, args.output_dir, "lcm_sd")
+
+    distill_lora_sdxl(world, lora_dir, args.lora_steps, args.seed)
+    lcm_lora = compare(world, "sdxl", ["euler"], TEACHERS["sdxl"], 50, [1, 2, 4, 8],
+                       [("LCM-LoRA (LCMScheduler, no CFG)", with_lora(world, "sdxl", lora_dir), "lcm", 1.0)],
+                       ev, args.output_dir, "lcm_lora_sdxl")
+
+    distill_tlcm_flux(world, tlcm_dir, args.tlcm_stage1_steps, args.tlcm_stage2_steps, args.seed)
+    students = []  # stage 1 alone and stage 1 + 2, each with the released (fresh) and the implied re-noising
+    for stages, folder in (("stage 1", os.path.join(tlcm_dir, "stage1", "lora")), ("stages 1+2", tlcm_dir)):
+        pipe = with_lora(world, "flux", folder)
+        students += [(f"TLCM {stages}, {name} re-noising", pipe, sampler, 1.0)
+                     for name, sampler in (("fresh", "tlcm"), ("implied", "tlcm-implied"))]
+    tlcm_res = compare(world, "flux", ["flow-euler"], TEACHERS["flux"], 28, [2, 3, 4, 8], students, ev,
+                       args.output_dir, "tlcm_flux")
 
     report = ["# Toy world results", "", "## Judge", "", *judge_lines, "",
               "## Teachers (their own samplers)", "", markdown_table(teacher_results), "",
               f"## LCM distillation of the SD teacher ({args.distill_steps} steps), CFG {g}", "",
-              markdown_table(compare), ""]
+              markdown_table(lcm_sd), "",
+              f"## LCM-LoRA of the SDXL teacher ({args.lora_steps} steps); teacher CFG {TEACHERS['sdxl']}", "",
+              markdown_table(lcm_lora), "",
+              f"## TLCM of the FLUX teacher (stage 1: {args.tlcm_stage1_steps} steps, stage 2: "
+              f"{args.tlcm_stage2_steps}); teacher CFG {TEACHERS['flux']}", "", markdown_table(tlcm_res), ""]
     with open(os.path.join(args.output_dir, "metrics.md"), "w") as f:
         f.write("\n".join(report))
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump({"judge": judge_lines, "teachers": [asdict(r) for r in teacher_results],
-                   "lcm_sd": [asdict(r) for r in compare]}, f, indent=2)
+                   "lcm_sd": [asdict(r) for r in lcm_sd], "lcm_lora_sdxl": [asdict(r) for r in lcm_lora],
+                   "tlcm_flux": [asdict(r) for r in tlcm_res]}, f, indent=2)
     print("\n".join(report))
     print(f"grids and metrics written to {args.output_dir}/")
 

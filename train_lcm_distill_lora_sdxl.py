@@ -9,7 +9,8 @@ train_lcm_distill_sd.py, with ONE UNet in memory:
     teacher's CFG scale w ~ U[w_min, w_max] is baked in);
   - teacher = the same UNet with the LoRA disabled, cond + uncond in ONE batched forward, one DDIM
     step t -> s with CFG on x0 and eps;
-  - target = the online student at (x_s, s) under no_grad; loss d(f(x_t, t), stopgrad f(x_s, s)).
+  - target = the online student (with --ema_decay: its EMA) at (x_s, s) under no_grad;
+    loss d(f(x_t, t), stopgrad f(x_s, s)).
 SDXL conditioning: two text encoders (penultimate states concatenated, pooled embeds of encoder 2)
 and the micro-conditioning time ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w) of
 each image. The architecture (SDXL family or SD 1.x) is read from the teacher's UNet config.
@@ -23,17 +24,23 @@ kohya/ComfyUI key names (`lora_kohya.safetensors`), and a model card. Sample wit
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 
 from utils import lora, models, training
 from utils.consistency import consistency_fn, scalings_for_boundary_conditions
+from utils.ema import EMAParams
 from utils.errors import fail, user_errors
 from utils.losses import consistency_loss
-from utils.solvers import (alpha_sigma, cfg, ddim_step, ddim_timesteps, previous_timestep,
-                           x0_eps_from_model_output)
+from utils.solvers import (
+    alpha_sigma,
+    cfg,
+    ddim_step,
+    ddim_timesteps,
+    previous_timestep,
+    x0_eps_from_model_output,
+)
 
 logger = logging.getLogger("train_lcm_distill_lora_sdxl")
 TARGET_PRESETS = {"lcm": lora.LCM_LORA_TARGETS, "diffusers": lora.DIFFUSERS_LORA_TARGETS}
@@ -50,6 +57,9 @@ def parse_args(argv: list[str] | None = None):
     m.add_argument("--lora_target_modules", default="lcm",
                    help='"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet convs, '
                         'up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), or a comma list')
+    m.add_argument("--ema_decay", type=float, default=0.0,
+                   help="target = EMA of the LoRA with this decay (0: the online student under stop-grad, as in "
+                        "LCM-LoRA; default: %(default)s)")
     m.add_argument("--uncond", default="zeros", choices=["zeros", "empty"],
                    help="the teacher's unconditional input: all-zero embeddings (SDXL's default) or the empty prompt")
     training.add_data_args(parser, resolution=1024)
@@ -60,20 +70,12 @@ def parse_args(argv: list[str] | None = None):
     training.check_lcm_args(args)
     if args.lora_rank < 1:
         fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        fail(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lora_targets = TARGET_PRESETS.get(args.lora_target_modules,
                                            [t.strip() for t in args.lora_target_modules.split(",") if t.strip()])
     training.check_training_args(args)
     return args
-
-
-@contextmanager
-def adapters_disabled(unet):
-    """The teacher: the same UNet with its LoRA switched off for the duration of the block."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
 
 
 def conditioning(args, arch, batch, tokenizers, encoders, device):
@@ -126,6 +128,9 @@ def main(args) -> None:
     rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
     accelerator.register_for_checkpointing(rng)
     base = accelerator.unwrap_model(unet)
+    ema = EMAParams(params, args.ema_decay) if args.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
 
     grid = ddim_timesteps(scheduler_config["num_train_timesteps"], args.num_ddim_timesteps).to(accelerator.device)
     k = scheduler_config["num_train_timesteps"] // args.num_ddim_timesteps
@@ -162,23 +167,25 @@ def main(args) -> None:
             a, sg = alpha_sigma(alphas_cumprod, timesteps)
             return x0_eps_from_model_output(out.float(), x, a, sg, prediction_type)
 
-        f_student = consistency_fn(x_t, unet_x0(x_t, t, embeds, added)[0], c_skip_t, c_out_t)
-        with torch.no_grad():
-            with adapters_disabled(base):
+        with torch.no_grad():  # teacher and target first: swapping in EMA weights must precede the graph
+            with lora.adapters_disabled(base):
                 both_kwargs = {k_: torch.cat([v, uncond_kwargs[k_].expand_as(v)]) for k_, v in added.items()}
                 x0_both, eps_both = unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                             torch.cat([embeds, uncond_embeds.expand_as(embeds)]), both_kwargs)
             x0 = cfg(x0_both[:bsz], x0_both[bsz:], w)
             eps = cfg(eps_both[:bsz], eps_both[bsz:], w)
             x_s = ddim_step(x0, eps, alpha_s, sigma_s)
-            f_target = consistency_fn(x_s, unet_x0(x_s, s, embeds, added)[0], c_skip_s, c_out_s)
+            with ema.swapped() if ema is not None else nullcontext():
+                f_target = consistency_fn(x_s, unet_x0(x_s, s, embeds, added)[0], c_skip_s, c_out_s)
+        f_student = consistency_fn(x_t, unet_x0(x_t, t, embeds, added)[0], c_skip_t, c_out_t)
         return consistency_loss(f_student.float(), f_target.float(), args.loss_type, args.huber_c)
 
     def validate_fn(prompts, step):
         validate(accelerator, args, arch, base, vae, tokenizers, encoders, scheduler_config, prompts, step)
 
     done = training.run_training(accelerator, args, dataloader, unet, params, optimizer, lr_scheduler, loss_fn,
-                                 validate=validate_fn, name="lcm_distill_lora")
+                                 after_step=ema.update if ema is not None else None, validate=validate_fn,
+                                 name="lcm_distill_lora")
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -189,7 +196,11 @@ def main(args) -> None:
 
 
 def lcm_pipeline(arch, unet, vae, tokenizers, encoders, scheduler_config, args):
-    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        LCMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     scheduler = LCMScheduler.from_config(config, original_inference_steps=args.num_ddim_timesteps,
@@ -222,12 +233,7 @@ def validate(accelerator, args, arch, unet, vae, tokenizers, encoders, scheduler
 
 def save_lora(args, unet) -> None:
     """The LoRA in diffusers, PEFT and kohya formats, and a model card."""
-    from safetensors.torch import save_file
-
-    lora.save_diffusers_lora(unet, args.output_dir, "unet")
-    lora.save_peft_adapter(unet, os.path.join(args.output_dir, "unet"))
-    kohya = lora.to_kohya(lora.lora_state_dict(unet), args.lora_alpha)
-    save_file({k: v.contiguous() for k, v in kohya.items()}, os.path.join(args.output_dir, "lora_kohya.safetensors"))
+    lora.save_lora_outputs(unet, args.output_dir, "unet")
     training.write_model_card(args.output_dir, "LCM-LoRA (latent consistency distillation)", args, f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_lora_sdxl.py` (rank {args.lora_rank},
 alpha {args.lora_alpha}).

@@ -19,3 +19,8 @@ def toy_world() -> str:
 
     path = os.environ.get("TOY_WORLD", os.path.join(ROOT, "toy_world"))
     return build(path)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: multi-process runs of the recipes (minutes on 2 CPU cores); "
+                                       "deselect with -m 'not slow'")

@@ -13,12 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_lcm_distill_lora_sdxl.py")
 
 
-def run(world: str, teacher: str, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", os.path.join(world, "models", teacher),
+def command(world: str, teacher: str, out: str, *extra: str) -> list[str]:
+    return [sys.executable, SCRIPT, "--pretrained_teacher_model", os.path.join(world, "models", teacher),
            "--train_data_dir", os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32",
            "--train_batch_size", "4", "--max_train_samples", "32", "--lora_rank", "4", "--w_min", "2",
            "--w_max", "6", "--validation_steps", "1000", "--report_to", "none", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def run(world: str, teacher: str, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(world, teacher, out, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
@@ -69,9 +72,7 @@ def test_outputs_load_through_diffusers_peft_and_kohya_with_equal_results(toy_wo
 
 
 def test_teacher_pass_is_the_base_unet(toy_world):
-    """Inside the recipe's adapters_disabled block the LoRA UNet computes exactly the base UNet."""
-    sys.path.insert(0, ROOT)
-    import train_lcm_distill_lora_sdxl as recipe
+    """Inside the recipes' adapters_disabled block the LoRA UNet computes exactly the base UNet."""
     from diffusers import UNet2DConditionModel
 
     from utils import lora
@@ -84,7 +85,7 @@ def test_teacher_pass_is_the_base_unet(toy_world):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     assert not torch.allclose(unet_output(unet), base, atol=1e-4)
-    with recipe.adapters_disabled(unet):
+    with lora.adapters_disabled(unet):
         assert torch.equal(unet_output(unet), base)
     assert not torch.allclose(unet_output(unet), base, atol=1e-4)  # switched back on afterwards
 
@@ -131,3 +132,31 @@ def test_flux_folder_is_refused(toy_world, tmp_path):
                            str(tmp_path / "o"), "--max_train_steps", "1", "--report_to", "none"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--pretrained_teacher_model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path):
+    """SIGKILL while writing checkpoint-4 (EMA target on); resume from checkpoint-2; equal to an uninterrupted run."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--ema_decay", "0.9", "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
+    straight = str(tmp_path / "straight")
+    run(toy_world, "sd", straight, *args)
+    crashed = str(tmp_path / "crashed")
+    proc = subprocess.Popen(command(toy_world, "sd", crashed, *args), cwd=ROOT,
+                            env={**os.environ, "DISTILL_FAULT_DURING_SAVE": "4"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(crashed, "checkpoint-4.partial")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before the injected fault"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sorted(d for d in os.listdir(crashed) if d.startswith("checkpoint-") and "." not in d) == ["checkpoint-2"]
+    run(toy_world, "sd", crashed, *args, "--resume_from_checkpoint", "latest")
+    a = load_file(os.path.join(straight, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(crashed, "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

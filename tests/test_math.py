@@ -459,3 +459,23 @@ def test_ema_update_rejects_bad_decay(decay):
 def test_ema_update_rejects_mismatched_lists():
     with pytest.raises(ValueError):
         ema_update([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)], 0.5)
+
+
+def test_ema_params_shadow_follows_the_formula_and_swaps_back():
+    from utils.ema import EMAParams
+
+    layer = nn.Linear(2, 1).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0]])), layer.bias.fill_(0.0)
+    ema = EMAParams(layer.parameters(), 0.75)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[5.0, 6.0]])), layer.bias.fill_(4.0)
+    ema.update()
+    close(ema.shadow[0], [[0.75 * 1 + 0.25 * 5, 0.75 * 2 + 0.25 * 6]])  # 2.0, 3.0
+    x = torch.tensor([[1.0, 1.0]], dtype=F64)
+    with ema.swapped():
+        close(layer(x), [[2.0 + 3.0 + 1.0]])  # bias shadow: 0.25 * 4
+    close(layer(x), [[15.0]])  # trained weights restored
+    restored = EMAParams(layer.parameters(), 0.75)
+    restored.load_state_dict(ema.state_dict())
+    close(restored.shadow[0], [[2.0, 3.0]])

@@ -267,3 +267,46 @@ def skip_batches_for_resume(accelerator: Accelerator, dataloader: Any, batches_i
     if batches_in_epoch == 0:
         return dataloader
     return accelerator.skip_first_batches(dataloader, batches_in_epoch)
+
+
+def check_checkpoint(path: str, flag: str = "checkpoint") -> None:
+    """UserError unless path is a complete checkpoint folder (with its state file)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist ({flag})")
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise UserError(f"{path} is not a complete training checkpoint (no {STATE_FILE}; a .partial one?) ({flag})")
+
+
+def read_model_state(path: str, index: int = 0) -> dict:
+    """State dict of the index-th prepared model of a checkpoint (accelerate's model[_i].safetensors / .bin)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    suffix = f"_{index}" if index else ""
+    safe, pickled = os.path.join(path, f"model{suffix}.safetensors"), os.path.join(path, f"pytorch_model{suffix}.bin")
+    try:
+        if os.path.isfile(safe):
+            return load_file(safe)
+        if os.path.isfile(pickled):
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: cannot read the model weights (truncated or corrupt?): {first}") from None
+    raise UserError(f"{path} holds no model{suffix}.safetensors or pytorch_model{suffix}.bin (not an accelerate checkpoint?)")
+
+
+def read_registered_states(path: str) -> list:
+    """The state dicts of the objects registered with register_for_checkpointing, in registration order
+    (None for one that is not plain tensors and containers)."""
+    import torch
+
+    states, i = [], 0
+    while os.path.isfile(os.path.join(path, f"custom_checkpoint_{i}.pkl")):
+        try:
+            states.append(torch.load(os.path.join(path, f"custom_checkpoint_{i}.pkl"), map_location="cpu",
+                                     weights_only=True))
+        except Exception:  # unpickling errors come in many classes; such an object is not a model's weights
+            states.append(None)
+        i += 1
+    return states

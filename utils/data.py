@@ -509,3 +509,28 @@ def _prompts_from_dataset(dataset_name: str, caption_column: str) -> list[str]:
         values = value if isinstance(value, (list, tuple)) else [value]
         prompts.extend(caption_text(v) for v in values)
     return prompts
+
+
+class PromptDataset(Dataset):
+    """Prompts of a data-free recipe, repeated whole until one batch fits (a short prompts file still trains)."""
+
+    def __init__(self, prompts: Sequence[str], min_len: int = 1) -> None:
+        repeats = max(1, -(-min_len // max(1, len(prompts))))
+        self.prompts = list(prompts) * repeats
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> str:
+        return self.prompts[i]
+
+
+def collate_prompts(batch: Sequence[str]) -> dict[str, Any]:
+    """A batch of the data-free recipes: captions only (no image is ever read)."""
+    return {"captions": list(batch), "num_skipped": 0}
+
+
+def make_prompt_dataloader(prompts: Sequence[str], batch_size: int, seed: int = 0) -> DataLoader:
+    """A shuffled, seeded DataLoader of prompt batches (same order on resume, like the image loaders)."""
+    return DataLoader(PromptDataset(prompts, batch_size), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed), collate_fn=collate_prompts, drop_last=True)

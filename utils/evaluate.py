@@ -82,6 +82,9 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "tlcm": ("FlowMatchEulerTLCMScheduler", {}),  # ours: utils/tlcm_scheduler.py (FLUX)
+    "tlcm-implied": ("FlowMatchEulerTLCMScheduler", {"renoise": "implied"}),
+    "tlcm-sdxl": ("TLCMScheduler", {}),  # the released SDXL sampler on the milestone subsets
 }
 
 
@@ -91,8 +94,11 @@ def set_scheduler(pipe, name: str | None) -> str:
         return type(pipe.scheduler).__name__
     import diffusers
 
+    from . import tlcm_scheduler
+
     cls_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    cls = getattr(tlcm_scheduler, cls_name, None) or getattr(diffusers, cls_name)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
     return cls_name
 
 
@@ -147,6 +153,8 @@ def sample(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: in
         chunk = prompts[start:start + batch_size]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         kwargs = dict(guidance_kwargs(pipe, guidance_scale, len(chunk)), **extra)
+        if hasattr(pipe.scheduler, "set_noise_generator"):  # re-noising samplers draw from their own generator
+            pipe.scheduler.set_noise_generator(torch.Generator().manual_seed(seed + start))
         t0 = time.perf_counter()
         out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="np", **kwargs).images
         elapsed += time.perf_counter() - t0
@@ -244,6 +252,18 @@ def write_report(results: list[Result], out_dir: str, name: str = "metrics") -> 
     return table
 
 
+def check_output_dir(path: str) -> None:
+    """One-line error, before any sampling, when --output_dir cannot be created or written (nothing is created)."""
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    existing = existing or "."
+    if not os.path.isdir(existing):
+        fail(f"--output_dir {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        fail(f"--output_dir {path} is not writable")
+
+
 def main() -> None:
     from .training import Parser
 
@@ -279,17 +299,31 @@ def main() -> None:
                                ("--real_images", args.real_images, use_judge or args.clip_model)):
         if needed and not os.path.isdir(path):
             fail(f"{flag} {path} does not exist (for the toy world: python -m utils.toy build)")
+    check_output_dir(args.output_dir)
 
+    import diffusers
+    import transformers
     from diffusers import DiffusionPipeline
 
     from .data import load_prompts
+    from .errors import UserError
     from .models import pipeline_index
 
+    for library in (diffusers, transformers):  # stderr is for errors: no per-file loading bars or notes
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
     with user_errors():
         pipeline_index(args.pipeline, flag="--pipeline")
         if args.teacher:
             pipeline_index(args.teacher, flag="--teacher")
         prompts = load_prompts(prompts_file=args.prompts_file) if args.prompts_file else None
+        if args.lora:  # read and check against the pipeline's denoiser (no weights loaded) before any sampling
+            from . import lora
+
+            try:
+                lora.read_lora(args.lora, lora.denoiser_skeleton(args.pipeline, flag="--pipeline")[0])
+            except UserError as exc:
+                raise UserError(f"{exc} (--lora)") from None
     real = load_real_images(args.real_images) if (use_judge or args.clip_model) else None
     ev = dict(per_combo=args.per_combo, seed=args.seed, prompts=prompts)
     if use_judge:
@@ -312,9 +346,10 @@ def main() -> None:
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
-        if not os.path.exists(args.lora):
-            fail(f"--lora {args.lora} does not exist")
-        pipe.load_lora_weights(args.lora)
+        try:
+            pipe.load_lora_weights(args.lora)
+        except (OSError, ValueError) as exc:
+            fail(f"--lora {args.lora} could not be loaded: {str(exc).strip().splitlines()[0]}")
     sampler = set_scheduler(pipe, args.scheduler)
     name = os.path.basename(os.path.normpath(args.lora or args.pipeline))
     label = f"{name} ({sampler})"

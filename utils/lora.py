@@ -17,6 +17,13 @@ A LoRA layer computes ``W x + (alpha / r) * B A x``. The three file formats stor
 
 ``DEFAULT_LORA_ALPHA = 8`` (regardless of rank) is the default of ``add_lora``, so a freshly trained adapter
 needs no folding for the PEFT folder and its weights are bit-identical to what the seed-003 snippet loads.
+
+Converting (``read_lora`` -> ``write_lora``, used by ``convert_lora.py``): kohya keeps each module's alpha, so
+any -> kohya is a pure renaming. When a diffusers file or PEFT folder is written from a LoRA whose alphas the
+format cannot hold (a kohya file with alpha != rank, say), the scale is folded into ``lora_B`` as above and the
+original alphas go into the safetensors metadata (``lora_alphas``, JSON); ``read_lora`` undoes the folding
+when it finds them. Folding and unfolding are bit-exact when the factor is a power of two (alpha = rank,
+alpha 8 with a power-of-two rank, kohya's alpha 1), so round trips through any format return identical tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import collections
 import json
 import os
 import re
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 import torch
@@ -50,6 +58,10 @@ FLUX_LORA_TARGETS = [
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
+FORMATS = ("diffusers", "peft", "kohya")
+KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer"}
+ALPHAS_METADATA_KEY = "lora_alphas"
 _PEFT_PREFIX = "base_model.model."
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
 _DIFFUSERS_PREFIXES = ("unet.", "transformer.")
@@ -247,9 +259,36 @@ def _peft_folder_alphas(path: str, modules: list[str]) -> dict[str, float]:
     return {m: float(next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", m)), alpha)) for m in modules}
 
 
-def read_lora_file(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """PEFT state dict and per-module alphas of a LoRA file in any supported format, checked against the model."""
-    raw, _ = _read_safetensors(path)
+def find_lora_file(path: str) -> str:
+    """The weights file of a LoRA given as a file or a folder (diffusers, PEFT, or a LoRA recipe's output folder)."""
+    if not os.path.exists(path):
+        raise UserError(f"LoRA file {path} does not exist")
+    if os.path.isfile(path):
+        return path
+    names = (DIFFUSERS_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME)
+    for sub in ("", "unet", "transformer"):
+        for name in names:
+            if os.path.isfile(os.path.join(path, sub, name)):
+                return os.path.join(path, sub, name)
+    raise UserError(f"LoRA folder {path} holds no {', '.join(names)}")
+
+
+def _restore_alphas(sd: dict[str, torch.Tensor], alphas: dict[str, float],
+                    metadata: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Undo write_lora's folding: the source alphas from the `lora_alphas` metadata, lora_B scaled back."""
+    try:
+        source = {str(m): float(a) for m, a in json.loads(metadata.get(ALPHAS_METADATA_KEY) or "{}").items()}
+    except (ValueError, TypeError, AttributeError):
+        return sd, alphas  # not ours: the file's own scale stands
+    if not source or set(source) != set(alphas) or not all(0 < abs(a) < float("inf") for a in source.values()):
+        return sd, alphas
+    return _fold_scale(sd, {m: alphas[m] / source[m] for m in source}), source
+
+
+def read_lora(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+    """PEFT state dict, per-module alphas and format of a LoRA (file or folder, any format), checked against the model."""
+    path = find_lora_file(path)
+    raw, metadata = _read_safetensors(path)
     fmt = detect_format(raw)
     if fmt == "kohya":
         sd, alphas = from_kohya(raw, model)
@@ -259,13 +298,29 @@ def read_lora_file(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor]
         alphas = ({m: float(r) for m, r in ranks.items()} if fmt == "diffusers"
                   else _peft_folder_alphas(path, list(ranks)))
         alphas.update({_module_of(k): float(v.item()) for k, v in _to_peft_keys(raw).items() if k.endswith(".alpha")})
+        sd, alphas = _restore_alphas(sd, alphas, metadata)
+    odd = next((k for k in sd if not re.search(r"\.lora_[AB]\.weight$", k)), None)
+    if odd is not None:
+        raise UserError(f"LoRA key {odd!r} is not a plain LoRA weight (DoRA, LoRA biases and other variants "
+                        "are not supported)")
     check_fits(sd, model)
+    return sd, alphas, fmt
+
+
+def read_lora_file(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """PEFT state dict and per-module alphas of a LoRA file in any supported format, checked against the model."""
+    sd, alphas, _ = read_lora(path, model)
     return sd, alphas
 
 
 def _ranks(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Each module's rank (lora_A's first dim)."""
     return {_module_of(k): int(v.shape[0]) for k, v in sd.items() if ".lora_A." in k}
+
+
+def lora_ranks(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Each LoRA module of a PEFT state dict and its rank."""
+    return _ranks(sd)
 
 
 def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
@@ -289,6 +344,13 @@ def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
         if ".lora_B." in key and value.shape[0] != out_dim:
             raise UserError(f"LoRA {name!r}: lora_B shape {tuple(value.shape)} does not fit out-dim "
                             f"{out_dim} of the model (weight {tuple(weight.shape)})")
+    down, up = _ranks(sd), {_module_of(k): int(v.shape[1]) for k, v in sd.items() if ".lora_B." in k}
+    for name in sorted(set(down) | set(up)):
+        if name not in down or name not in up:
+            raise UserError(f"LoRA {name!r} has a lora_{'B' if name in up else 'A'} but no "
+                            f"lora_{'A' if name in up else 'B'} (an incomplete file?)")
+        if down[name] != up[name]:
+            raise UserError(f"LoRA {name!r}: lora_A has rank {down[name]} but lora_B rank {up[name]}; they must match")
 
 
 def _config_for(sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float]) -> Any:
@@ -338,3 +400,224 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def has_lora(model: nn.Module) -> bool:
     """Whether any parameter of the model belongs to a LoRA layer."""
     return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def load_into_adapter(model: nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Copy a LoRA file (any format) into the model's existing adapter, rescaling B so outputs match the file."""
+    from peft import set_peft_model_state_dict
+
+    sd, alphas = read_lora_file(path, model)
+    ranks, scalings = _ranks(sd), lora_scalings(model, adapter_name)
+    mine = _ranks(lora_state_dict(model, adapter_name))
+    if set(ranks) != set(mine):
+        raise UserError(f"LoRA {path} targets {len(ranks)} modules, the model's adapter {len(mine)}: "
+                        "use the same --lora_target_modules as the run that wrote it")
+    if ranks != mine:
+        raise UserError(f"LoRA {path} has rank {max(ranks.values())}, the model's adapter "
+                        f"{max(mine.values())}: use the same --lora_rank as the run that wrote it")
+    factors = {m: (alphas[m] / r) / scalings[m] for m, r in ranks.items()}
+    result = set_peft_model_state_dict(base_model(model), _fold_scale(sd, factors), adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise UserError(f"LoRA {path} does not fit the model's adapter ({len(result.unexpected_keys)} unexpected keys)")
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The teacher of a LoRA recipe: the same model with its LoRA switched off for the duration of the block."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+# ----------------------------------------------------------------------------- converting and exporting
+
+
+def lora_alphas(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """Each LoRA module's alpha as the adapter was created with it, keyed by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: float(m.lora_alpha[adapter_name]) for name, m in base_model(model).named_modules()
+            if isinstance(m, LoraLayer) and adapter_name in m.lora_alpha}
+
+
+def save_lora_outputs(model: nn.Module, out_dir: str, component: str = "unet", peft_dir: str | None = None) -> None:
+    """The LoRA recipes' final files: diffusers and kohya files in out_dir, the PEFT folder in peft_dir.
+
+    peft_dir defaults to `out_dir/<component>` (train_lcm_distill_lora_sdxl.py's layout).
+    """
+    if component not in KOHYA_PREFIX:
+        raise UserError(f"unknown LoRA component {component!r}: use 'unet' or 'transformer'")
+    save_diffusers_lora(model, out_dir, component)
+    save_peft_adapter(model, peft_dir or os.path.join(out_dir, component))
+    kohya = to_kohya(lora_state_dict(model), lora_alphas(model), KOHYA_PREFIX[component])
+    save_file({k: v.detach().contiguous() for k, v in kohya.items()}, os.path.join(out_dir, KOHYA_WEIGHTS_NAME))
+
+
+def targeted_modules(model: nn.Module, targets: list[str]) -> set[str]:
+    """Names of the Linear/Conv layers that LoraConfig(target_modules=targets) adapts in a model without adapters."""
+    return {name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            and any(name == t or name.endswith("." + t) for t in targets)}
+
+
+def infer_targets(modules: set[str] | list[str], model: nn.Module) -> list[str]:
+    """A target_modules list for a LoRA on exactly these modules: the recipes' preset that adapts them, else the names."""
+    for preset in (LCM_LORA_TARGETS, DIFFUSERS_LORA_TARGETS, FLUX_LORA_TARGETS):
+        if targeted_modules(model, preset) == set(modules):
+            return list(preset)
+    return sorted(modules)
+
+
+def write_lora(sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float], fmt: str, path: str,
+               component: str = "unet", targets: list[str] | None = None) -> str:
+    """Write a PEFT state dict with per-module alphas as `fmt`; returns the weights file written.
+
+    `path` is the .safetensors file for diffusers and kohya, the adapter folder for PEFT. diffusers (alpha =
+    rank) and PEFT (alpha 8) fold alpha / their own alpha into lora_B and, unless that is 1 everywhere, keep the
+    given alphas in the metadata so read_lora restores them. `targets` is the PEFT config's target_modules
+    (default: the module names).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown LoRA format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if component not in KOHYA_PREFIX:
+        raise UserError(f"unknown LoRA component {component!r}: use 'unet' or 'transformer'")
+    ranks = _ranks(sd)
+    metadata: dict[str, str] | None = None
+    if fmt == "kohya":
+        tensors = to_kohya(sd, alphas, KOHYA_PREFIX[component])
+    else:
+        own = {m: float(r) if fmt == "diffusers" else float(PEFT_DEFAULT_ALPHA) for m, r in ranks.items()}
+        factors = {m: alphas[m] / own[m] for m in ranks}
+        metadata = {"format": "pt"}
+        if any(f != 1.0 for f in factors.values()):
+            metadata[ALPHAS_METADATA_KEY] = json.dumps({m: float(alphas[m]) for m in sorted(ranks)})
+        prefix = f"{component}." if fmt == "diffusers" else _PEFT_PREFIX
+        tensors = {prefix + k: v for k, v in _fold_scale(sd, factors).items()}
+    if fmt == "peft":
+        from peft import LoraConfig
+
+        r = collections.Counter(ranks.values()).most_common(1)[0][0]
+        config = LoraConfig(r=r, lora_alpha=PEFT_DEFAULT_ALPHA, target_modules=list(targets or sorted(ranks)),
+                            rank_pattern={m: v for m, v in ranks.items() if v != r})
+        os.makedirs(path, exist_ok=True)
+        config.save_pretrained(path)
+        path = os.path.join(path, PEFT_WEIGHTS_NAME)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+    return path
+
+
+def output_path(path: str, fmt: str) -> str:
+    """Where `fmt` goes for an output path: a .safetensors file as given, a folder gets the format's usual file name."""
+    if fmt == "peft":
+        if path.endswith(".safetensors"):
+            raise UserError(f"a PEFT adapter is a folder, not a file: {path}")
+        return path
+    if path.endswith(".safetensors"):
+        return path
+    return os.path.join(path, DIFFUSERS_WEIGHTS_NAME if fmt == "diffusers" else KOHYA_WEIGHTS_NAME)
+
+
+def check_output(path: str, overwrite: bool = False) -> None:
+    """UserError when `path` exists (and overwrite is off) or cannot be created."""
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"cannot create {path}: {parent} is a file")
+
+
+@contextmanager
+def staged_output(path: str, overwrite: bool = False):
+    """Yield a temporary sibling of `path` to write (a file or a folder); renamed to `path` only when the block succeeds.
+
+    On any error the temporary and the folders created for it are removed, so nothing partial is left behind.
+    """
+    import shutil
+
+    check_output(path, overwrite)
+    path = os.path.abspath(path)
+    created = parent = os.path.dirname(path)
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    made = not os.path.exists(parent)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.partial-{os.getpid()}")
+    old = os.path.join(parent, f".{os.path.basename(path)}.old-{os.getpid()}")
+
+    def remove(p: str) -> None:
+        if os.path.isdir(p):
+            shutil.rmtree(p, ignore_errors=True)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+    remove(tmp)
+    try:
+        yield tmp
+        if not os.path.exists(tmp):
+            raise RuntimeError(f"nothing was written to {tmp}")
+        if os.path.exists(path):  # --overwrite: move the old one aside, put the new one in, then delete the old
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        remove(tmp)
+        if made:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def checkpoint_lora_state(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The LoRA weights (PEFT keys relative to the model) in the full state dict of an adapted model, e.g. a checkpoint's."""
+    pattern = re.compile(rf"^(.+)\.(lora_[AB])\.{re.escape(adapter_name)}\.weight$")
+    out = {}
+    for key, value in state.items():
+        match = pattern.match(_strip(key, _PEFT_PREFIX))
+        if match:
+            out[f"{match.group(1)}.{match.group(2)}.weight"] = value
+    return out
+
+
+def add_lora_from_state(model: nn.Module, sd: Mapping[str, torch.Tensor], alpha: float, targets: list[str],
+                        dropout: float = 0.0, adapter_name: str = "default") -> Any:
+    """Re-create a trained adapter: add_lora with the recipe's settings, check it adapts exactly sd's modules, load sd."""
+    from peft import set_peft_model_state_dict
+
+    check_fits(sd, model)
+    ranks = _ranks(sd)
+    if not ranks:
+        raise UserError("no LoRA weights (lora_A/lora_B) found")
+    if len(set(ranks.values())) != 1:
+        raise UserError(f"the LoRA has several ranks ({sorted(set(ranks.values()))}); the recipes train one rank")
+    try:
+        config = add_lora(model, next(iter(ranks.values())), alpha, targets, dropout, adapter_name)
+    except ValueError as exc:
+        raise UserError(f"target modules {targets}: {str(exc).splitlines()[0]}") from None
+    adapted = set(_ranks(lora_state_dict(model, adapter_name)))
+    if adapted != set(ranks):
+        raise UserError(f"target modules {targets} adapt {len(adapted)} modules, the LoRA has {len(ranks)}: "
+                        "give the training run's --lora_target_modules")
+    result = set_peft_model_state_dict(base_model(model), dict(sd), adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise UserError(f"the LoRA does not fit the model's adapter ({len(result.unexpected_keys)} unexpected keys)")
+    return config
+
+
+def denoiser_skeleton(path: str, flag: str = "--base_model") -> tuple[nn.Module, str]:
+    """The pipeline's UNet or FLUX transformer built from its config without weights (names and shapes only),
+    and its component name ("unet" or "transformer")."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from utils import models
+
+    component = "transformer" if models.detect_architecture(path, flag=flag) == "flux" else "unet"
+    cls = FluxTransformer2DModel if component == "transformer" else UNet2DConditionModel
+    config = models._load_config(cls, path, component, None, flag)
+    with init_empty_weights():
+        return cls.from_config(config), component

@@ -7,6 +7,7 @@ that is the same for all of them and that a user rarely changes.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
@@ -16,11 +17,14 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import fail
+from .errors import fail, user_errors
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("no", "fp16", "bf16")
+# Testing aid: when set to a path, every process appends one JSON line per batch it trains on
+# ({"epoch", "batch", "captions"}) to `<path>.<process index>`, so a test can see what each process read.
+BATCH_LOG_ENV = "DISTILL_LOG_BATCHES"
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -150,13 +154,29 @@ def check_training_args(args: argparse.Namespace) -> None:
         fail("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         fail("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast on CPU is not supported); use bf16 or no")
+    if args.resume_from_checkpoint not in (None, "latest"):  # a named checkpoint must exist: say so before loading
+        from .checkpoint import resolve_resume
+
+        with user_errors():
+            resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    created = not os.path.exists(args.output_dir)
     try:
         os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, ".write_test")
+        # a name of this process's own: the processes of a multi-process run probe at the same time
+        probe = os.path.join(args.output_dir, f".write_test.{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as exc:
         fail(f"--output_dir {args.output_dir} is not writable ({exc.strerror})")
+    if created:  # a run that fails before writing anything leaves no empty folder behind
+        atexit.register(_remove_if_empty, args.output_dir)
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)  # only ever removes an empty folder
+    except OSError:
+        pass
 
 
 def make_accelerator(args: argparse.Namespace):
@@ -171,9 +191,17 @@ def make_accelerator(args: argparse.Namespace):
     report_to = None if args.report_to == "none" else args.report_to
     # a seedable sampler makes epoch e's order a function of (seed, e): exact resume mid-run needs it
     loader_config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # torchrun (or `accelerate launch --multi_gpu`) on a machine without a GPU: accelerate only picks its
+    # multi-CPU (gloo) mode when told to use the CPU; otherwise each process would run alone, as a
+    # duplicate of the others writing to the same output folder
+    on_cpu = world_size > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=report_to, project_config=config,
-                              dataloader_config=loader_config)
+                              dataloader_config=loader_config, cpu=on_cpu)
+    if accelerator.num_processes != world_size:
+        fail(f"{world_size} processes were launched (WORLD_SIZE) but accelerate set up {accelerator.num_processes}; "
+             "launch with `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`")
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     # accelerate logs every file of every checkpoint at INFO; the libraries warn about casts we do on purpose
@@ -184,6 +212,9 @@ def make_accelerator(args: argparse.Namespace):
     for library in (diffusers, transformers):
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()  # per-file loading bars; the run has its own
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars of a first imagefolder load
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -253,16 +284,44 @@ class TrainingRNG:
     A dedicated generator, not torch's global one: data loaders and libraries draw from the global
     RNG at moments that differ between a resumed and an uninterrupted run (a new loader iterator,
     for one), which would make the resumed run diverge.
+
+    Each process draws from its own stream (seeded with its index). accelerate writes a registered
+    object from the main process only, so with several processes `state_dict` (called on every
+    process by `save_state`) gathers all the streams and `load_state_dict` takes back this one's.
     """
 
     def __init__(self, seed: int, device: torch.device | str = "cpu", process_index: int = 0) -> None:
         self.generator = torch.Generator(device).manual_seed(seed * 1000 + process_index)
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        """(this process's rank, number of processes) of the running distributed job, (0, 1) outside one."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+        state = self.generator.get_state()
+        rank, world = self._world()
+        if world == 1:
+            return {"state": state}
+        states: list = [None] * world
+        torch.distributed.all_gather_object(states, state)  # a collective: every process calls save_state
+        return {"states": states}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        rank, world = self._world()
+        states = state["states"] if "states" in state else [state["state"]]
+        if len(states) == world:
+            self.generator.set_state(states[rank])
+            return
+        # saved by another number of processes: no exact continuation exists; keep the streams distinct
+        logger.warning(f"the checkpoint's random streams are from {len(states)} process(es), this run has {world}: "
+                       "the resumed run is not an exact continuation")
+        self.generator.set_state(states[0])
+        offset = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=self.generator.device))
+        self.generator.manual_seed(offset + rank)
 
 
 def grads_are_finite(params: Iterable[torch.nn.Parameter]) -> bool:
@@ -281,6 +340,9 @@ def apply_gradients(accelerator, loss: torch.Tensor, params: list[torch.nn.Param
     """
     accelerator.backward(loss)
     finite = bool(torch.isfinite(loss.detach())) and grads_are_finite(params)
+    if accelerator.num_processes > 1:  # all processes must skip or step together, or the replicas drift apart
+        votes = accelerator.reduce(torch.tensor([float(finite)], device=accelerator.device), reduction="sum")
+        finite = int(votes.item()) == accelerator.num_processes
     if finite:
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -339,22 +401,28 @@ def run_training(accelerator, args: argparse.Namespace, dataloader, model, param
         logger.info(f"resumed from {resume} at step {global_step}")
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint to resume from: starting fresh")
-    if accelerator.is_main_process:
-        accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
+    trackers_started = False  # started at the first logged step: a run that fails before it leaves no logs
     prompts = args.validation_prompts
 
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
-                    disable=not accelerator.is_local_main_process)
+    progress = None  # shown from the first usable batch: bad data found before it ends as one line, no bar
+    batch_log_path = os.environ.get(BATCH_LOG_ENV)
+    batch_log = open(f"{batch_log_path}.{accelerator.process_index}", "a") if batch_log_path else None
     while global_step < args.max_train_steps:
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
         for batch in checkpoint.skip_batches_for_resume(accelerator, dataloader, batches_done):
             batches_done += 1
             skipped_images += batch["num_skipped"]
+            if batch_log is not None:
+                batch_log.write(json.dumps({"epoch": epoch, "batch": batches_done, "captions": batch["captions"]}) + "\n")
+                batch_log.flush()
             if len(batch["captions"]) == 0:
                 continue
             if prompts is None:
                 prompts = batch["captions"][:4]
+            if progress is None:
+                progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps",
+                                disable=not accelerator.is_local_main_process)
             with accelerator.accumulate(model):
                 loss = loss_fn(batch)
                 finite = apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
@@ -374,6 +442,9 @@ def run_training(accelerator, args: argparse.Namespace, dataloader, model, param
             progress.update(1)
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "skipped_images": skipped_images}
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            if not trackers_started and accelerator.is_main_process:
+                accelerator.init_trackers(name, config={k: str(v) for k, v in vars(args).items()})
+            trackers_started = True
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 state = {"epoch": epoch, "batches_in_epoch": batches_done, "nan_streak": nan_streak,
@@ -386,10 +457,18 @@ def run_training(accelerator, args: argparse.Namespace, dataloader, model, param
             if global_step >= args.max_train_steps:
                 break
         else:  # the epoch ran out: a first epoch of nothing but undecodable images is fatal
+            if batches_done == 0:  # and so is one with no batch at all: the loop would never end
+                fail(f"process {accelerator.process_index} of {accelerator.num_processes} got no training batch in "
+                     f"epoch {epoch} (fewer webdataset shards than processes?) (--train_shards_path_or_url)")
             if epoch == 0:
                 data.check_not_all_corrupt(batches_done * args.train_batch_size, skipped_images)
             epoch, batches_done = epoch + 1, 0
-    progress.close()
+    if progress is not None:
+        progress.close()
+    if batch_log is not None:
+        batch_log.close()
+    if skipped_images:
+        logger.warning(f"{skipped_images} undecodable image(s) were skipped (process {accelerator.process_index})")
     return {"global_step": global_step, "validation_prompts": prompts}
 
 
@@ -430,7 +509,12 @@ def make_train_data(args: argparse.Namespace, accelerator):
                                               args.cache_dir, args.seed, transform)
     dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
     if isinstance(dataset, torch.utils.data.IterableDataset):  # webdataset shards: no epoch length, and
-        resolve_train_steps(args, None)  # the stream already splits itself across processes
+        resolve_train_steps(args, None)  # the stream already splits itself across processes, by shard
+        shards = getattr(dataset, "shards", None)
+        if shards is not None and len(shards) < accelerator.num_processes:
+            fail(f"{len(shards)} webdataset shard(s) for {accelerator.num_processes} processes: each process reads "
+                 "whole shards, so give at least one per process (--train_shards_path_or_url)")
         return dataloader
-    resolve_train_steps(args, len(dataloader))
-    return accelerator.prepare(dataloader)
+    dataloader = accelerator.prepare(dataloader)
+    resolve_train_steps(args, len(dataloader))  # after prepare: each of N processes gets 1/N of the batches
+    return dataloader

@@ -10,6 +10,8 @@ Layout written (a second call reuses every part that is complete):
     models/flux/                   FluxPipeline (T5 + CLIP, no guidance embedding: ordinary CFG)
     models/flux-guidance/          FluxPipeline whose transformer takes the guidance scale as input
     judge/                         ToyJudge (shape/colour classifier for prompt accuracy and toy FD)
+    latent_lpips/sd/               LatentLPIPS on the SD/SDXL VAE's 4-channel latents (utils/latent_lpips.py)
+    latent_lpips/flux/             LatentLPIPS on the FLUX VAE's 16-channel latents
 Each folder is written under a temporary name and renamed when complete.
 """
 
@@ -115,6 +117,12 @@ def write_judge(out: str) -> None:
     ToyJudge.from_pretrained(_w("judge"), torch_dtype=torch.float32).save_pretrained(out)
 
 
+def write_latent_lpips(out: str, name: str) -> None:
+    from ..latent_lpips import LatentLPIPS
+
+    LatentLPIPS.from_pretrained(_w(name)).save_pretrained(out)
+
+
 def weights_fingerprint() -> str:
     """sha256 over the committed weight files, so a world built from other weights is rebuilt."""
     import hashlib
@@ -143,6 +151,8 @@ def build(out: str = DEFAULT_OUT, train_images: int = 2000, test_images: int = 5
         ("models/flux", lambda p: write_flux(p, "flux_transformer")),
         ("models/flux-guidance", lambda p: write_flux(p, "flux_guidance_transformer")),
         ("judge", write_judge),
+        ("latent_lpips/sd", lambda p: write_latent_lpips(p, "latent_lpips_sd")),
+        ("latent_lpips/flux", lambda p: write_latent_lpips(p, "latent_lpips_flux")),
     ]
     stamp = os.path.join(out, "weights.fingerprint")
     fingerprint = weights_fingerprint()

@@ -7,11 +7,15 @@
     python -m utils.toy.train sdxl            # SDXL-style teacher + two CLIP encoders (needs vae_sd)
     python -m utils.toy.train flux            # FLUX-style flow-matching teacher + T5 + CLIP (needs vae_flux)
     python -m utils.toy.train flux_guidance   # guidance-distilled FLUX variant (needs flux)
+    python -m utils.toy.train latent_lpips_sd     # latent LPIPS on 4-channel latents (needs vae_sd, judge)
+    python -m utils.toy.train latent_lpips_flux   # latent LPIPS on 16-channel latents (needs vae_flux, judge)
 
-Images are drawn on the fly (an endless stream, so nothing overfits a fixed set). Every component
-is saved as an ordinary diffusers/transformers folder in fp16 under `utils/toy/weights/NAME/`;
-`python -m utils.toy build` assembles the pipeline folders from them. Each run is seeded: the
-same command reproduces the same weights on the same software stack (CPU, one thread).
+Images are drawn on the fly (an endless stream, so nothing overfits a fixed set; the latent LPIPS
+nets draw 2000 reference images once). Every component is saved in fp16 under
+`utils/toy/weights/NAME/` as an ordinary diffusers/transformers folder (latent LPIPS: its own
+config.json + model.safetensors); `python -m utils.toy build` assembles the pipeline folders from
+them. Each run is seeded: the same command reproduces the same weights on the same software stack
+(CPU, one thread).
 """
 
 from __future__ import annotations
@@ -380,14 +384,40 @@ def train_judge(steps: int, batch: int, lr: float, seed: int) -> None:
     save_fp16(judge, "judge")
 
 
+# -------------------------------------------------------------------------------- latent LPIPS
+def train_latent_lpips(name: str, steps: int, batch: int, lr: float, seed: int, references: int) -> None:
+    """A latent LPIPS for one toy VAE from synthetic 2AFC judgments (see utils/latent_lpips.py).
+
+    Reference images are drawn like every other component's (the seed-0 stream, i.e. the scenes
+    of the train split); the held-out agreement is measured on scenes from another seed.
+    """
+    from diffusers import AutoencoderKL
+
+    from .. import latent_lpips
+    from .judge import ToyJudge
+
+    vae = load_weights(AutoencoderKL, "vae_flux" if name == "latent_lpips_flux" else "vae_sd")
+    judge = load_weights(ToyJudge, "judge")
+    train_images = to_tensor(sample_batch(2000, np.random.default_rng(seed))[1])
+    val_images = to_tensor(sample_batch(500, np.random.default_rng(seed + 7919))[1])
+    net, report = latent_lpips.train_latent_lpips(vae, judge, train_images, val_images, steps=steps,
+                                                  batch_size=batch, lr=lr, num_references=references, seed=seed)
+    print(f"{name}: {report}")
+    net.metadata = dict(report, vae=name.replace("latent_lpips", "vae"))
+    save_fp16(net, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train one component of the toy world.")
-    parser.add_argument("component", choices=["vae_sd", "vae_flux", "judge", "sd", "sdxl", "flux", "flux_guidance"])
+    parser.add_argument("component", choices=["vae_sd", "vae_flux", "judge", "sd", "sdxl", "flux", "flux_guidance",
+                                              "latent_lpips_sd", "latent_lpips_flux"])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per component)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bank", type=int, default=20000, help="scenes encoded once for teacher training")
+    parser.add_argument("--bank", type=int, default=None,
+                        help="scenes encoded once for teacher training (default 20000; latent LPIPS: reference images,"
+                             " default 2000)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -396,13 +426,15 @@ def main() -> None:
     if c in ("vae_sd", "vae_flux"):
         train_vae(c, args.steps or 2500, args.batch, args.lr or 1e-3, args.seed)
     elif c in ("sd", "sdxl"):
-        train_unet_teacher(c, args.steps or 4000, args.batch, args.lr or 1e-3, args.seed, args.bank)
+        train_unet_teacher(c, args.steps or 4000, args.batch, args.lr or 1e-3, args.seed, args.bank or 20000)
     elif c == "flux":
-        train_flux_teacher(args.steps or 6000, args.batch, args.lr or 1e-3, args.seed, args.bank)
+        train_flux_teacher(args.steps or 6000, args.batch, args.lr or 1e-3, args.seed, args.bank or 20000)
     elif c == "flux_guidance":
-        train_flux_guidance(args.steps or 2000, args.batch, args.lr or 3e-4, args.seed, args.bank // 2)
+        train_flux_guidance(args.steps or 2000, args.batch, args.lr or 3e-4, args.seed, (args.bank or 20000) // 2)
     elif c == "judge":
         train_judge(args.steps or 1500, args.batch, args.lr or 2e-3, args.seed)
+    elif c in ("latent_lpips_sd", "latent_lpips_flux"):
+        train_latent_lpips(c, args.steps or 2000, args.batch, args.lr or 1e-2, args.seed, args.bank or 2000)
     print(f"{c}: done in {(time.time() - start) / 60:.1f} min")
 
 

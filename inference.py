@@ -1,0 +1,498 @@
+"""Few-step text-to-image sampling with an LCM/TLCM LoRA on SD 1.x/2.x, SDXL or FLUX.
+
+    python inference.py --prompt "a cat" --output_dir out/ --lora_path LORA --base_model_path MODEL --infer-steps 4
+
+The base model is any diffusers pipeline folder or hub id; its architecture (sd, sdxl, flux) is read
+from model_index.json. The LoRA may be in diffusers, PEFT or kohya format (read from its keys). With no
+flags at all it samples the toy FLUX pipeline (built on first use), offline. Every flag: paras.py, or
+`python inference.py --help`.
+
+Each image is written as a PNG whose text metadata holds the prompt and every setting (keys `prompt`,
+`steps`, `seed`, `scheduler`, `guidance_scale`, `base_model`, `lora`, ..., all of them as JSON under
+`settings`, and an A1111-style `parameters` line). Files are written under a temporary name and
+renamed, and never replace an existing file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from paras import (
+    DEFAULT_PROMPT,
+    DEFAULT_SCHEDULER,
+    DISTILLED_STEPS,
+    ROOT,
+    SCHEDULER_ARCHS,
+    parse_args,
+)
+from utils.errors import UserError, user_errors
+
+LORA_FILE_NAMES = (  # looked for, in this order, in a --lora_path folder
+    "pytorch_lora_weights.safetensors",        # diffusers (and our recipes' main output)
+    "adapter_model.safetensors",               # PEFT folder
+    "unet/adapter_model.safetensors",
+    "transformer/adapter_model.safetensors",
+    "lora_kohya.safetensors",                  # kohya / ComfyUI keys
+)
+FEW_STEP_SCHEDULERS = ("tlcm", "lcm", "tlcm-sdxl")
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SOFTWARE = "inference.py (LCM/TLCM few-step distillation toolkit)"
+
+
+class Console:
+    """Notes and warnings on stderr (notes muted by --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(f"note: {message}", file=sys.stderr)
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- base model
+
+
+def toy_world_root() -> str:
+    """Where the toy world lives: $TOY_WORLD, else toy_world/ at the repository root."""
+    return os.environ.get("TOY_WORLD") or os.path.join(ROOT, "toy_world")
+
+
+def default_base_model(console: Console) -> str:
+    """The toy FLUX pipeline folder, built (once, about 15 s) when it is missing."""
+    root = toy_world_root()
+    path = os.path.join(root, "models", "flux")
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        console.note(f"building the toy world into {root} (once, about 15 s)")
+        from utils.toy.build import build
+
+        build(root)
+    console.note(f"no --base_model_path: sampling the toy FLUX pipeline {path}")
+    return path
+
+
+def image_geometry(path: str, arch: str, revision: str | None) -> tuple[int, int]:
+    """(default side in pixels, the multiple every side must be) from the VAE and denoiser configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from utils.models import _load_config
+
+    vae = _load_config(AutoencoderKL, path, "vae", revision, "--base_model_path")
+    factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    if arch == "flux":
+        # FluxPipeline packs 2x2 latent patches into one token.
+        sample = vae.get("sample_size", 1024)
+        return int(sample[0] if isinstance(sample, (list, tuple)) else sample), factor * 2
+    unet = _load_config(UNet2DConditionModel, path, "unet", revision, "--base_model_path")
+    sample = unet.get("sample_size", 64)
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    # The SD/SDXL pipelines check for multiples of 8 whatever the VAE's factor.
+    return int(sample) * factor, factor * 8 // math.gcd(factor, 8)
+
+
+def image_size(args: argparse.Namespace, default: int, multiple: int) -> tuple[int, int]:
+    """(height, width) from --height/--width/--resolution, checked against the model's multiple."""
+    side = args.resolution or default
+    size = {"height": args.height or side, "width": args.width or side}
+    for name, value in size.items():
+        if value % multiple:
+            flag = f"--{name}" if getattr(args, name) else "--resolution"
+            raise UserError(f"{flag} {value} is not a multiple of {multiple}, which this model needs "
+                            f"(VAE downsampling x patch size); try {max(multiple, round(value / multiple) * multiple)}")
+    return size["height"], size["width"]
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str) -> Any:
+    """torch.device for --device ("auto": CUDA, else MPS, else CPU); one-line error when it is not there."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, arch: str, device: Any) -> Any:
+    """torch dtype for --dtype; fp16 on CPU and bf16 on a GPU without it are one-line errors."""
+    import torch
+
+    if name == "auto":
+        if device.type == "cpu":
+            name = "fp32"
+        elif device.type == "cuda" and arch == "flux" and torch.cuda.is_bf16_supported():
+            name = "bf16"  # FLUX is released in bf16; fp16 overflows in its activations
+        else:
+            name = "fp16"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 is not supported on CPU (many CPU kernels lack it): use fp32 or bf16")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bf16: this GPU has no bf16 support; use fp16 or fp32")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def resolve_lora_file(path: str) -> str:
+    """The LoRA .safetensors file of --lora_path (a file, or a folder holding one)."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist (--lora_path)")
+    if os.path.isfile(path):
+        return path
+    for name in LORA_FILE_NAMES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return os.path.join(path, found[0])
+    if found:
+        raise UserError(f"{path} holds several .safetensors files ({', '.join(found)}): pass one of them (--lora_path)")
+    raise UserError(f"{path} holds no LoRA .safetensors file (looked for {', '.join(LORA_FILE_NAMES)}) (--lora_path)")
+
+
+def check_lora(path: str, base: str) -> None:
+    """Read the LoRA file and check it against the base model's denoiser (names and shapes, no weights loaded),
+    so a bad file is a one-line error before the pipeline is loaded."""
+    from utils import lora
+
+    try:
+        lora.read_lora(path, lora.denoiser_skeleton(base, flag="--base_model_path")[0])
+    except UserError as exc:
+        raise UserError(f"{exc} (--lora_path)" if "(--" not in str(exc) else str(exc)) from None
+
+
+def load_lora(denoiser: Any, path: str, scale: float) -> str:
+    """Add the LoRA file to the UNet/transformer (any format) at `scale` times its alpha/r; returns its format."""
+    from peft.tuners.lora import LoraLayer
+
+    from utils import lora
+
+    try:
+        fmt = lora.detect_format(lora._read_safetensors(path)[0])
+        lora.load_lora_file(path, denoiser)
+    except UserError as exc:
+        raise UserError(f"{exc} (--lora_path)") from None
+    if scale != 1.0:
+        for module in lora.base_model(denoiser).modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
+    return fmt
+
+
+# ----------------------------------------------------------------------------- scheduler and guidance
+
+
+def milestone_timesteps(steps: int, num_train_timesteps: int, scheduler: str) -> list[int]:
+    """The published TLCM SDXL timesteps for `steps` (1-8), or a one-line error naming the flags."""
+    from utils.tlcm_scheduler import tlcm_timesteps
+
+    try:
+        return [int(t) for t in tlcm_timesteps(steps, num_train_timesteps)]
+    except ValueError:
+        raise UserError(f"--scheduler {scheduler} on SD/SDXL takes --infer-steps 1..8 "
+                        f"(the published milestone subsets), got {steps}") from None
+
+
+def set_scheduler(pipe: Any, arch: str, name: str, steps: int, renoise: str) -> dict[str, Any]:
+    """Install the --scheduler on the pipeline; returns the step kwargs of the pipeline call."""
+    config = pipe.scheduler.config
+    if name == "tlcm" and arch == "flux":
+        from utils.tlcm_scheduler import FlowMatchEulerTLCMScheduler
+
+        pipe.scheduler = FlowMatchEulerTLCMScheduler.from_config(config, renoise=renoise)
+        return {"num_inference_steps": steps}
+    if name == "tlcm":
+        from utils.tlcm_scheduler import TLCMScheduler
+
+        timesteps = milestone_timesteps(steps, config.num_train_timesteps, name)
+        pipe.scheduler = TLCMScheduler.from_config(config, renoise=renoise)
+        return {"timesteps": timesteps}
+    if name == "tlcm-sdxl":
+        from utils.tlcm_scheduler import tlcm_lcm_scheduler
+
+        timesteps = milestone_timesteps(steps, config.num_train_timesteps, name)
+        pipe.scheduler = tlcm_lcm_scheduler(config)  # an LCMScheduler whose grid holds every milestone
+        return {"timesteps": timesteps}
+    from utils.evaluate import set_scheduler as set_named_scheduler
+
+    set_named_scheduler(pipe, name)
+    return {"num_inference_steps": steps}
+
+
+def default_guidance(arch: str, pipe: Any, scheduler: str, has_lora: bool) -> float:
+    """The guidance scale used when --guidance_scale is not given (paras.GUIDANCE_HELP explains it)."""
+    if arch == "flux":
+        if pipe.transformer.config.get("guidance_embeds", False):
+            return 3.5  # FluxPipeline's default and train_tlcm_flux.py's --teacher_guidance
+        return 1.0 if has_lora else 5.0
+    if scheduler in FEW_STEP_SCHEDULERS:
+        return 7.5 if pipe.unet.config.get("time_cond_proj_dim") is not None else 0.0
+    return 7.5 if arch == "sd" else 5.0
+
+
+def guidance_mode(arch: str, pipe: Any, scale: float) -> str:
+    """How the guidance scale enters the model: cfg, true-cfg, input, w-embedding or none."""
+    if arch == "flux":
+        if pipe.transformer.config.get("guidance_embeds", False):
+            return "input"
+        return "true-cfg" if scale > 1.0 else "none"
+    if pipe.unet.config.get("time_cond_proj_dim") is not None:
+        return "w-embedding"
+    return "cfg" if scale > 1.0 else "none"
+
+
+def call_kwargs(pipe: Any, scale: float, mode: str, negative_prompt: str | None, n: int) -> dict[str, Any]:
+    """Pipeline kwargs for the guidance (and negative prompt) of one batch of n images."""
+    from utils.evaluate import guidance_kwargs
+
+    kwargs = guidance_kwargs(pipe, scale, n)
+    if negative_prompt is not None and mode in ("cfg", "true-cfg"):
+        kwargs["negative_prompt"] = [negative_prompt] * n
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def prepare_output_dir(path: str) -> bool:
+    """Create --output_dir and check it is writable; returns whether it was created now."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path} exists and is not a folder (--output_dir)")
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{path} is not a writable folder (--output_dir): {exc.strerror or exc}") from None
+    return created
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "image"
+
+
+def png_info(settings: dict[str, Any]) -> Any:
+    """PIL PngInfo with each setting as a text chunk, all of them as JSON, and an A1111-style line."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in settings.items():
+        if value is not None:
+            info.add_text(key, value if isinstance(value, str) else json.dumps(value), zip=False)
+    info.add_text("settings", json.dumps(settings))
+    neg = f"\nNegative prompt: {settings['negative_prompt']}" if settings.get("negative_prompt") else ""
+    line = (f"Steps: {settings['steps']}, Sampler: {settings['scheduler']}, CFG scale: {settings['guidance_scale']}, "
+            f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "
+            f"Model: {settings['base_model']}, Lora: {settings['lora']}")
+    info.add_text("parameters", f"{settings['prompt']}{neg}\n{line}")
+    info.add_text("Software", SOFTWARE)
+    return info
+
+
+def write_png(image: Any, out_dir: str, stem: str, settings: dict[str, Any]) -> str:
+    """Save under a temporary name, then link it to the first free `stem[-k].png`; never overwrites."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.partial", dir=out_dir)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(settings))
+        for k in range(100000):
+            final = os.path.join(out_dir, f"{stem}.png" if k == 0 else f"{stem}-{k}.png")
+            if os.path.exists(final):
+                continue
+            try:
+                os.link(tmp, final)  # atomic and fails if `final` appeared meanwhile
+                return final
+            except FileExistsError:
+                continue
+            except OSError:  # a filesystem without hard links: reserve the name, then move onto it
+                try:
+                    os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.replace(tmp, final)
+                return final
+        raise UserError(f"no free file name for {stem}.png in {out_dir} (--output_dir)")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def load_pipeline(path: str, dtype: Any, variant: str | None, revision: str | None) -> Any:
+    """DiffusionPipeline.from_pretrained, library errors as one line."""
+    import warnings
+
+    import transformers
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from utils.models import _first_line
+
+    diffusers_logging.disable_progress_bar()  # the per-component loading bars; sampling keeps its bar
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # notes about optional image-processor backends
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, variant=variant, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: could not load the pipeline (--base_model_path): {_first_line(exc)}") from None
+
+
+def enable_attention(pipe: Any, requested: bool, device: Any, console: Console) -> None:
+    """xformers attention when asked, on CUDA with xformers installed; PyTorch SDPA otherwise (with a warning)."""
+    if not requested:
+        return
+    if device.type != "cuda":
+        console.warn("--enable_xformers_memory_efficient_attention: not on a CUDA device; using PyTorch SDPA attention")
+        return
+    from utils.training import enable_xformers
+
+    try:
+        enable_xformers(pipe, True)
+    except (ValueError, NotImplementedError, RuntimeError, ModuleNotFoundError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.warn(f"--enable_xformers_memory_efficient_attention failed ({first}); using PyTorch SDPA attention")
+
+
+def run(args: argparse.Namespace, console: Console) -> list[str]:
+    """Everything after flag parsing; returns the written PNG paths. Bad input raises UserError."""
+    from utils.models import ARCHITECTURES, require_architecture
+
+    base = args.base_model_path or default_base_model(console)
+    arch = require_architecture(base, ARCHITECTURES, flag="--base_model_path", revision=args.revision)
+    scheduler = args.scheduler or DEFAULT_SCHEDULER[arch]
+    if arch not in SCHEDULER_ARCHS[scheduler]:
+        fits = [k for k, v in SCHEDULER_ARCHS.items() if arch in v]
+        raise UserError(f"--scheduler {scheduler} does not fit a {arch} model; use one of {', '.join(fits)}")
+    if args.renoise is not None and scheduler != "tlcm":
+        raise UserError(f"--renoise applies to --scheduler tlcm only, not {scheduler}")
+    renoise = args.renoise or "fresh"
+    if scheduler == "tlcm-sdxl" or (scheduler == "tlcm" and arch != "flux"):
+        milestone_timesteps(args.infer_steps, 1000, scheduler)  # 1..8 steps: fail before loading anything
+    default_side, multiple = image_geometry(base, arch, args.revision)
+    height, width = image_size(args, default_side, multiple)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, arch, device)
+    lora_file = resolve_lora_file(args.lora_path) if args.lora_path else None
+    if lora_file is not None:
+        check_lora(lora_file, base)
+    if lora_file is None:
+        hint = "" if args.scheduler or scheduler not in FEW_STEP_SCHEDULERS else (
+            f"; {scheduler} is a sampler for distilled models, the base model's own is --scheduler "
+            + ("flow-euler" if arch == "flux" else "euler, ddim or dpm++"))
+        console.note(f"no --lora_path: sampling the base model alone{hint}")
+    elif not DISTILLED_STEPS[0] <= args.infer_steps <= DISTILLED_STEPS[1] and scheduler in FEW_STEP_SCHEDULERS:
+        console.warn(f"--infer-steps {args.infer_steps} is outside {DISTILLED_STEPS[0]}..{DISTILLED_STEPS[1]}, "
+                     "the range LCM/TLCM LoRAs are made for")
+    if args.prompts_file:
+        from utils.data import load_prompts
+
+        prompts = load_prompts(prompts_file=args.prompts_file)
+    else:
+        prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
+    created = prepare_output_dir(args.output_dir)
+    written: list[str] = []
+    try:
+        written = _generate(args, console, base, arch, scheduler, renoise, height, width, device, dtype,
+                            lora_file, prompts, written)
+    finally:
+        if created and not written and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
+            os.rmdir(args.output_dir)
+    return written
+
+
+def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, scheduler: str, renoise: str,
+              height: int, width: int, device: Any, dtype: Any, lora_file: str | None, prompts: list[str],
+              written: list[str]) -> list[str]:
+    """Load the pipeline and LoRA, sample every (prompt, seed) in batches and write the PNGs into `written`."""
+    import torch
+
+    pipe = load_pipeline(base, dtype, args.variant, args.revision)
+    denoiser = pipe.transformer if arch == "flux" else pipe.unet
+    lora_format = load_lora(denoiser, lora_file, args.lora_scale) if lora_file else None
+    extra = set_scheduler(pipe, arch, scheduler, args.infer_steps, renoise)
+    guidance = args.guidance_scale if args.guidance_scale is not None else \
+        default_guidance(arch, pipe, scheduler, lora_file is not None)
+    mode = guidance_mode(arch, pipe, guidance)
+    if args.negative_prompt is not None and mode not in ("cfg", "true-cfg"):
+        console.warn(f"--negative_prompt is ignored: guidance {guidance} runs no CFG here ({mode})")
+    pipe.to(device)
+    enable_attention(pipe, args.enable_xformers_memory_efficient_attention, device, console)
+    pipe.set_progress_bar_config(disable=args.quiet, leave=False)
+
+    settings_base = {
+        "steps": args.infer_steps, "scheduler": scheduler, "scheduler_class": type(pipe.scheduler).__name__,
+        "timesteps": extra.get("timesteps"), "renoise": renoise if scheduler == "tlcm" else None,
+        "guidance_scale": guidance, "guidance": mode, "base_model": base, "architecture": arch,
+        "lora": args.lora_path or "none", "lora_file": lora_file, "lora_format": lora_format,
+        "lora_scale": args.lora_scale if lora_file else None, "height": height, "width": width,
+        "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+    }
+    items = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start:start + args.batch_size]
+        # One generator per image, so image i depends on seed + i only (not on --batch_size): it draws the
+        # initial noise and then any fresh noise of the sampler. FluxPipeline does not hand its generator
+        # to scheduler.step, so the TLCM scheduler is given it directly.
+        generators = [torch.Generator().manual_seed(seed) for _, seed in chunk]
+        if hasattr(pipe.scheduler, "set_noise_generator"):
+            pipe.scheduler.set_noise_generator(generators)
+        torch.manual_seed(chunk[0][1])  # for any other sampler that draws from the global RNG
+        kwargs = dict(call_kwargs(pipe, guidance, mode, args.negative_prompt, len(chunk)), **extra)
+        try:
+            with torch.inference_mode():
+                images = pipe(prompt=[p for p, _ in chunk], height=height, width=width, generator=generators,
+                              output_type="pil", **kwargs).images
+        except oom:
+            raise UserError(f"out of GPU memory at --batch_size {args.batch_size}, {width}x{height}: lower "
+                            "--batch_size or --resolution, or use --dtype fp16/bf16") from None
+        for (prompt, seed), image in zip(chunk, images):
+            settings = {"prompt": prompt, "negative_prompt": args.negative_prompt, "seed": seed, **settings_base}
+            stem = f"{slug(prompt)}-seed{seed}-{args.infer_steps}steps"
+            written.append(write_png(image, args.output_dir, stem, settings))
+            print(written[-1], flush=True)
+    return written
+
+
+def main(argv: Sequence[str] | None = None, console_factory: Callable[[bool], Console] = Console) -> list[str]:
+    """Parse the flags and sample; returns the written PNG paths (bad input: one line on stderr, exit 2)."""
+    args = parse_args(argv)
+    with user_errors():
+        return run(args, console_factory(args.quiet))
+
+
+if __name__ == "__main__":
+    main()

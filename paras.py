@@ -1,0 +1,164 @@
+"""Flags of inference.py: few-step sampling of a base model (SD 1.x/2.x, SDXL, FLUX) with an LCM/TLCM LoRA.
+
+    python inference.py --prompt "a cat" --output_dir out/ --lora_path LORA --base_model_path MODEL --infer-steps 4
+
+`parse_args(argv=None)` parses and checks the flags that need no model; inference.py resolves the
+defaults that depend on the base model (architecture, resolution, scheduler, guidance, dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+from utils.errors import fail
+from utils.training import Parser
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+MIN_STEPS, MAX_STEPS = 1, 50            # what --infer-steps accepts
+DISTILLED_STEPS = (2, 8)                # the range an LCM/TLCM LoRA is made for
+DEFAULT_PROMPT = "a large red circle on a white background"  # a caption of the toy world
+
+# --scheduler names: what each means, and the architectures it fits.
+SCHEDULER_HELP = {
+    "tlcm": "predict x0, re-noise it to the next noise level (see\n"
+            "    --renoise). FLUX: FlowMatchEulerTLCMScheduler; SD/SDXL:\n"
+            "    TLCMScheduler, the released TLCM SDXL sampler (no c_skip/c_out,\n"
+            "    milestone timesteps, 1-8 steps)",
+    "lcm": "SD/SDXL: diffusers' LCMScheduler (as the published TLCM SDXL\n"
+           "    snippet)",
+    "tlcm-sdxl": "SD/SDXL: LCMScheduler on the published TLCM milestone\n"
+                 "    timesteps, 1-8 steps (4 steps: 999, 749, 499, 124)",
+    "euler": "SD/SDXL base-model comparison: EulerDiscreteScheduler",
+    "ddim": "SD/SDXL base-model comparison: DDIMScheduler",
+    "dpm++": "SD/SDXL base-model comparison: DPMSolverMultistepScheduler\n"
+             "    (dpmsolver++)",
+    "flow-euler": "FLUX base-model comparison: FLUX's own\n"
+                  "    FlowMatchEulerDiscreteScheduler",
+}
+SCHEDULER_ARCHS = {
+    "tlcm": ("flux", "sd", "sdxl"), "flow-euler": ("flux",),
+    "lcm": ("sd", "sdxl"), "tlcm-sdxl": ("sd", "sdxl"), "euler": ("sd", "sdxl"), "ddim": ("sd", "sdxl"),
+    "dpm++": ("sd", "sdxl"),
+}
+DEFAULT_SCHEDULER = {"flux": "tlcm", "sd": "lcm", "sdxl": "lcm"}
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+RENOISE = ("fresh", "implied")
+
+GUIDANCE_HELP = """\
+guidance scale, diffusers convention (1 or less: no guidance).
+Default, by model and sampler:
+  SD/SDXL with lcm, tlcm-sdxl or tlcm: 0, no CFG, as the published
+    LCM/TLCM LoRA snippets (a UNet that embeds w itself, i.e. a
+    full LCM student, gets 7.5, w = 6.5 through that embedding);
+  SD/SDXL with euler/ddim/dpm++: CFG 7.5 (SD) or 5.0 (SDXL);
+  FLUX taking guidance as an input (guidance_embeds, FLUX.1-dev
+    like): 3.5, FluxPipeline's default and the guidance input
+    train_tlcm_flux.py trains with by default (the published TLCM FLUX
+    LoRA was shown with 7: pass --guidance_scale 7 for it);
+  FLUX without it (FLUX.1-schnell like, the toy FLUX): true CFG 5.0
+    against an empty (or --negative_prompt) prompt, or 1.0 (none)
+    with a LoRA, whose student has the teacher's guidance built in"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The inference.py argument parser; bad flags are reported as one line with exit status 2."""
+    p = Parser(prog="python inference.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+
+    io = p.add_argument_group("what to draw and where")
+    io.add_argument("--prompt", default=None,
+                    help=f'text prompt (default: a toy-world caption, "{DEFAULT_PROMPT}")')
+    io.add_argument("--prompts_file", default=None,
+                    help="instead of --prompt: many prompts, a .txt (one per line), .jsonl or .csv file")
+    io.add_argument("--negative_prompt", default=None,
+                    help="negative prompt; used only where CFG runs (guidance > 1 on SD/SDXL or on FLUX without\n"
+                         "a guidance input); ignored, with a warning, otherwise")
+    io.add_argument("--output_dir", default="out",
+                    help="folder for the PNGs (created; existing files are never overwritten: new names get\n"
+                         "a -1, -2, ... suffix). Each PNG holds the prompt and all settings in its text\n"
+                         "metadata (default: %(default)s)")
+    io.add_argument("--num_images", type=int, default=1,
+                    help="images per prompt; image i is drawn from seed + i (default: %(default)s)")
+    io.add_argument("--batch_size", type=int, default=1,
+                    help="images per pipeline call (default: %(default)s)")
+    io.add_argument("--seed", type=int, default=0, help="seed of the first image (default: %(default)s)")
+
+    m = p.add_argument_group("models")
+    m.add_argument("--base_model_path", default=None,
+                   help="diffusers pipeline folder or hub id: SD 1.x/2.x, SDXL (SSD-1B) or FLUX, detected from\n"
+                        "its model_index.json (default: the toy FLUX pipeline, toy_world/models/flux under\n"
+                        "$TOY_WORLD or the repository root, built on first use in about 15 s)")
+    m.add_argument("--lora_path", default=None,
+                   help="LoRA .safetensors file, or a folder holding one: diffusers\n"
+                        "(pytorch_lora_weights.safetensors), PEFT (adapter_model.safetensors +\n"
+                        "adapter_config.json, also under unet/ or transformer/) or kohya/ComfyUI keys;\n"
+                        "the format is read from the keys (default: none, sample the base model)")
+    m.add_argument("--lora_scale", type=float, default=1.0,
+                   help="multiplier of the LoRA's alpha/r (default: %(default)s)")
+    m.add_argument("--variant", default=None, help='weights variant of the base model, e.g. "fp16"')
+    m.add_argument("--revision", default=None, help="revision of the base model on the hub")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--infer-steps", "--infer_steps", "--num_inference_steps", dest="infer_steps", type=int,
+                   default=4,
+                   help=f"sampling steps, {MIN_STEPS}..{MAX_STEPS}; an LCM/TLCM LoRA is made for "
+                        f"{DISTILLED_STEPS[0]}..{DISTILLED_STEPS[1]} (default: %(default)s)")
+    s.add_argument("--scheduler", default=None, choices=list(SCHEDULER_HELP),
+                   help="sampler (default: tlcm for FLUX, lcm for SD/SDXL):\n"
+                        + "\n".join(f"  {k}: {v}" for k, v in SCHEDULER_HELP.items()))
+    s.add_argument("--renoise", default=None, choices=RENOISE,
+                   help="tlcm only: re-noise each x0 prediction with fresh Gaussian noise (the published\n"
+                        "sampler) or with the noise implied by the current sample (deterministic)\n"
+                        "(default: fresh)")
+    s.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
+    s.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels, square; must be a multiple of the VAE's downsampling factor\n"
+                        "(x2 for FLUX's patches; SD/SDXL pipelines need a multiple of 8) (default: the\n"
+                        "model's own size from its UNet/VAE config: 512 SD 1.5, 1024 SDXL and FLUX, 32 toy)")
+    s.add_argument("--height", type=int, default=None, help="image height, overrides --resolution")
+    s.add_argument("--width", type=int, default=None, help="image width, overrides --resolution")
+
+    h = p.add_argument_group("hardware")
+    h.add_argument("--device", default="auto",
+                   help='"auto" (CUDA if available, else Apple MPS, else CPU), "cpu", "cuda", "cuda:1", "mps"\n'
+                        "(default: %(default)s)")
+    h.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="weights and compute precision. auto: bf16 for FLUX and fp16 for SD/SDXL on a GPU,\n"
+                        "fp32 on CPU. fp16 on CPU is an error (many CPU kernels lack it; use fp32 or bf16);\n"
+                        "bf16 on a GPU without bf16 is an error (default: %(default)s)")
+    h.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention; without CUDA or without xformers installed this warns and\n"
+                        "uses PyTorch SDPA attention")
+    h.add_argument("--quiet", action="store_true", help="no progress bar and no notes, only the written file names")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject impossible values that need no model; one-line errors with exit status 2."""
+    if not MIN_STEPS <= args.infer_steps <= MAX_STEPS:
+        fail(f"--infer-steps must be in {MIN_STEPS}..{MAX_STEPS}, got {args.infer_steps}")
+    for flag in ("num_images", "batch_size"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("resolution", "height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            fail(f"--{flag} must be a positive number of pixels, got {value}")
+    if args.prompt is not None and args.prompts_file is not None:
+        fail("--prompt and --prompts_file given together: pass one")
+    if args.prompt is not None and not args.prompt.strip():
+        fail("--prompt is empty")
+    if args.renoise is not None and args.scheduler not in (None, "tlcm"):
+        fail(f"--renoise applies to --scheduler tlcm only, not {args.scheduler}")
+    if args.seed < 0:
+        fail(f"--seed must be non-negative, got {args.seed}")
+    if args.lora_scale != 1.0 and args.lora_path is None:
+        fail("--lora_scale given without --lora_path")
+    return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check inference.py's flags (sys.argv[1:] when argv is None)."""
+    return check_args(build_parser().parse_args(argv))
