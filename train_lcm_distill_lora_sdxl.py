@@ -11,20 +11,22 @@ train_lcm_distill_sd.py, with ONE UNet in memory:
     step t -> s with CFG on x0 and eps;
   - target = the online student (with --ema_decay: its EMA) at (x_s, s) under no_grad;
     loss d(f(x_t, t), stopgrad f(x_s, s)).
+With --train_text_encoder_lora the text encoders get a LoRA too (CLIP attention projections): the student
+and the target condition on the adapted encoders, the teacher on the base ones (adapters disabled).
 SDXL conditioning: two text encoders (penultimate states concatenated, pooled embeds of encoder 2)
 and the micro-conditioning time ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w) of
 each image. The architecture (SDXL family or SD 1.x) is read from the teacher's UNet config.
 
 Output: `pytorch_lora_weights.safetensors` (diffusers: `pipe.load_lora_weights(out)`), a PEFT
-adapter folder `out/unet` (`PeftModel.from_pretrained(pipe.unet, out/unet)`), the same LoRA with
-kohya/ComfyUI key names (`lora_kohya.safetensors`), and a model card. Sample with LCMScheduler,
+adapter folder `out/unet` (`PeftModel.from_pretrained(pipe.unet, out/unet)`; with the encoder LoRA also
+`out/text_encoder`, `out/text_encoder_2`), the same LoRA with kohya/ComfyUI key names (`lora_kohya.safetensors`), and a model card. Sample with LCMScheduler,
 2-8 steps, guidance_scale 0 or 1.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 
@@ -57,6 +59,12 @@ def parse_args(argv: list[str] | None = None):
     m.add_argument("--lora_target_modules", default="lcm",
                    help='"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet convs, '
                         'up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), or a comma list')
+    m.add_argument("--train_text_encoder_lora", action="store_true",
+                   help="also train a LoRA on the text encoders' attention projections (q/k/v/out_proj; SDXL: both "
+                        "encoders): the student conditions on the adapted encoders, the teacher on the base ones. "
+                        "Off by default (LCM-LoRA adapts the UNet only)")
+    m.add_argument("--text_encoder_lora_rank", type=int, default=None,
+                   help="rank of the text-encoder LoRA (default: --lora_rank)")
     m.add_argument("--ema_decay", type=float, default=0.0,
                    help="target = EMA of the LoRA with this decay (0: the online student under stop-grad, as in "
                         "LCM-LoRA; default: %(default)s)")
@@ -70,6 +78,10 @@ def parse_args(argv: list[str] | None = None):
     training.check_lcm_args(args)
     if args.lora_rank < 1:
         fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if args.text_encoder_lora_rank is None:
+        args.text_encoder_lora_rank = args.lora_rank
+    elif args.text_encoder_lora_rank < 1:
+        fail(f"--text_encoder_lora_rank must be at least 1, got {args.text_encoder_lora_rank}")
     if not 0.0 <= args.ema_decay < 1.0:
         fail(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lora_targets = TARGET_PRESETS.get(args.lora_target_modules,
@@ -88,6 +100,46 @@ def conditioning(args, arch, batch, tokenizers, encoders, device):
     time_ids = torch.cat([models.sdxl_time_ids(tuple(o), tuple(c), (r, r))
                           for o, c in zip(batch["original_sizes"], batch["crop_top_lefts"])]).to(device)
     return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def teacher_conditioning(args, arch, batch, tokenizers, encoders, device):
+    """conditioning() of the base text encoders, without grad: any encoder LoRA is switched off meanwhile."""
+    with torch.no_grad(), ExitStack() as stack:
+        for enc in encoders:
+            if lora.has_lora(enc):
+                stack.enter_context(lora.adapters_disabled(enc))
+        return conditioning(args, arch, batch, tokenizers, encoders, device)
+
+
+def add_text_encoder_lora(args, arch, encoders) -> None:
+    """--train_text_encoder_lora: a LoRA (fp32) on the CLIP attention projections of every encoder.
+
+    SDXL conditions on encoder 1's penultimate layer, so that encoder's last layer gets none: its LoRA
+    would never receive a gradient, which multi-process (DDP) training refuses.
+    """
+    for i, enc in enumerate(encoders):
+        targets = lora.TEXT_ENCODER_LORA_TARGETS
+        if arch == "sdxl" and i == 0:
+            last = f".layers.{enc.config.num_hidden_layers - 1}."
+            targets = sorted(n for n in lora.targeted_modules(enc, targets) if last not in n)
+        lora.add_lora(enc, args.text_encoder_lora_rank, args.lora_alpha, targets, args.lora_dropout)
+        for p in enc.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+class _Prepared:
+    """A prepared (possibly DDP-wrapped) model whose calls go through the wrapper (gradient sync) while
+    attributes (`device`, `dtype`, `config`) come from the model itself, as the prompt encoders read them."""
+
+    def __init__(self, wrapped, model):
+        self._wrapped, self._model = wrapped, model
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def main(args) -> None:
@@ -113,6 +165,8 @@ def main(args) -> None:
     for p in unet.parameters():  # the LoRA trains in fp32 even when the frozen base is fp16/bf16
         if p.requires_grad:
             p.data = p.data.float()
+    if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
+        add_text_encoder_lora(args, arch, encoders)
     training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -121,10 +175,15 @@ def main(args) -> None:
     dataloader = training.make_train_data(args, accelerator)
     if args.scale_lr:
         args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = training.make_optimizer(unet.parameters(), args)
+    trained_encoders = encoders if args.train_text_encoder_lora else []
+    optimizer = training.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
+                                        args)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    # prepared encoders are saved in every checkpoint with the UNet and sync their gradients across processes
+    unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)
+    encoders = [accelerator.unwrap_model(e) for e in encoders]
+    student_encoders = [_Prepared(w, e) for w, e in zip(wrapped, encoders)]
+    params = [p for m in (unet, *wrapped) for p in m.parameters() if p.requires_grad]
     rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
     accelerator.register_for_checkpointing(rng)
     base = accelerator.unwrap_model(unet)
@@ -136,7 +195,8 @@ def main(args) -> None:
     k = scheduler_config["num_train_timesteps"] // args.num_ddim_timesteps
     with torch.no_grad():
         empty = {"captions": [""], "original_sizes": [(args.resolution,) * 2], "crop_top_lefts": [(0, 0)]}
-        uncond_embeds, uncond_kwargs = conditioning(args, arch, empty, tokenizers, encoders, accelerator.device)
+        uncond_embeds, uncond_kwargs = teacher_conditioning(args, arch, empty, tokenizers, encoders,
+                                                            accelerator.device)
         if args.uncond == "zeros":
             uncond_embeds = torch.zeros_like(uncond_embeds)
             uncond_kwargs = {k_: (torch.zeros_like(v) if k_ == "text_embeds" else v) for k_, v in uncond_kwargs.items()}
@@ -148,7 +208,8 @@ def main(args) -> None:
         pixels = batch["pixel_values"].to(device, vae.dtype)
         with torch.no_grad():
             latents = models.encode_latents(vae, pixels, args.vae_encode_batch_size, gen).float()
-            embeds, added = conditioning(args, arch, batch, tokenizers, encoders, device)
+        # the teacher's conditioning: the base encoders (without --train_text_encoder_lora: everyone's)
+        embeds, added = teacher_conditioning(args, arch, batch, tokenizers, encoders, device)
         bsz = latents.shape[0]
         t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]
         s = previous_timestep(t, k)
@@ -176,7 +237,11 @@ def main(args) -> None:
             eps = cfg(eps_both[:bsz], eps_both[bsz:], w)
             x_s = ddim_step(x0, eps, alpha_s, sigma_s)
             with ema.swapped() if ema is not None else nullcontext():
+                if student_encoders:  # the target conditions on the (EMA) student's encoders
+                    embeds, added = conditioning(args, arch, batch, tokenizers, encoders, device)
                 f_target = consistency_fn(x_s, unet_x0(x_s, s, embeds, added)[0], c_skip_s, c_out_s)
+        if student_encoders:  # the student's conditioning, with grad into the encoder LoRA
+            embeds, added = conditioning(args, arch, batch, tokenizers, student_encoders, device)
         f_student = consistency_fn(x_t, unet_x0(x_t, t, embeds, added)[0], c_skip_t, c_out_t)
         return consistency_loss(f_student.float(), f_target.float(), args.loss_type, args.huber_c)
 
@@ -189,7 +254,7 @@ def main(args) -> None:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(args, base)
+        save_lora(args, base, encoders if args.train_text_encoder_lora else [])
         if done["validation_prompts"]:
             validate_fn(done["validation_prompts"], done["global_step"])
     accelerator.end_training()
@@ -231,9 +296,16 @@ def validate(accelerator, args, arch, unet, vae, tokenizers, encoders, scheduler
     logger.info(f"validation grid (rows: 1/2/4/8 LCM steps) -> {path}")
 
 
-def save_lora(args, unet) -> None:
-    """The LoRA in diffusers, PEFT and kohya formats, and a model card."""
-    lora.save_lora_outputs(unet, args.output_dir, "unet")
+def save_lora(args, unet, encoders=()) -> None:
+    """The LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, and a model card."""
+    names = ["text_encoder", "text_encoder_2"]
+    lora.save_lora_outputs(unet, args.output_dir, "unet", text_encoders=dict(zip(names, encoders)))
+    note = ""
+    if encoders:
+        folders = ", ".join(f"`{args.output_dir}/{n}`" for n in names[:len(encoders)])
+        note = (f"\nThe text encoders carry a LoRA too (rank {args.text_encoder_lora_rank}): `load_lora_weights` "
+                f"loads it with the UNet's; PEFT folders {folders}; `lora_te*` keys in the kohya file "
+                "(`convert_lora.py` converts UNet LoRAs only).\n")
     training.write_model_card(args.output_dir, "LCM-LoRA (latent consistency distillation)", args, f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_lora_sdxl.py` (rank {args.lora_rank},
 alpha {args.lora_alpha}).
@@ -246,7 +318,7 @@ pipe.load_lora_weights("{args.output_dir}")
 image = pipe("a prompt", num_inference_steps=4, guidance_scale=1.0).images[0]
 ```
 PEFT: `PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`; ComfyUI / A1111: `lora_kohya.safetensors`.
-""")
+{note}""")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ from contextlib import nullcontext
 
 import torch
 
-from utils import data, lora, models, tlcm, training
+from utils import checkpoint, data, lora, models, tlcm, training
 from utils.ema import EMAParams
-from utils.errors import fail, user_errors
+from utils.errors import UserError, fail, user_errors
 from utils.losses import LOSS_TYPES, consistency_loss
 from utils.solvers import cfg, flow_renoise, flow_x0
 
@@ -141,6 +141,7 @@ def main(args) -> None:
 
     set_seed(args.seed)
     models.require_architecture(args.pretrained_teacher_model, "flux", revision=args.revision)
+    prompts = data.load_prompts(args.prompts_file, args.dataset_name, args.caption_column, args.max_train_samples)
     dtype, device = training.weight_dtype(accelerator), accelerator.device
     sched_config = models.load_noise_scheduler_config(args.pretrained_teacher_model, args.revision)
     T, M = sched_config.get("num_train_timesteps", 1000), args.num_segments
@@ -167,7 +168,6 @@ def main(args) -> None:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     guided = bool(transformer.config.get("guidance_embeds", False))
-    prompts = data.load_prompts(args.prompts_file, args.dataset_name, args.caption_column, args.max_train_samples)
     transformer = accelerator.prepare(transformer)
     base = accelerator.unwrap_model(transformer)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -178,8 +178,8 @@ def main(args) -> None:
         accelerator.register_for_checkpointing(ema)
 
     # ---- geometry of the packed latents and FLUX's shifted time axis
-    channels = transformer.config.in_channels // 4  # 2x2 patches packed into one token
-    tokens, width = (latent_side // 2) ** 2, transformer.config.in_channels
+    channels = base.config.in_channels // 4  # 2x2 patches packed into one token
+    tokens, width = (latent_side // 2) ** 2, base.config.in_channels
     img_ids = models.latent_image_ids(latent_side, latent_side, device)
     mu = tlcm.schedule_mu(sched_config, tokens)
 
@@ -307,7 +307,10 @@ def main(args) -> None:
                 fail(f"--stage {stage} needs a LoRA to start from: --init_lora, or {previous} from the stage before")
         if init is not None:
             path = os.path.join(init, lora.PEFT_WEIGHTS_NAME) if os.path.isdir(init) else init
-            lora.load_into_adapter(base, path)
+            try:
+                lora.load_into_adapter(base, path)
+            except UserError as exc:
+                fail(f"{exc} ({'--init_lora' if init == args.init_lora else 'the previous stage: --init_lora'})")
             logger.info(f"stage {stage} starts from the LoRA {init}")
         if ema is not None:
             ema.shadow = [p.detach().clone() for p in params]
@@ -336,8 +339,9 @@ def run_stage(args, stage, stage_dir, accelerator, transformer, params, rng, pro
     stage_args.learning_rate = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate,
                                 "extras": args.extras_learning_rate}[stage]
     if args.resume_from_checkpoint not in (None, "latest"):  # an explicit checkpoint belongs to one stage
-        inside = os.path.abspath(args.resume_from_checkpoint).startswith(os.path.abspath(stage_dir) + os.sep)
-        stage_args.resume_from_checkpoint = args.resume_from_checkpoint if inside else None
+        named = checkpoint.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+        inside = os.path.abspath(named).startswith(os.path.abspath(stage_dir) + os.sep)
+        stage_args.resume_from_checkpoint = named if inside else None
     os.makedirs(stage_dir, exist_ok=True)
     # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
     rng.generator.manual_seed(args.seed * 1000 + accelerator.process_index + 7919 * (1 + list(STAGES).index(stage)))

@@ -21,6 +21,20 @@ def toy_world() -> str:
     return build(path)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls are far faster on one thread than two contending ones; the setting is restored afterwards.
+
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: multi-process runs of the recipes (minutes on 2 CPU cores); "
                                        "deselect with -m 'not slow'")

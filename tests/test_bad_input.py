@@ -2,12 +2,13 @@
 and nothing left behind.
 
 The matrix is a table, CASES: (entry point, case, flags changed from a valid command line, text the error
-line must hold). Every case runs as its own subprocess, exactly as a user would run it; the subprocesses of
-the whole table run a few at a time in one module fixture (each needs 3-6 s, mostly importing torch and
-diffusers), and one test per row checks its result. TOLERATED lists the inputs that must NOT stop a run
-(some undecodable images, xformers asked for where it cannot run): exit 0 and a warning naming them.
+line must hold); TOLERATED lists inputs that must NOT stop a run (some undecodable images, xformers asked
+for where it cannot run): exit 0 and a warning naming them. Every row is its own process running the entry
+point's command line. Started plainly, each would spend 3-6 s importing torch and diffusers, so the rows run
+as children forked (a few at a time) from one process that has imported them once (`run_forked`);
+test_forked_runs_match_real_command_lines runs one row per entry point as a plain `python ...` command
+and checks that it ends exactly like its forked run (exit code and stderr).
 """
-
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = 4
-PARALLEL = 3  # subprocesses at a time: they mostly wait on imports and file reads
+PARALLEL = 3  # forked rows at a time
 
 ENTRY_POINTS = {
     "sd": ["train_lcm_distill_sd.py"],
@@ -164,7 +165,8 @@ def command(entry: str, flags: dict, assets: str, world: str, out: str) -> list[
 def _copy_images(src: str, dst: str, n: int, corrupt: int, caption_key: str = "text") -> None:
     """An imagefolder of n toy images (the last `corrupt` of them garbage bytes with a .png name)."""
     os.makedirs(dst)
-    rows = [json.loads(line) for line in open(os.path.join(src, "metadata.jsonl"))][:n]
+    with open(os.path.join(src, "metadata.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:n]
     with open(os.path.join(dst, "metadata.jsonl"), "w") as f:
         for i, row in enumerate(rows):
             if i >= n - corrupt:
@@ -210,7 +212,7 @@ def assets(toy_world, tmp_path_factory) -> str:
     _lora_file(toy_world, "sdxl", os.path.join(t, "sdxl_lora.safetensors"))
     _lora_file(toy_world, "flux", os.path.join(t, "flux_rank8.safetensors"), rank=8)
     for src, dst in [("sd_lora", "truncated"), ("flux_rank8", "truncated_flux")]:
-        data = open(os.path.join(t, f"{src}.safetensors"), "rb").read()
+        data = (root / f"{src}.safetensors").read_bytes()
         (root / f"{dst}.safetensors").write_bytes(data[: len(data) // 2])
     from safetensors.torch import load_file
 
@@ -221,32 +223,120 @@ def assets(toy_world, tmp_path_factory) -> str:
     return t
 
 
+def run_forked(jobs: list[dict], parallel: int = PARALLEL) -> dict:
+    """Run `python ARGV` for every job, `parallel` at a time, as children forked from one process that has
+    imported torch, diffusers and the toolkit once (most of a 3-6 s start); returns {key: exit code} and writes
+    each job's stdout and stderr to its files. A child runs the entry point exactly as the interpreter would
+    (runpy as __main__, SystemExit -> exit code, an uncaught exception -> traceback and 1, atexit handlers)."""
+    import atexit
+    import runpy
+    import traceback
+
+    def child(job: dict) -> None:
+        code = 1
+        try:
+            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            os.chdir(ROOT)
+            argv = job["argv"]
+            here = os.path.dirname(os.path.abspath(__file__))  # the driver's own folder is no entry point's
+            sys.path[:] = [ROOT] + [p for p in sys.path if p not in (ROOT, here, "")]
+            try:
+                if argv[0] == "-m":
+                    sys.argv = [argv[1], *argv[2:]]
+                    sys.modules.pop(argv[1], None)  # `python -m` runs a module not imported before
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = list(argv)
+                    runpy.run_path(argv[0], run_name="__main__")
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, (int, type(None))):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            atexit._run_exitfuncs()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    codes, running, queue = {}, {}, list(jobs)
+    while queue or running:
+        while queue and len(running) < parallel:
+            job = queue.pop(0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                child(job)
+            running[pid] = job["key"]
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    return codes
+
+
+def serve(jobs_file: str) -> None:
+    """`python tests/test_bad_input.py JOBS.json`: import what the entry points import, then run_forked.
+
+    What the imports print on stderr is reported: a real command line would print it too."""
+    import importlib
+
+    with open(jobs_file) as f:
+        jobs = json.load(f)
+    sys.path.insert(0, ROOT)
+    saved = os.dup(2)
+    with open(jobs_file + ".preload-stderr", "w") as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            for name in ("utils", "utils.training", "utils.models", "utils.data", "utils.lora", "utils.checkpoint",
+                         "utils.evaluate", "utils.tlcm", "utils.ema", "utils.losses", "paras", "accelerate",
+                         "datasets", "peft"):
+                importlib.import_module(name)  # what the entry points import at their top, nothing lazy
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+    with open(jobs_file + ".codes", "w") as f:
+        json.dump(run_forked(jobs), f)
+
+
 @pytest.fixture(scope="module")
 def results(toy_world, assets, tmp_path_factory) -> dict:
-    """(entry, case) -> (exit code, stdout, stderr, output path) of every row of CASES and TOLERATED, run in parallel."""
+    """(entry, case) -> (exit code, stdout, stderr, output path) of every row of CASES and TOLERATED."""
     outs = tmp_path_factory.mktemp("bad_input_out")
+    jobs = []
+    for entry, case, flags, _ in sorted(TOLERATED + CASES, key=lambda r: r in CASES):  # the long runs first
+        key = f"{entry}-{case}"
+        jobs.append({"key": key, "argv": command(entry, flags, assets, toy_world, str(outs / key))[1:],
+                     "stdout": str(outs / f"{key}.stdout"), "stderr": str(outs / f"{key}.stderr")})
+    jobs_file = str(outs / "jobs.json")
+    with open(jobs_file, "w") as f:
+        json.dump(jobs, f)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), jobs_file], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
-    def run(row):
-        entry, case, flags = row[:3]
-        out = str(outs / f"{entry}-{case}")
-        proc = subprocess.run(command(entry, flags, assets, toy_world, out), capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=600)
-        return (entry, case), (proc.returncode, proc.stdout, proc.stderr, out)
+    def read(path: str) -> str:
+        with open(path) as f:
+            return f.read()
 
-    rows = sorted(TOLERATED + CASES, key=lambda r: r in CASES)  # the long runs first
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        return dict(pool.map(run, rows))
+    preload = read(jobs_file + ".preload-stderr")
+    assert not preload.strip(), f"importing the libraries prints on stderr: {preload[-2000:]}"
+    codes = json.loads(read(jobs_file + ".codes"))
+    return {tuple(job["key"].split("-", 1)): (codes[job["key"]], read(job["stdout"]), read(job["stderr"]),
+                                              str(outs / job["key"])) for job in jobs}
 
 
 @pytest.mark.parametrize("entry, case, flags, needle", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(results, entry, case, flags, needle):
-    code, stdout, stderr, out = results[(entry, case)]
+    code, _, stderr, out = results[(entry, case)]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr[-3000:]
-    leftovers = os.listdir(out) if os.path.isdir(out) else []
-    assert not os.path.exists(out) or not leftovers, leftovers
+    assert not os.path.exists(out), os.listdir(out) if os.path.isdir(out) else out  # not even an empty folder
 
 
 @pytest.mark.parametrize("entry, case, flags, needle", TOLERATED, ids=[f"{c[0]}-{c[1]}" for c in TOLERATED])
@@ -288,3 +378,92 @@ def test_xformers_request_without_cuda_warns_and_keeps_sdpa(caplog, monkeypatch)
     with caplog.at_level("WARNING"):
         training.enable_xformers(Model(), True)
     assert "--enable_xformers_memory_efficient_attention" in caplog.text and "SDPA" in caplog.text
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, capsys):
+    """Two good steps, then the loss turns NaN for good: the updates are skipped, and --max_nan_steps (3) in a
+    row end the run with exit 2; the weights and the last checkpoint are those of step 2."""
+    import argparse
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from utils import checkpoint, training
+
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+        params = list(model.parameters())
+        calls, weights = [], {}
+
+        def loss_fn(batch):
+            calls.append(1)
+            loss = model(torch.ones(1, 2)).sum() ** 2
+            return loss if len(calls) <= 2 else loss * float("nan")
+
+        def after_step():
+            weights[len(calls)] = [p.detach().clone() for p in params]
+
+        args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint=None, max_train_steps=10,
+                                  checkpointing_steps=1, checkpoints_total_limit=None, validation_steps=100,
+                                  max_nan_steps=3, validation_prompts=None, max_grad_norm=1.0, train_batch_size=1)
+        batches = [{"captions": ["a red circle"], "num_skipped": 0}] * 10
+        with pytest.raises(SystemExit) as info:
+            training.run_training(accelerator, args, batches, model, params, optimizer, schedule, loss_fn,
+                                  after_step=after_step)
+    finally:
+        AcceleratorState._reset_state(True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err[-1].startswith("error: 3 consecutive non-finite steps (--max_nan_steps)")
+    assert len(calls) == 5 and list(weights) == [1, 2]  # 2 updates, then 3 skipped ones
+    assert all(torch.equal(p, w) for p, w in zip(params, weights[2]))
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_fewer_webdataset_shards_than_processes_is_refused(toy_world, capsys):
+    """Each process streams whole shards: with fewer shards than processes one would get no data and wait forever."""
+    import argparse
+    from types import SimpleNamespace
+
+    from utils import training
+
+    shard = os.path.join(toy_world, "data/shards/shard-000000.tar")
+    args = argparse.Namespace(dataset_name=None, train_data_dir=None, train_shards_path_or_url=shard,
+                              image_column="image", caption_column="text", max_train_samples=None, cache_dir=None,
+                              seed=0, resolution=32, center_crop=False, random_flip=False, train_batch_size=2,
+                              dataloader_num_workers=0, max_train_steps=2, gradient_accumulation_steps=1)
+    with pytest.raises(SystemExit) as info:
+        training.make_train_data(args, SimpleNamespace(num_processes=2))
+    assert info.value.code == 2 and "(--train_shards_path_or_url)" in capsys.readouterr().err
+    assert training.make_train_data(args, SimpleNamespace(num_processes=1)) is not None
+
+
+# one row per entry point, also run as a plain `python ...` command line: the forked runs must match them
+REAL = ["sd-missing-model", "lora-wrong-architecture", "tlcm-resolution", "infer-lora-truncated",
+        "convert-output-not-writable", "eval-steps-1001"]
+
+
+def test_forked_runs_match_real_command_lines(results, toy_world, assets, tmp_path):
+    rows = {f"{r[0]}-{r[1]}": r for r in CASES}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def run(key):
+        entry, case, flags, _ = rows[key]
+        out = str(tmp_path / key)
+        forked = results[(entry, case)]
+        proc = subprocess.run(command(entry, flags, assets, toy_world, out), capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=600)
+        return key, (proc.returncode, proc.stderr.replace(out, forked[3])), forked[:3:2]
+
+    with ThreadPoolExecutor(2) as pool:
+        for key, real, forked in pool.map(run, REAL):
+            assert real == forked, key
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

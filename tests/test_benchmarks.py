@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from helpers import unet_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -92,21 +93,6 @@ def test_inference_counts_network_evaluations(toy_world, capsys, teacher, teache
     (versus,) = s["vs_teacher"]
     assert versus["eval_ratio"] == teacher_evals / 4
     assert versus["speed_ratio"] == pytest.approx(t["ms_per_image"] / s["ms_per_image"])
-
-
-def unet_output(unet, seed: int = 0, zero_cond: bool = False) -> torch.Tensor:
-    """The UNet at fixed random inputs; zero_cond: a UNet without guidance input, compared to one with it."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    emb = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
-    kw = {}
-    if unet.config.addition_embed_type == "text_time":
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g),
-                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
-    if unet.config.time_cond_proj_dim is not None and not zero_cond:
-        kw["timestep_cond"] = torch.randn(2, unet.config.time_cond_proj_dim, generator=g)
-    with torch.no_grad():
-        return unet(x, torch.tensor([999, 259]), emb, **kw).sample
 
 
 @pytest.mark.parametrize("recipe, teacher, kind", [("train_lcm_distill_lora_sdxl.py", "sdxl", "lora"),

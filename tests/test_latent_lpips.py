@@ -11,8 +11,19 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.latent_lpips import (EnsembledLatentLPIPS, LatentLPIPS, ReferenceDistance, evaluate, fit, make_judgments,
-                                load_any_vae, load_imagefolder, load_judge, shift_indices, translate)
+from utils.latent_lpips import (
+    EnsembledLatentLPIPS,
+    LatentLPIPS,
+    ReferenceDistance,
+    evaluate,
+    fit,
+    load_any_vae,
+    load_imagefolder,
+    load_judge,
+    make_judgments,
+    shift_indices,
+    translate,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

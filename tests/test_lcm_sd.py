@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from helpers import kill_while_saving, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train_lcm_distill_sd.py")
@@ -25,11 +24,7 @@ def base_args(world: str, out: str) -> list[str]:
 
 
 def run(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script("train_lcm_distill_sd.py", args, env, check)
 
 
 def unet_state(folder: str) -> dict:
@@ -75,15 +70,8 @@ def test_killed_run_resumed_ends_with_the_same_weights(toy_world, tmp_path):
     run(base_args(toy_world, straight) + args)
 
     crashed = str(tmp_path / "crashed")
-    proc = subprocess.Popen([sys.executable, SCRIPT, *base_args(toy_world, crashed), *args], cwd=ROOT,
-                            env={**os.environ, "DISTILL_FAULT_DURING_SAVE": "4"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(crashed, "checkpoint-4.partial")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the injected fault"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_while_saving("train_lcm_distill_sd.py", base_args(toy_world, crashed) + args,
+                      os.path.join(crashed, "checkpoint-4.partial"))
     assert sorted(d for d in os.listdir(crashed) if d.startswith("checkpoint-") and "." not in d) == ["checkpoint-2"]
 
     run(base_args(toy_world, crashed) + args + ["--resume_from_checkpoint", "latest"])
@@ -118,10 +106,10 @@ def test_bad_input_is_one_line_error(toy_world, tmp_path, extra, needle):
 def recipe(toy_world, tmp_path_factory):
     """The recipe's pieces, built on the toy SD teacher, plus one fixed batch."""
     sys.path.insert(0, ROOT)
-    import train_lcm_distill_sd as lcm
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
+    import train_lcm_distill_sd as lcm
     from utils import data, models
     from utils.solvers import ddim_timesteps
 

@@ -9,7 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from utils.consistency import consistency_fn, guidance_scale_embedding, scalings_for_boundary_conditions
+from utils.consistency import (
+    consistency_fn,
+    guidance_scale_embedding,
+    scalings_for_boundary_conditions,
+)
 from utils.ema import ema_update
 from utils.losses import consistency_loss, l2_loss, pseudo_huber_loss
 from utils.solvers import (

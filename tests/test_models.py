@@ -8,8 +8,15 @@ import os
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DiffusionPipeline, FluxPipeline, FluxTransformer2DModel,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 
 from utils import models
 from utils.errors import UserError

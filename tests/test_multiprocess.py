@@ -153,6 +153,8 @@ def test_lcm_lora_with_two_processes(toy_world, tmp_path):
     script = "train_lcm_distill_lora_sdxl.py"
     args = ["--pretrained_teacher_model", os.path.join(toy_world, "models/sdxl"), *common(toy_world),
             "--lora_rank", "4", "--learning_rate", "1e-3", "--report_to", "none"]
+    i = args.index("--max_train_steps")  # one epoch instead: each process's half of it is STEPS batches
+    args[i:i + 2] = ["--num_train_epochs", "1"]
     straight, log = str(tmp_path / "straight"), str(tmp_path / "batches")
     output = launch(script, args + ["--output_dir", straight], log)
 

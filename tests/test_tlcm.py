@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from helpers import kill_while_saving, run_script
 
 from utils import tlcm
 from utils.solvers import flow_renoise
@@ -135,11 +133,7 @@ def base_args(world: str, out: str) -> list[str]:
 
 
 def run(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script("train_tlcm_flux.py", args, env, check)
 
 
 def adapter(folder: str) -> dict:
@@ -218,15 +212,8 @@ def test_killed_stage2_resumes_to_the_same_lora(toy_world, tmp_path):
     run(base_args(toy_world, straight) + args)
 
     crashed = str(tmp_path / "crashed")
-    proc = subprocess.Popen([sys.executable, SCRIPT, *base_args(toy_world, crashed), *args], cwd=ROOT,
-                            env={**os.environ, "DISTILL_FAULT_DURING_SAVE": "4"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(crashed, "stage2", "checkpoint-4.partial")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the injected fault"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_while_saving("train_tlcm_flux.py", base_args(toy_world, crashed) + args,
+                      os.path.join(crashed, "stage2", "checkpoint-4.partial"))
     assert not os.path.exists(os.path.join(crashed, "adapter_model.safetensors"))  # no final output yet
     assert sorted(d for d in os.listdir(os.path.join(crashed, "stage2")) if "." not in d) == ["checkpoint-2"]
 

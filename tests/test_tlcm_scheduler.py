@@ -33,13 +33,7 @@ PROMPT = "a large red circle on a white background"
 FLUX_KW = {"height": 32, "width": 32, "max_sequence_length": 16, "output_type": "latent"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls are far faster on one thread; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(toy_world: str, name: str) -> str:

@@ -50,6 +50,7 @@ LCM_LORA_TARGETS = [
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 ]
 DIFFUSERS_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP attention, as diffusers' scripts
 FLUX_LORA_TARGETS = [
     "to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "context_embedder", "x_embedder", "linear", "linear_1", "linear_2", "proj_mlp",
@@ -61,6 +62,8 @@ DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
 FORMATS = ("diffusers", "peft", "kohya")
 KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer"}
+# kohya's text-encoder prefixes: `lora_te` for SD 1.x's one encoder, `lora_te1` / `lora_te2` for SDXL's two
+KOHYA_TEXT_ENCODER_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 ALPHAS_METADATA_KEY = "lora_alphas"
 _PEFT_PREFIX = "base_model.model."
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
@@ -126,19 +129,36 @@ def _fold_scale(sd: Mapping[str, torch.Tensor], factors: Mapping[str, float]) ->
 # ----------------------------------------------------------------------------- saving
 
 
-def save_diffusers_lora(model: nn.Module, out_dir: str, component: str = "unet",
-                        adapter_name: str = "default") -> str:
-    """Write `pytorch_lora_weights.safetensors` loadable by the pipeline's `load_lora_weights` (scale folded in)."""
-    from diffusers import FluxPipeline, StableDiffusionPipeline
-
+def _diffusers_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's PEFT-keyed weights with each module's scale alpha / r folded into lora_B (diffusers' alpha = r)."""
     sd = _fold_scale(lora_state_dict(model, adapter_name), lora_scalings(model, adapter_name))
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _text_model_keys(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """A CLIP text encoder's LoRA keys (or module names) under `text_model.`: recent transformers flatten CLIPTextModel (no
+    `text_model` level), while diffusers, kohya and older transformers name its modules `text_model.encoder...`."""
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}
+
+
+def save_diffusers_lora(model: nn.Module, out_dir: str, component: str = "unet", adapter_name: str = "default",
+                        text_encoders: Mapping[str, nn.Module] | None = None) -> str:
+    """Write `pytorch_lora_weights.safetensors` loadable by the pipeline's `load_lora_weights` (scale folded in).
+
+    text_encoders: {"text_encoder": ..., "text_encoder_2": ...} whose LoRA goes into the same file (UNet only).
+    """
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
     # Keys stay in PEFT naming (`lora_A`/`lora_B`), as diffusers' current training scripts save them:
     # `convert_state_dict_to_diffusers` renames only attention projections (`lora.down`), and diffusers reads
     # a file mixing both namings as PEFT, silently skipping the renamed modules.
-    layers = {k: v.detach().contiguous() for k, v in sd.items()}
+    layers = _diffusers_layers(model, adapter_name)
+    encoders = {f"{name}_lora_layers": _text_model_keys(_diffusers_layers(enc, adapter_name))
+                for name, enc in (text_encoders or {}).items()}
     if component == "unet":
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers)
-    elif component == "transformer":
+        pipeline = StableDiffusionXLPipeline if "text_encoder_2_lora_layers" in encoders else StableDiffusionPipeline
+        pipeline.save_lora_weights(out_dir, unet_lora_layers=layers, **encoders)
+    elif component == "transformer" and not encoders:
         FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=layers)
     else:
         raise UserError(f"unknown LoRA component {component!r}: use 'unet' or 'transformer'")
@@ -289,6 +309,10 @@ def read_lora(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     """PEFT state dict, per-module alphas and format of a LoRA (file or folder, any format), checked against the model."""
     path = find_lora_file(path)
     raw, metadata = _read_safetensors(path)
+    encoder_key = next((k for k in raw if k.startswith(("text_encoder", "lora_te"))), None)
+    if encoder_key is not None:
+        raise UserError(f"LoRA file {path} holds a text-encoder LoRA ({encoder_key!r}); only UNet and "
+                        "transformer LoRAs are supported here (load it with diffusers' load_lora_weights)")
     fmt = detect_format(raw)
     if fmt == "kohya":
         sd, alphas = from_kohya(raw, model)
@@ -442,16 +466,24 @@ def lora_alphas(model: nn.Module, adapter_name: str = "default") -> dict[str, fl
             if isinstance(m, LoraLayer) and adapter_name in m.lora_alpha}
 
 
-def save_lora_outputs(model: nn.Module, out_dir: str, component: str = "unet", peft_dir: str | None = None) -> None:
+def save_lora_outputs(model: nn.Module, out_dir: str, component: str = "unet", peft_dir: str | None = None,
+                      text_encoders: Mapping[str, nn.Module] | None = None) -> None:
     """The LoRA recipes' final files: diffusers and kohya files in out_dir, the PEFT folder in peft_dir.
 
-    peft_dir defaults to `out_dir/<component>` (train_lcm_distill_lora_sdxl.py's layout).
+    peft_dir defaults to `out_dir/<component>` (train_lcm_distill_lora_sdxl.py's layout). text_encoders
+    ({"text_encoder": ..., "text_encoder_2": ...}, with their LoRA) join the diffusers and kohya files
+    (kohya prefix `lora_te` for one encoder, `lora_te1`/`lora_te2` for two) and get PEFT folders `out_dir/<name>`.
     """
     if component not in KOHYA_PREFIX:
         raise UserError(f"unknown LoRA component {component!r}: use 'unet' or 'transformer'")
-    save_diffusers_lora(model, out_dir, component)
+    text_encoders = dict(text_encoders or {})
+    save_diffusers_lora(model, out_dir, component, text_encoders=text_encoders)
     save_peft_adapter(model, peft_dir or os.path.join(out_dir, component))
     kohya = to_kohya(lora_state_dict(model), lora_alphas(model), KOHYA_PREFIX[component])
+    for name, enc in text_encoders.items():
+        save_peft_adapter(enc, os.path.join(out_dir, name))
+        prefix = "lora_te" if len(text_encoders) == 1 else KOHYA_TEXT_ENCODER_PREFIX[name]
+        kohya.update(to_kohya(_text_model_keys(lora_state_dict(enc)), _text_model_keys(lora_alphas(enc)), prefix))
     save_file({k: v.detach().contiguous() for k, v in kohya.items()}, os.path.join(out_dir, KOHYA_WEIGHTS_NAME))
 
 

@@ -303,7 +303,7 @@ class TrainingRNG:
 
     def state_dict(self) -> dict:
         state = self.generator.get_state()
-        rank, world = self._world()
+        _, world = self._world()
         if world == 1:
             return {"state": state}
         states: list = [None] * world
@@ -339,6 +339,16 @@ def apply_gradients(accelerator, loss: torch.Tensor, params: list[torch.nn.Param
     Returns False when the update was skipped because of a non-finite value.
     """
     accelerator.backward(loss)
+    if getattr(accelerator, "scaler", None) is not None and bool(torch.isfinite(loss.detach())):
+        # fp16 loss scaling: an overflowing gradient is expected now and then, and the grad scaler
+        # owns it (it skips that step and lowers the scale); skipping here instead would never let
+        # the scale come down, so every later step would overflow too
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first
+        optimizer.step()
+        lr_scheduler.step()  # accelerate's scheduler wrapper does not step after a skipped update
+        optimizer.zero_grad(set_to_none=True)
+        return True
     finite = bool(torch.isfinite(loss.detach())) and grads_are_finite(params)
     if accelerator.num_processes > 1:  # all processes must skip or step together, or the replicas drift apart
         votes = accelerator.reduce(torch.tensor([float(finite)], device=accelerator.device), reduction="sum")
@@ -414,7 +424,8 @@ def run_training(accelerator, args: argparse.Namespace, dataloader, model, param
             batches_done += 1
             skipped_images += batch["num_skipped"]
             if batch_log is not None:
-                batch_log.write(json.dumps({"epoch": epoch, "batch": batches_done, "captions": batch["captions"]}) + "\n")
+                entry = {"epoch": epoch, "batch": batches_done, "captions": batch["captions"]}
+                batch_log.write(json.dumps(entry) + "\n")
                 batch_log.flush()
             if len(batch["captions"]) == 0:
                 continue
@@ -432,6 +443,7 @@ def run_training(accelerator, args: argparse.Namespace, dataloader, model, param
                 nan_streak += 1
                 logger.warning(f"step {global_step}: non-finite loss or gradients, update skipped ({nan_streak} in a row)")
                 if nan_streak >= args.max_nan_steps:
+                    progress.close()  # the error gets a line of its own
                     fail(f"{nan_streak} consecutive non-finite steps (--max_nan_steps); the last good checkpoint "
                          f"is kept in {args.output_dir}")
                 continue
