@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None = None):
     e.add_argument("--extras_steps", type=int, default=500, help="optimizer steps of the extras stage")
     e.add_argument("--extras_learning_rate", type=float, default=1e-5, help="learning rate of the extras stage")
     training.add_training_args(parser)
+    for action in parser._actions:  # the loop's shared flags this recipe replaces with per-stage ones
+        if action.dest in ("learning_rate", "max_train_steps", "num_train_epochs"):
+            action.help = "not used here: see --stage1_steps/--stage2_steps/--extras_steps and their learning rates"
     parser.set_defaults(learning_rate=None, train_batch_size=8)
     args = parser.parse_args(argv)
     if args.learning_rate is not None or args.max_train_steps is not None:
