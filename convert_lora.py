@@ -25,8 +25,6 @@ from utils.errors import UserError, user_errors
 
 _NAMED = re.compile(r"\((--[\w-]+|[A-Z]+)\)")  # a message that already names its flag or positional argument
 SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-TARGET_PRESETS = {"lcm": lora.LCM_LORA_TARGETS, "diffusers": lora.DIFFUSERS_LORA_TARGETS,
-                  "flux": lora.FLUX_LORA_TARGETS}
 
 
 def parse_args(argv: list[str] | None = None):
@@ -178,8 +176,7 @@ def from_checkpoint(args) -> None:
         if args.lora_target_modules == "auto":
             targets = lora.infer_targets(set(lora.lora_ranks(lora_sd)), model)
         else:
-            targets = TARGET_PRESETS.get(args.lora_target_modules,
-                                         [t.strip() for t in args.lora_target_modules.split(",") if t.strip()])
+            targets = lora.resolve_targets(args.lora_target_modules)
         lora.add_lora_from_state(model, lora_sd, args.lora_alpha, targets, args.lora_dropout)
         # train_lcm_distill_lora_sdxl.py keeps the PEFT folder in out/unet; FLUX LoRA runs keep it in out/.
         with lora.staged_output(args.output_dir, args.overwrite) as tmp:

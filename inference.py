@@ -357,17 +357,15 @@ def load_pipeline(path: str, dtype: Any, variant: str | None, revision: str | No
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from utils.models import _first_line
+    from utils.models import _from_pretrained
 
     diffusers_logging.disable_progress_bar()  # the per-component loading bars; sampling keeps its bar
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # notes about optional image-processor backends
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, variant=variant, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: could not load the pipeline (--base_model_path): {_first_line(exc)}") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return _from_pretrained(DiffusionPipeline, path, "--base_model_path", torch_dtype=dtype, variant=variant,
+                                revision=revision)
 
 
 def enable_attention(pipe: Any, requested: bool, device: Any, console: Console) -> None:

@@ -45,29 +45,20 @@ from utils.solvers import (
 )
 
 logger = logging.getLogger("train_lcm_distill_lora_sdxl")
-TARGET_PRESETS = {"lcm": lora.LCM_LORA_TARGETS, "diffusers": lora.DIFFUSERS_LORA_TARGETS}
 
 
 def parse_args(argv: list[str] | None = None):
     parser = training.Parser(description=__doc__.split("\n\n")[0])
     m = training.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline: hub id or local diffusers folder")
-    m.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r (default: %(default)s)")
-    m.add_argument("--lora_alpha", type=float, default=lora.DEFAULT_LORA_ALPHA,
-                   help="LoRA alpha; scale = alpha / r. 8 matches PEFT's default, so a LoraConfig(r=...) "
-                        "without alpha loads our files with the trained scale (default: %(default)s)")
-    m.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
-    m.add_argument("--lora_target_modules", default="lcm",
-                   help='"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet convs, '
-                        'up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), or a comma list')
+    training.add_lora_args(m, "lcm", '"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet '
+                                     'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
+                                     'or a comma list')
     m.add_argument("--train_text_encoder_lora", action="store_true",
                    help="also train a LoRA on the text encoders' attention projections (q/k/v/out_proj; SDXL: both "
                         "encoders): the student conditions on the adapted encoders, the teacher on the base ones. "
                         "Off by default (LCM-LoRA adapts the UNet only)")
     m.add_argument("--text_encoder_lora_rank", type=int, default=None,
                    help="rank of the text-encoder LoRA (default: --lora_rank)")
-    m.add_argument("--ema_decay", type=float, default=0.0,
-                   help="target = EMA of the LoRA with this decay (0: the online student under stop-grad, as in "
-                        "LCM-LoRA; default: %(default)s)")
     m.add_argument("--uncond", default="zeros", choices=["zeros", "empty"],
                    help="the teacher's unconditional input: all-zero embeddings (SDXL's default) or the empty prompt")
     training.add_data_args(parser, resolution=1024)
@@ -76,16 +67,11 @@ def parse_args(argv: list[str] | None = None):
     parser.set_defaults(learning_rate=1e-4)
     args = parser.parse_args(argv)
     training.check_lcm_args(args)
-    if args.lora_rank < 1:
-        fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    training.check_lora_args(args, presets=("lcm", "diffusers"))
     if args.text_encoder_lora_rank is None:
         args.text_encoder_lora_rank = args.lora_rank
     elif args.text_encoder_lora_rank < 1:
         fail(f"--text_encoder_lora_rank must be at least 1, got {args.text_encoder_lora_rank}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        fail(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
-    args.lora_targets = TARGET_PRESETS.get(args.lora_target_modules,
-                                           [t.strip() for t in args.lora_target_modules.split(",") if t.strip()])
     training.check_training_args(args)
     return args
 
@@ -122,10 +108,8 @@ def add_text_encoder_lora(args, arch, encoders) -> None:
         if arch == "sdxl" and i == 0:
             last = f".layers.{enc.config.num_hidden_layers - 1}."
             targets = sorted(n for n in lora.targeted_modules(enc, targets) if last not in n)
-        lora.add_lora(enc, args.text_encoder_lora_rank, args.lora_alpha, targets, args.lora_dropout)
-        for p in enc.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        lora.add_trainable_lora(enc, args.text_encoder_lora_rank, args.lora_alpha, targets, args.lora_dropout,
+                                "--train_text_encoder_lora")
 
 
 class _Prepared:
@@ -158,13 +142,7 @@ def main(args) -> None:
         enc.to(accelerator.device, dtype)
     unet = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant).requires_grad_(False)
     unet.to(accelerator.device, dtype)
-    try:
-        lora.add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    except ValueError as exc:
-        fail(f"--lora_target_modules {args.lora_target_modules}: {str(exc).splitlines()[0]}")
-    for p in unet.parameters():  # the LoRA trains in fp32 even when the frozen base is fp16/bf16
-        if p.requires_grad:
-            p.data = p.data.float()
+    lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
         add_text_encoder_lora(args, arch, encoders)
     training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)

@@ -50,13 +50,8 @@ STAGES = {"1": ["1"], "2": ["2"], "extras": ["extras"], "all": ["1", "2"]}
 def parse_args(argv: list[str] | None = None):
     parser = training.Parser(description=__doc__.split("\n\n")[0])
     m = training.add_teacher_args(parser, "FLUX pipeline: hub id or local diffusers folder (FluxTransformer2DModel)")
-    m.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r (default: %(default)s)")
-    m.add_argument("--lora_alpha", type=float, default=lora.DEFAULT_LORA_ALPHA,
-                   help="LoRA alpha, scale alpha / r; 8 is what seed 003's LoraConfig(r=64) loads with (default: 8)")
-    m.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
-    m.add_argument("--lora_target_modules", default="flux",
-                   help='"flux" (the released TLCM FLUX list: attention, projections, feed-forwards, embedders, '
-                        'norm linears) or a comma-separated list of module names')
+    training.add_lora_args(m, "flux", '"flux" (the released TLCM FLUX list: attention, projections, feed-forwards, '
+                                      'embedders, norm linears) or a comma-separated list of module names')
     m.add_argument("--guidance_scale", type=float, default=5.0,
                    help="CFG scale of a teacher WITHOUT guidance embedding: v = v_u + g (v_c - v_u) (default: 5)")
     m.add_argument("--teacher_guidance", type=float, default=3.5,
@@ -93,9 +88,6 @@ def parse_args(argv: list[str] | None = None):
                    help="folder of a latent LPIPS net (utils/latent_lpips.py) whose channels match the VAE latents")
     t.add_argument("--lpips_augmentations", type=int, default=4,
                    help="ensembled latent LPIPS: random augmentations averaged per call (0: plain; default: 4)")
-    t.add_argument("--ema_decay", type=float, default=0.0,
-                   help="target = EMA of the LoRA with this decay (0: the online student under stop-grad, "
-                        "as in the paper; our option)")
 
     e = parser.add_argument_group("optional extras (run after stage 2; our choices where the paper is silent)")
     e.add_argument("--reward_model", default=None,
@@ -117,8 +109,6 @@ def parse_args(argv: list[str] | None = None):
              "--extras_steps and --stage1_learning_rate/--stage2_learning_rate/--extras_learning_rate")
     if bool(args.prompts_file) == bool(args.dataset_name):
         fail("give exactly one prompt source: --prompts_file or --dataset_name")
-    if args.lora_rank < 1:
-        fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
     if not 1 <= args.num_segments <= 1000 or args.skip <= 0 or args.skip > 1000 / args.num_segments:
         fail(f"--skip {args.skip} must be in (0, T/M = {1000 / args.num_segments:g}] (--num_segments {args.num_segments})")
     for name in ("stage1_steps", "stage2_steps", "extras_steps", "stage2_student_steps", "stage2_teacher_substeps"):
@@ -126,13 +116,10 @@ def parse_args(argv: list[str] | None = None):
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.loss_type == "lpips" and not args.latent_lpips_path:
         fail("--loss_type lpips needs --latent_lpips_path (a latent LPIPS folder)")
-    if not 0.0 <= args.ema_decay < 1.0:
-        fail(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.stages = STAGES[args.stage] + (["extras"] if args.stage == "all" and args.reward_model else [])
     if "extras" in args.stages and not args.reward_model:
         fail("--stage extras needs an extra: --reward_model")
-    args.lora_targets = (lora.FLUX_LORA_TARGETS if args.lora_target_modules == "flux"
-                         else [x.strip() for x in args.lora_target_modules.split(",") if x.strip()])
+    training.check_lora_args(args, presets=("flux",))
     args.learning_rate = args.stage1_learning_rate  # checked below; each stage sets its own
     training.check_training_args(args)
     return args
@@ -160,13 +147,7 @@ def main(args) -> None:
         enc.to(device, dtype)
     transformer = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant)
     transformer.requires_grad_(False).to(device, dtype)
-    try:
-        lora.add_lora(transformer, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    except ValueError as exc:
-        fail(f"--lora_target_modules {args.lora_target_modules}: {str(exc).splitlines()[0]}")
-    for p in transformer.parameters():  # the LoRA trains in fp32 even when the frozen base is bf16
-        if p.requires_grad:
-            p.data = p.data.float()
+    lora.add_trainable_lora(transformer, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     training.enable_xformers(transformer, args.enable_xformers_memory_efficient_attention)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -379,19 +360,14 @@ def make_distance(args, channels: int, latent_side: int, device):
 
 def decode(vae, packed: torch.Tensor, latent_side: int) -> torch.Tensor:
     """Images in [-1, 1] from packed, scaled FLUX latents (differentiable)."""
-    z = models.unpack_latents(packed, latent_side, latent_side)
-    z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    return vae.decode(z.to(vae.dtype)).sample.clamp(-1, 1)
+    return models.decode_latents(vae, models.unpack_latents(packed, latent_side, latent_side))
 
 
 def save_lora(transformer, out_dir: str) -> None:
     """PEFT folder + diffusers file + kohya file, written to a temporary folder and renamed when complete."""
-    partial = out_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    lora.save_lora_outputs(transformer, partial, "transformer", peft_dir=partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    with lora.staged_output(out_dir, overwrite=True) as partial:
+        os.makedirs(partial)
+        lora.save_lora_outputs(transformer, partial, "transformer", peft_dir=partial)
 
 
 def write_card(args) -> None:

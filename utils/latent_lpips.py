@@ -368,10 +368,9 @@ def vae_latents(vae: Any, images: Tensor, batch_size: int = 256) -> Tensor:
 
 def vae_decode(vae: Any, latents: Tensor, batch_size: int = 256) -> Tensor:
     """Images in [-1, 1] from latents on the latent LPIPS scale."""
-    shift = vae.config.get("shift_factor") or 0.0
-    out = [vae.decode(chunk / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
-           for chunk in latents.split(batch_size)]
-    return torch.cat(out)
+    from .models import decode_latents
+
+    return torch.cat([decode_latents(vae, chunk) for chunk in latents.split(batch_size)])
 
 
 # ============================================================================ the reference distance

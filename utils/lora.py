@@ -57,6 +57,9 @@ FLUX_LORA_TARGETS = [
     "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj", "ff_context.net.2",
 ]
 
+# the names --lora_target_modules accepts besides a comma-separated list of module names
+TARGET_PRESETS = {"lcm": LCM_LORA_TARGETS, "diffusers": DIFFUSERS_LORA_TARGETS, "flux": FLUX_LORA_TARGETS}
+
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
@@ -81,6 +84,27 @@ def add_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_LORA_ALPHA, tar
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets or LCM_LORA_TARGETS),
                         lora_dropout=dropout, init_lora_weights=init)
     model.add_adapter(config, adapter_name=adapter_name)
+    return config
+
+
+def resolve_targets(spec: str, presets: tuple[str, ...] = tuple(TARGET_PRESETS)) -> list[str]:
+    """The module names of a --lora_target_modules value: one of `presets`, or a comma-separated list."""
+    if spec in presets:
+        return list(TARGET_PRESETS[spec])
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
+                       flag: str = "--lora_target_modules") -> Any:
+    """add_lora for training: the adapter's weights in fp32 (the frozen base may be fp16/bf16), a bad target
+    list as a one-line UserError naming `flag`."""
+    try:
+        config = add_lora(model, rank, alpha, targets, dropout)
+    except ValueError as exc:
+        raise UserError(f"{flag}: {str(exc).splitlines()[0]}") from None
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     return config
 
 

@@ -116,7 +116,7 @@ def _from_pretrained(cls: Any, path: str, flag: str | None = None, **kwargs: Any
     """cls.from_pretrained(path, **kwargs), with library errors turned into a UserError."""
     try:
         return cls.from_pretrained(path, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: e.g. a variant or dtype the folder does not have
         what = f"{cls.__name__} ({kwargs['subfolder']})" if kwargs.get("subfolder") else cls.__name__
         raise _unloadable(path, exc, what, flag) from exc
 
@@ -314,6 +314,12 @@ def encode_latents(vae: Any, pixel_values: Tensor, batch_size: int, generator: t
     """z = scaling_factor * (a sample of q(z | x)), encoded in chunks of batch_size to bound memory."""
     latents = [vae.encode(chunk).latent_dist.sample(generator) for chunk in pixel_values.split(batch_size)]
     return torch.cat(latents) * vae.config.scaling_factor
+
+
+def decode_latents(vae: Any, latents: Tensor) -> Tensor:
+    """Images in [-1, 1] from latents as the denoiser sees them: vae.decode(z / scaling_factor + shift_factor)."""
+    z = latents / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+    return vae.decode(z.to(vae.dtype)).sample.clamp(-1, 1)
 
 
 def _check_even(height: int, width: int) -> None:

@@ -174,6 +174,14 @@ class _StepIndex:
         """T = num_train_timesteps."""
         return int(self.config.num_train_timesteps)
 
+    def _current_index(self, timestep: float | Tensor) -> int:
+        """The index of this step: the begin index or timestep's index on the first call, then one per step."""
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps before step")
+        if self._step_index is None:
+            self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        return self._step_index
+
 
 @dataclass
 class FlowMatchEulerTLCMSchedulerOutput(BaseOutput):
@@ -328,9 +336,6 @@ class FlowMatchEulerTLCMScheduler(_StepIndex, SchedulerMixin, ConfigMixin):
         """Index i with timesteps[i] == timestep (to within 1e-3)."""
         return _find_index(self.timesteps if schedule_timesteps is None else schedule_timesteps, timestep, 1e-3)
 
-    def _init_step_index(self, timestep: float | Tensor) -> None:
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-
     # -- forward process (img2img) --
 
     def scale_noise(self, sample: Tensor, timestep: float | Tensor, noise: Tensor) -> Tensor:
@@ -358,11 +363,7 @@ class FlowMatchEulerTLCMScheduler(_StepIndex, SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> FlowMatchEulerTLCMSchedulerOutput | tuple[Tensor, Tensor]:
         """x0 = x_t - s_i v; x_{i+1} = (1 - s_{i+1}) x0 + s_{i+1} eps, eps fresh or x_t + (1 - s_i) v (s = sigma)."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         if i + 1 >= len(self.sigmas):
             raise IndexError(f"step {i} is past the end of the schedule ({self.num_inference_steps} steps)")
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -479,11 +480,7 @@ class TLCMScheduler(_StepIndex, SchedulerMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> TLCMSchedulerOutput | tuple[Tensor, Tensor]:
         """x0 from the model output at t_i; z_{i+1} = sqrt(a_s) x0 + sqrt(1 - a_s) eps', s = t_{i+1}; last step -> x0."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
-        if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-        i = self._step_index
+        i = self._current_index(timestep)
         if i >= len(self.timesteps):
             raise IndexError(f"step {i} is past the end of the schedule ({self.num_inference_steps} steps)")
         a_t = float(self.alphas_cumprod[int(self.timesteps[i])])

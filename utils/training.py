@@ -95,6 +95,33 @@ def check_lcm_args(args: argparse.Namespace) -> None:
         fail(f"--num_ddim_timesteps must be in 1..1000, got {args.num_ddim_timesteps}")
 
 
+def add_lora_args(group: argparse._ArgumentGroup, default_targets: str, targets_help: str) -> None:
+    """The LoRA of the LoRA recipes: rank, alpha, dropout, target modules, and an optional EMA target."""
+    from .lora import DEFAULT_LORA_ALPHA
+
+    group.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r (default: %(default)s)")
+    group.add_argument("--lora_alpha", type=float, default=DEFAULT_LORA_ALPHA,
+                       help="LoRA alpha; scale = alpha / r. 8 is PEFT's default, so the published loading snippet "
+                            "(LoraConfig(r=...) without alpha) loads our files with the trained scale "
+                            "(default: %(default)s)")
+    group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
+    group.add_argument("--lora_target_modules", default=default_targets, help=targets_help)
+    group.add_argument("--ema_decay", type=float, default=0.0,
+                       help="target = EMA of the LoRA with this decay (0: the online student under stop-grad, as "
+                            "published; default: %(default)s)")
+
+
+def check_lora_args(args: argparse.Namespace, presets: tuple[str, ...]) -> None:
+    """Reject impossible LoRA settings; fill args.lora_targets from --lora_target_modules (a preset or a list)."""
+    from .lora import resolve_targets
+
+    if args.lora_rank < 1:
+        fail(f"--lora_rank must be at least 1, got {args.lora_rank}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        fail(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    args.lora_targets = resolve_targets(args.lora_target_modules, presets)
+
+
 def add_training_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the optimisation loop, precision, checkpointing and logging (diffusers-example names)."""
     g = parser.add_argument_group("training")
