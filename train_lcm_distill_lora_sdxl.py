@@ -151,11 +151,9 @@ def main(args) -> None:
 
     # ---- data
     dataloader = training.make_train_data(args, accelerator)
-    if args.scale_lr:
-        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     trained_encoders = encoders if args.train_text_encoder_lora else []
     optimizer = training.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
-                                        args)
+                                        args, accelerator.num_processes)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     # prepared encoders are saved in every checkpoint with the UNet and sync their gradients across processes
     unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)

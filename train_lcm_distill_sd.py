@@ -143,9 +143,7 @@ def main(args) -> None:
 
     # ---- data
     dataloader = training.make_train_data(args, accelerator)
-    if args.scale_lr:
-        args.learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = training.make_optimizer(student.parameters(), args)
+    optimizer = training.make_optimizer(student.parameters(), args, accelerator.num_processes)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -329,7 +329,7 @@ def run_stage(args, stage, stage_dir, accelerator, transformer, params, rng, pro
     os.makedirs(stage_dir, exist_ok=True)
     # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
     rng.generator.manual_seed(args.seed * 1000 + accelerator.process_index + 7919 * (1 + list(STAGES).index(stage)))
-    optimizer = training.make_optimizer(params, stage_args)
+    optimizer = training.make_optimizer(params, stage_args, accelerator.num_processes)
     lr_scheduler = training.make_lr_scheduler(optimizer, stage_args, accelerator.num_processes)
     loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
     # a stage's checkpoint holds this stage's optimizer, scheduler and loader only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -34,3 +35,17 @@ def test_fp16_overflow_lowers_the_loss_scale_and_training_recovers():
     assert updated_at is not None and updated_at > 0  # overflowing steps first, then real updates
     assert accelerator.scaler.get_scale() < first_scale
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_scale_lr_multiplies_by_the_samples_per_optimizer_step():
+    import argparse
+
+    from utils.training import make_optimizer
+
+    args = argparse.Namespace(learning_rate=1e-4, scale_lr=True, train_batch_size=4, gradient_accumulation_steps=2,
+                              adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8,
+                              use_8bit_adam=False)
+    params = list(torch.nn.Linear(2, 1).parameters())
+    assert make_optimizer(params, args, num_processes=3).param_groups[0]["lr"] == pytest.approx(1e-4 * 4 * 2 * 3)
+    args.scale_lr = False
+    assert make_optimizer(params, args, num_processes=3).param_groups[0]["lr"] == pytest.approx(1e-4)

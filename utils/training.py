@@ -267,10 +267,17 @@ def enable_xformers(model: Any, requested: bool) -> None:
     model.enable_xformers_memory_efficient_attention()
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW with the run's hyper-parameters."""
+def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace,
+                   num_processes: int = 1) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW with the run's hyper-parameters.
+
+    --scale_lr multiplies the learning rate by the samples per optimizer step (batch x accumulation x processes).
+    """
     params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
         if not torch.cuda.is_available():
