@@ -30,7 +30,7 @@ from contextlib import ExitStack, nullcontext
 
 import torch
 
-from utils import lora, models, training
+from utils import cache, lora, models, training
 from utils.consistency import consistency_fn, scalings_for_boundary_conditions
 from utils.ema import EMAParams
 from utils.errors import fail, user_errors
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None):
     training.add_data_args(parser, resolution=1024)
     training.add_lcm_args(parser, w_min=3.0, w_max=15.0)
     training.add_training_args(parser)
+    training.add_speed_args(parser)
     parser.set_defaults(learning_rate=1e-4)
     args = parser.parse_args(argv)
     training.check_lcm_args(args)
@@ -76,25 +77,44 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def conditioning(args, arch, batch, tokenizers, encoders, device):
-    """Prompt embeddings and UNet kwargs (SDXL: pooled embeds + per-image time ids) for a batch."""
-    captions = batch["captions"]
+def encode_text(arch, captions, tokenizers, encoders) -> tuple:
+    """(embeds,) for SD 1.x, (embeds, pooled) for SDXL."""
     if arch == "sd":
-        return models.encode_prompt_sd(captions, tokenizers[0], encoders[0]), {}
-    embeds, pooled = models.encode_prompt_sdxl(captions, tokenizers, encoders)
+        return (models.encode_prompt_sd(captions, tokenizers[0], encoders[0]),)
+    return models.encode_prompt_sdxl(captions, tokenizers, encoders)
+
+
+def conditioning(args, arch, batch, tokenizers, encoders, device, text=None):
+    """Prompt embeddings and UNet kwargs (SDXL: pooled embeds + per-image time ids) for a batch.
+
+    text: the batch's encode_text() output when already known (the --cache_text_embeddings lookup).
+    """
+    embeds, *pooled = text if text is not None else encode_text(arch, batch["captions"], tokenizers, encoders)
+    if arch == "sd":
+        return embeds, {}
     r = args.resolution
     time_ids = torch.cat([models.sdxl_time_ids(tuple(o), tuple(c), (r, r))
                           for o, c in zip(batch["original_sizes"], batch["crop_top_lefts"])]).to(device)
-    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
+    return embeds, {"text_embeds": pooled[0], "time_ids": time_ids}
 
 
-def teacher_conditioning(args, arch, batch, tokenizers, encoders, device):
-    """conditioning() of the base text encoders, without grad: any encoder LoRA is switched off meanwhile."""
-    with torch.no_grad(), ExitStack() as stack:
+@torch.no_grad()
+def base_text(arch, captions, tokenizers, encoders) -> tuple:
+    """encode_text() of the base text encoders: any encoder LoRA is switched off meanwhile."""
+    with ExitStack() as stack:
         for enc in encoders:
             if lora.has_lora(enc):
                 stack.enter_context(lora.adapters_disabled(enc))
-        return conditioning(args, arch, batch, tokenizers, encoders, device)
+        return encode_text(arch, captions, tokenizers, encoders)
+
+
+def teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache=None):
+    """conditioning() of the base text encoders (from --cache_text_embeddings' file when there is one)."""
+    if text_cache is not None:
+        text = text_cache.lookup(batch["captions"], device, encoders[-1].dtype)
+    else:
+        text = base_text(arch, batch["captions"], tokenizers, encoders)
+    return conditioning(args, arch, batch, tokenizers, encoders, device, text)
 
 
 def add_text_encoder_lora(args, arch, encoders) -> None:
@@ -148,9 +168,15 @@ def main(args) -> None:
     training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    training.prepare_denoiser(unet, args)  # --channels_last, --torch_compile
 
-    # ---- data
-    dataloader = training.make_train_data(args, accelerator)
+    # ---- data (--cache_latents: VAE posteriors instead of pixels; --cache_text_embeddings: the teacher's text)
+    dataloader = training.make_train_data(args, accelerator, vae)
+    text_cache = None
+    if args.cache_text_embeddings:
+        text_cache = cache.cached_text_embeddings(
+            args, args.train_captions, lambda captions: base_text(arch, captions, tokenizers, encoders), encoders,
+            accelerator)
     trained_encoders = encoders if args.train_text_encoder_lora else []
     optimizer = training.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
                                         args, accelerator.num_processes)
@@ -181,11 +207,9 @@ def main(args) -> None:
         """Steps 1-3 of train_lcm_distill_sd.py's recipe, teacher = this UNet with adapters disabled."""
         gen = rng.generator
         device = accelerator.device
-        pixels = batch["pixel_values"].to(device, vae.dtype)
-        with torch.no_grad():
-            latents = models.encode_latents(vae, pixels, args.vae_encode_batch_size, gen).float()
+        latents = cache.latents_of_batch(batch, vae, args.vae_encode_batch_size, gen, device)
         # the teacher's conditioning: the base encoders (without --train_text_encoder_lora: everyone's)
-        embeds, added = teacher_conditioning(args, arch, batch, tokenizers, encoders, device)
+        embeds, added = teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache)
         bsz = latents.shape[0]
         t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]
         s = previous_timestep(t, k)
@@ -205,10 +229,16 @@ def main(args) -> None:
             return x0_eps_from_model_output(out.float(), x, a, sg, prediction_type)
 
         with torch.no_grad():  # teacher and target first: swapping in EMA weights must precede the graph
+            uncond_added = {k_: uncond_kwargs[k_].expand_as(v) for k_, v in added.items()}
             with lora.adapters_disabled(base):
-                both_kwargs = {k_: torch.cat([v, uncond_kwargs[k_].expand_as(v)]) for k_, v in added.items()}
-                x0_both, eps_both = unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                            torch.cat([embeds, uncond_embeds.expand_as(embeds)]), both_kwargs)
+                if args.batched_teacher_cfg:  # cond + uncond in one forward
+                    both_kwargs = {k_: torch.cat([v, uncond_added[k_]]) for k_, v in added.items()}
+                    x0_both, eps_both = unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                torch.cat([embeds, uncond_embeds.expand_as(embeds)]), both_kwargs)
+                else:
+                    x0_eps = [unet_x0(x_t, t, e, kw) for e, kw in ((embeds, added),
+                                                                   (uncond_embeds.expand_as(embeds), uncond_added))]
+                    x0_both, eps_both = (torch.cat(parts) for parts in zip(*x0_eps))
             x0 = cfg(x0_both[:bsz], x0_both[bsz:], w)
             eps = cfg(eps_both[:bsz], eps_both[bsz:], w)
             x_s = ddim_step(x0, eps, alpha_s, sigma_s)

@@ -29,7 +29,7 @@ import logging
 
 import torch
 
-from utils import models, training
+from utils import cache, models, training
 from utils.consistency import consistency_fn, guidance_scale_embedding, scalings_for_boundary_conditions
 from utils.ema import ema_update
 from utils.errors import fail, user_errors
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None):
     a.add_argument("--lcf", action="store_true",
                    help="latent consistency fine-tuning: no teacher, x_s = the same latent noised at s")
     training.add_training_args(parser)
+    training.add_speed_args(parser)
     args = parser.parse_args(argv)
 
     training.check_lcm_args(args)
@@ -135,14 +136,20 @@ def main(args) -> None:
         teacher.eval().to(accelerator.device, dtype if args.cast_teacher_unet else torch.float32)
     text_encoder.to(accelerator.device, dtype)
     target.to(accelerator.device)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     for unet in (student, target, teacher):
         if unet is not None:
             training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+            training.prepare_denoiser(unet, args)  # --channels_last, --torch_compile
 
-    # ---- data
-    dataloader = training.make_train_data(args, accelerator)
+    # ---- data (--cache_latents: VAE posteriors instead of pixels; --cache_text_embeddings: the prompts' embeddings)
+    dataloader = training.make_train_data(args, accelerator, vae)
+    text_cache = None
+    if args.cache_text_embeddings:
+        text_cache = cache.cached_text_embeddings(
+            args, args.train_captions, lambda captions: (models.encode_prompt_sd(captions, tokenizer, text_encoder),),
+            [text_encoder], accelerator)
     optimizer = training.make_optimizer(student.parameters(), args, accelerator.num_processes)
     lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
@@ -158,7 +165,7 @@ def main(args) -> None:
     # ---- the loop (resume, accumulation, checkpoints, logging: utils/training.py); the algorithm is lcm_loss
     def loss_fn(batch):
         return lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds,
-                        alphas_cumprod, grid, k, prediction_type, accelerator, rng.generator)
+                        alphas_cumprod, grid, k, prediction_type, accelerator, rng.generator, text_cache)
 
     def validate_fn(prompts, step):
         validate(accelerator, args, student, vae, tokenizer, text_encoder, scheduler_config, prompts, step)
@@ -178,16 +185,18 @@ def main(args) -> None:
 
 
 def lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder, uncond_embeds, alphas_cumprod,
-             grid, k, prediction_type, accelerator, gen: torch.Generator) -> torch.Tensor:
+             grid, k, prediction_type, accelerator, gen: torch.Generator, text_cache=None) -> torch.Tensor:
     """One LCM (or LCF) loss evaluation on a batch: steps 1-3 of the module docstring; all draws from `gen`."""
     device = accelerator.device
-    pixel_values = batch["pixel_values"].to(device, vae.dtype)
-    latents = models.encode_latents(vae, pixel_values, args.vae_encode_batch_size, gen).float()
+    latents = cache.latents_of_batch(batch, vae, args.vae_encode_batch_size, gen, device)
     bsz = latents.shape[0]
     drop = torch.rand(bsz, generator=gen, device=gen.device) < args.proportion_empty_prompts
     captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]
-    with torch.no_grad():
-        embeds = models.encode_prompt_sd(captions, tokenizer, text_encoder)
+    if text_cache is not None:
+        embeds = text_cache.lookup(captions, device, text_encoder.dtype)[0]
+    else:
+        with torch.no_grad():
+            embeds = models.encode_prompt_sd(captions, tokenizer, text_encoder)
 
     # 1. the skip grid: t = tau_i, s = t - k (clamped at 0); w ~ U[w_min, w_max]
     t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]
@@ -212,9 +221,13 @@ def lcm_loss(args, batch, student, target, teacher, vae, tokenizer, text_encoder
         if teacher is None:  # LCF: the same latent and noise at the neighbouring grid point
             x_s = ddim_step(latents, noise, alpha_s, sigma_s)
         else:
+            x_in, t_in = x_t.to(teacher.dtype), torch.cat([t, t])
+            emb_in = torch.cat([embeds, uncond_embeds.expand(bsz, -1, -1)]).to(teacher.dtype)
             with accelerator.autocast():
-                both = teacher(torch.cat([x_t, x_t]).to(teacher.dtype), torch.cat([t, t]),
-                               encoder_hidden_states=torch.cat([embeds, uncond_embeds.expand(bsz, -1, -1)]).to(teacher.dtype)).sample
+                if args.batched_teacher_cfg:  # cond + uncond in one forward
+                    both = teacher(torch.cat([x_in, x_in]), t_in, encoder_hidden_states=emb_in).sample
+                else:
+                    both = torch.cat([teacher(x_in, t, encoder_hidden_states=e).sample for e in emb_in.chunk(2)])
             x0_eps_c = x0_eps_from_model_output(both[:bsz].float(), x_t, alpha_t, sigma_t, prediction_type)
             x0_eps_u = x0_eps_from_model_output(both[bsz:].float(), x_t, alpha_t, sigma_t, prediction_type)
             x0 = cfg(x0_eps_c[0], x0_eps_u[0], w)

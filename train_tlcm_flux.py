@@ -15,7 +15,9 @@ milestones are t_i = i T / M (utils/tlcm.py).
   stage 2, DCD (global consistency): the student samples its own x0 in q steps (x0 prediction,
       fresh re-noising); noise it to a milestone t_m; the teacher runs p sub-steps to the milestone
       below; loss d(f(z_{t_m}), stopgrad f(z_{t_n})) with f = the student's x0 prediction.
-  extras (optional, after stage 2): a reward hinge loss on decoded student samples.
+  extras (optional, after stage 2): a reward hinge loss on decoded student samples; DMD (a second,
+      "fake_score" LoRA learns the student's one-step samples; the student follows fake - real x0);
+      GAN (frozen-teacher features + a small head; real = the q-step sample, fake = the one-step one).
 Guidance: a guidance-distilled model (FLUX.1-dev) gets --teacher_guidance as its guidance input,
 student and teacher alike; a model without it is guided by ordinary CFG (--guidance_scale, one
 batched cond+uncond pass) and the student learns the guided flow without CFG.
@@ -37,7 +39,7 @@ from contextlib import nullcontext
 
 import torch
 
-from utils import checkpoint, data, lora, models, tlcm, training
+from utils import cache, checkpoint, data, dmd, lora, models, tlcm, training
 from utils.ema import EMAParams
 from utils.errors import UserError, fail, user_errors
 from utils.losses import LOSS_TYPES, consistency_loss
@@ -96,9 +98,25 @@ def parse_args(argv: list[str] | None = None):
     e.add_argument("--reward_weight", type=float, default=1.0, help="weight of the reward hinge loss")
     e.add_argument("--reward_s0", type=float, default=2.0,
                    help="hinge threshold s0 of max(s0 - s(x0, c), 0) (the toy judge's score is a log-odds)")
+    e.add_argument("--dmd", action="store_true",
+                   help="DMD on the one-step sample x: a second LoRA 'fake_score' (zero-init: = base) learns x "
+                        "with the flow-matching loss (one update per student micro-batch); the student's gradient is "
+                        "g = fake x0 - real (guided teacher) x0 at x re-noised to t ~ U[0.02T, 0.98T], divided per "
+                        "sample by mean|x - real x0| (ours), applied as 0.5||x - stopgrad(x - g)||^2")
+    e.add_argument("--dmd_weight", type=float, default=1.0, help="weight of the DMD loss (ours; default: 1)")
+    e.add_argument("--dmd_learning_rate", type=float, default=1e-5, help="fake-score LoRA's AdamW lr (constant; 1e-5)")
+    e.add_argument("--gan", action="store_true",
+                   help="adversarial loss: D = the frozen teacher (LoRA off; input of its final norm) + a head (ours: "
+                        "per-token linear, SiLU, token mean, linear); real = the student's q-step sample, fake = its "
+                        "one-step sample, both re-noised to t ~ U[0.02T, 0.98T]; non-saturating logistic losses "
+                        "(ours); one head update per student micro-batch")
+    e.add_argument("--gan_weight", type=float, default=0.1, help="weight of the generator's GAN loss (ours; 0.1)")
+    e.add_argument("--gan_learning_rate", type=float, default=1e-4, help="the head's AdamW lr (constant; ours; 1e-4)")
     e.add_argument("--extras_steps", type=int, default=500, help="optimizer steps of the extras stage")
-    e.add_argument("--extras_learning_rate", type=float, default=1e-5, help="learning rate of the extras stage")
+    e.add_argument("--extras_learning_rate", type=float, default=1e-5,
+                   help="the student's learning rate in the extras stage (loss: reward + DMD + GAN, weighted)")
     training.add_training_args(parser)
+    training.add_speed_args(parser, image_recipe=False)
     for action in parser._actions:  # the loop's shared flags this recipe replaces with per-stage ones
         if action.dest in ("learning_rate", "max_train_steps", "num_train_epochs"):
             action.help = "not used here: see --stage1_steps/--stage2_steps/--extras_steps and their learning rates"
@@ -116,9 +134,13 @@ def parse_args(argv: list[str] | None = None):
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.loss_type == "lpips" and not args.latent_lpips_path:
         fail("--loss_type lpips needs --latent_lpips_path (a latent LPIPS folder)")
-    args.stages = STAGES[args.stage] + (["extras"] if args.stage == "all" and args.reward_model else [])
-    if "extras" in args.stages and not args.reward_model:
-        fail("--stage extras needs an extra: --reward_model")
+    for name in "reward_weight dmd_weight gan_weight extras_learning_rate dmd_learning_rate gan_learning_rate".split():
+        if getattr(args, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
+    extra = bool(args.reward_model or args.dmd or args.gan)
+    args.stages = STAGES[args.stage] + (["extras"] if args.stage == "all" and extra else [])
+    if "extras" in args.stages and not extra:
+        fail("--stage extras needs an extra: --reward_model, --dmd and/or --gan")
     training.check_lora_args(args, presets=("flux",))
     args.learning_rate = args.stage1_learning_rate  # checked below; each stage sets its own
     training.check_training_args(args)
@@ -148,9 +170,12 @@ def main(args) -> None:
     transformer = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant)
     transformer.requires_grad_(False).to(device, dtype)
     lora.add_trainable_lora(transformer, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    if args.dmd:  # the fake score: a second adapter, equal to the base at the start; never saved with the LoRA
+        fake_params = dmd.add_fake_score(transformer, args.lora_rank, args.lora_alpha, args.lora_targets)
     training.enable_xformers(transformer, args.enable_xformers_memory_efficient_attention)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    training.prepare_denoiser(transformer, args)  # --torch_compile
     guided = bool(transformer.config.get("guidance_embeds", False))
     transformer = accelerator.prepare(transformer)
     base = accelerator.unwrap_model(transformer)
@@ -160,6 +185,15 @@ def main(args) -> None:
     ema = EMAParams(params, args.ema_decay) if args.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    aux = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+               max_grad_norm=args.max_grad_norm)  # the extras' own optimizers, checkpointed with their weights
+    if args.dmd:
+        fake_opt = dmd.AuxOptimizer(fake_params, args.dmd_learning_rate, **aux)
+        accelerator.register_for_checkpointing(fake_opt)
+    if args.gan:
+        head = dmd.DiscriminatorHead(base.config.num_attention_heads * base.config.attention_head_dim, seed=args.seed)
+        disc_opt = dmd.AuxOptimizer(head.to(device).parameters(), args.gan_learning_rate, **aux)
+        accelerator.register_for_checkpointing(disc_opt)
 
     # ---- geometry of the packed latents and FLUX's shifted time axis
     channels = base.config.in_channels // 4  # 2x2 patches packed into one token
@@ -170,12 +204,20 @@ def main(args) -> None:
     def sigma_fn(t):
         return tlcm.sigma_of_t(t, sched_config, mu).to(device)
 
+    @torch.no_grad()
     def encode(captions):
-        with torch.no_grad():
-            embeds, pooled, text_ids = models.encode_prompt_flux(captions, tokenizers, encoders)
-        return {"embeds": embeds, "pooled": pooled, "text_ids": text_ids}
+        if text_cache is not None:  # --cache_text_embeddings: T5 and CLIP ran once per distinct prompt
+            embeds, pooled = text_cache.lookup(captions, device, encoders[-1].dtype)
+            return {"embeds": embeds, "pooled": pooled, "text_ids": text_ids}
+        embeds, pooled, ids = models.encode_prompt_flux(captions, tokenizers, encoders)
+        return {"embeds": embeds, "pooled": pooled, "text_ids": ids}
 
+    text_cache, text_ids = None, None
     uncond = encode([""])
+    if args.cache_text_embeddings:
+        text_ids = uncond["text_ids"]  # zeros (L, 3): the same for every prompt
+        text_cache = cache.cached_text_embeddings(
+            args, prompts, lambda c: models.encode_prompt_flux(c, tokenizers, encoders)[:2], encoders, accelerator)
     distance = make_distance(args, channels, latent_side, device)
 
     def velocity(model, z, sigma, cond):
@@ -245,19 +287,58 @@ def main(args) -> None:
         scorer = load_reward_model(args.reward_model, device)
 
     def extras_loss(batch):
-        """Reward: hinge on the score of the decoded x0 prediction at a milestone of the student's own sample."""
+        """reward (hinge on the decoded x0 at a milestone of the own sample) + DMD + GAN on the one-step sample."""
         captions = batch["captions"]
         cond, n, gen = encode(captions), len(captions), rng.generator
+        total = torch.zeros((), device=device)
+        if scorer is not None:
+            with torch.no_grad():
+                x0_hat = tlcm.self_sample(student(cond), noise_like(n), tlcm.tlcm_sigmas(
+                    args.stage2_student_steps, sched_config, mu), gen)
+                t_m, _ = tlcm.stage2_times(n, T, M, gen, device)
+                z_m = flow_renoise(x0_hat, noise_like(n), sigma_fn(t_m))
+            x0 = flow_x0(z_m, student(cond, transformer)(z_m, sigma_fn(t_m)), sigma_fn(t_m))
+            images = decode(vae, x0, latent_side)
+            shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
+            total = total + args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(
+                images, shuffled), args.reward_s0)
+        if args.dmd or args.gan:
+            noise, top = noise_like(n), sigma_fn(torch.full((n,), float(T), device=device))
+            x = flow_x0(noise, student(cond, transformer)(noise, top), top)  # the one-step sample, with grad
+            total = total + (args.dmd_weight * dmd_loss(cond, x) if args.dmd else 0.0) + (
+                args.gan_weight * gan_loss(cond, x) if args.gan else 0.0)
+        return total
+
+    def renoised(x):
+        sigma, eps = sigma_fn(dmd.uniform_times(x.shape[0], T, rng.generator, device)), noise_like(x.shape[0])
+        return flow_renoise(x, eps, sigma), sigma, eps
+
+    def dmd_loss(cond, x):
+        """One fake-score update on the detached x, then the surrogate of g = normalised (fake x0 - real x0)."""
+        x_d = x.detach()
+        z, sigma, eps = renoised(x_d)
+        with dmd.adapter_active(base):
+            fake_opt.step(dmd.flow_matching_loss(velocity(base, z, sigma, cond), x_d, eps))
+        z, sigma, _ = renoised(x_d)
+        with torch.no_grad(), dmd.adapter_active(base):
+            fake_x0 = flow_x0(z, velocity(base, z, sigma, cond), sigma)
+        real_x0 = flow_x0(z, teacher(cond)(z, sigma), sigma)
+        return dmd.dmd_surrogate(x, dmd.dmd_grad(x_d, real_x0, fake_x0))
+
+    def disc_logits(x, cond, grad):
+        """The head on the frozen teacher's features (input of its final norm) at a re-noised x."""
+        z, sigma, _ = renoised(x)
+        with torch.set_grad_enabled(grad), lora.adapters_disabled(base), dmd.captured_input(base.norm_out) as seen:
+            velocity(base, z, sigma, cond)
+        return head(seen[-1])
+
+    def gan_loss(cond, x):
+        """One head update (real: the student's q-step sample, fake: its one-step x), then the generator loss."""
         with torch.no_grad():
-            x0_hat = tlcm.self_sample(student(cond), noise_like(n), tlcm.tlcm_sigmas(
-                args.stage2_student_steps, sched_config, mu), gen)
-            t_m, _ = tlcm.stage2_times(n, T, M, gen, device)
-            z_m = flow_renoise(x0_hat, noise_like(n), sigma_fn(t_m))
-        x0 = flow_x0(z_m, student(cond, transformer)(z_m, sigma_fn(t_m)), sigma_fn(t_m))
-        images = decode(vae, x0, latent_side)
-        shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
-        return args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
-                                                      args.reward_s0)
+            real = tlcm.self_sample(student(cond), noise_like(x.shape[0]), tlcm.tlcm_sigmas(
+                args.stage2_student_steps, sched_config, mu), rng.generator)
+        disc_opt.step(dmd.gan_discriminator_loss(disc_logits(real, cond, False), disc_logits(x.detach(), cond, False)))
+        return dmd.gan_generator_loss(disc_logits(x, cond, True))
 
     @torch.no_grad()
     @torch.random.fork_rng()  # sampling must not move the training RNG

@@ -17,6 +17,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from helpers import assert_same
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -107,22 +108,6 @@ def snapshot(run: Run) -> dict:
             "scheduler": run.scheduler.state_dict(),
         }
     )
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Recursive exact equality of nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def names(paths: list[str]) -> list[str]:

@@ -387,13 +387,16 @@ def load_image_caption_dataset(
 
 
 def collate_image_caption(batch: Sequence[Sample | None]) -> dict[str, Any]:
-    """Drop undecodable (None) samples, stack the rest, and count what was dropped."""
+    """Drop undecodable (None) samples, stack the rest (pixels or cached latents), and count what was dropped."""
     kept = [sample for sample in batch if sample is not None]
-    if kept and "pixel_values" not in kept[0]:
+    if kept and "latent_mean" in kept[0]:  # cached VAE posteriors (utils/cache.py) instead of pixels
+        images = {k: torch.stack([s[k] for s in kept]) for k in ("latent_mean", "latent_std")}
+    elif kept and "pixel_values" not in kept[0]:
         raise TypeError("samples have no pixel_values: load the dataset with transform=ImageTransform(...)")
-    pixel_values = torch.stack([s["pixel_values"] for s in kept]) if kept else torch.empty(0, 3, 0, 0)
+    else:
+        images = {"pixel_values": torch.stack([s["pixel_values"] for s in kept]) if kept else torch.empty(0, 3, 0, 0)}
     return {
-        "pixel_values": pixel_values,
+        **images,
         "captions": [s["caption"] for s in kept],
         "original_sizes": [tuple(s["original_size"]) for s in kept],
         "crop_top_lefts": [tuple(s["crop_top_left"]) for s in kept],

@@ -164,6 +164,44 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="stop after N consecutive steps whose loss or gradients are not finite")
 
 
+def add_speed_args(parser: argparse.ArgumentParser, image_recipe: bool = True) -> None:
+    """Speed-ups, each measured with benchmarks/bench_train_step.py (README "Speed-ups"); --no-X switches one off.
+
+    image_recipe=False (TLCM: prompts only, a transformer, CFG always batched) leaves out --cache_latents,
+    --channels_last and --batched_teacher_cfg.
+    """
+    s = parser.add_argument_group("speed")
+    bool_flag = argparse.BooleanOptionalAction
+    if image_recipe:
+        s.add_argument("--cache_latents", action="store_true",
+                       help="encode every image once and keep the VAE posterior on disk (reused by later runs, "
+                            "rebuilt when the VAE, resolution, flip or data change); images are center-cropped")
+    s.add_argument("--cache_text_embeddings", action="store_true",
+                   help="encode every distinct caption once with the frozen text encoders and keep the result on "
+                        "disk (rebuilt when the encoders or captions change)")
+    s.add_argument("--feature_cache_dir", default=None,
+                   help="folder of the --cache_* files (default: $XDG_CACHE_HOME/fewstep_distill, else "
+                        "~/.cache/fewstep_distill)")
+    if image_recipe:
+        s.add_argument("--channels_last", action=bool_flag, default=False,
+                       help="channels-last memory format for the denoiser's convolutions (default: off; slower on CPU)")
+        s.add_argument("--batched_teacher_cfg", action=bool_flag, default=True,
+                       help="the teacher's cond and uncond passes as one batched forward (default: on; off = two "
+                            "passes)")
+    s.add_argument("--fused_adamw", action=bool_flag, default=None,
+                   help="the fused AdamW kernel (default: on with CUDA, off on CPU, where it measured slower)")
+    s.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the denoiser: faster steps after a compile of minutes (one per call shape)")
+
+
+def prepare_denoiser(model: torch.nn.Module, args: argparse.Namespace) -> None:
+    """--channels_last and --torch_compile, in place (Module.compile keeps the state-dict keys unchanged)."""
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if getattr(args, "torch_compile", False):
+        model.compile(dynamic=False)  # a few fixed shapes per run: no symbolic-shape guards
+
+
 def check_training_args(args: argparse.Namespace) -> None:
     """Reject impossible combinations before any model is loaded."""
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
@@ -180,7 +218,8 @@ def check_training_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         fail("--mixed_precision bf16: this GPU has no bf16 support; use fp16")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        fail("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast on CPU is not supported); use bf16 or no")
+        fail("--mixed_precision fp16 needs a CUDA GPU (accelerate sets up no fp16 autocast or loss scaling on CPU); "
+             "use bf16 or no")
     if args.resume_from_checkpoint not in (None, "latest"):  # a named checkpoint must exist: say so before loading
         from .checkpoint import resolve_resume
 
@@ -269,7 +308,7 @@ def enable_xformers(model: Any, requested: bool) -> None:
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace,
                    num_processes: int = 1) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW with the run's hyper-parameters.
+    """AdamW (fused per --fused_adamw) or bitsandbytes' 8-bit AdamW with the run's hyper-parameters.
 
     --scale_lr multiplies the learning rate by the samples per optimizer step (batch x accumulation x processes).
     """
@@ -287,7 +326,11 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
         except ImportError:
             fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
         return bnb.optim.AdamW8bit(params, **kwargs)
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    # --fused_adamw unset: fused on CUDA (one kernel for all parameters); on CPU the per-tensor loop, which
+    # measured faster inside a training step there (README "Speed-ups")
+    fused = getattr(args, "fused_adamw", None)
+    if fused is None:
+        fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
@@ -379,8 +422,12 @@ def apply_gradients(accelerator, loss: torch.Tensor, params: list[torch.nn.Param
         # the scale come down, so every later step would overflow too
         if accelerator.sync_gradients and max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales first
+        scale = accelerator.scaler.get_scale()
         optimizer.step()
-        lr_scheduler.step()  # accelerate's scheduler wrapper does not step after a skipped update
+        # the scaler lowers its scale exactly when it skipped the update; accelerate's scheduler wrapper
+        # sees that skip for unfused optimizers only (a fused one skips inside its kernel), so ask the scale
+        if accelerator.scaler.get_scale() >= scale:
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return True
     finite = bool(torch.isfinite(loss.detach())) and grads_are_finite(params)
@@ -545,14 +592,22 @@ def load_frozen_vae(args: argparse.Namespace, device, dtype: torch.dtype):
     return vae.to(device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
 
 
-def make_train_data(args: argparse.Namespace, accelerator):
-    """The image+caption dataloader of the data flags, prepared for the processes; fills max_train_steps."""
-    from . import data
+def make_train_data(args: argparse.Namespace, accelerator, vae: Any = None):
+    """The image+caption dataloader of the data flags, prepared for the processes; fills max_train_steps.
+
+    With --cache_latents (pass the VAE) the samples are cached VAE posteriors instead of pixels; with
+    --cache_text_embeddings the dataset's captions are also listed in `args.train_captions`.
+    """
+    from . import cache, data
 
     transform = data.ImageTransform(args.resolution, args.center_crop, args.random_flip)
     dataset = data.load_image_caption_dataset(args.dataset_name, args.train_data_dir, args.train_shards_path_or_url,
                                               args.image_column, args.caption_column, args.max_train_samples,
                                               args.cache_dir, args.seed, transform)
+    if getattr(args, "cache_text_embeddings", False):
+        args.train_captions = cache.dataset_captions(dataset)
+    if getattr(args, "cache_latents", False):
+        dataset = cache.cached_latent_dataset(args, dataset, vae, accelerator)
     dataloader = data.make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, args.seed)
     if isinstance(dataset, torch.utils.data.IterableDataset):  # webdataset shards: no epoch length, and
         resolve_train_steps(args, None)  # the stream already splits itself across processes, by shard

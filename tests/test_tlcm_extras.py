@@ -1,0 +1,271 @@
+"""TLCM's DMD and GAN extras: their math (utils/dmd.py) and train_tlcm_flux.py's extras stage on the toy FLUX."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from helpers import kill_while_saving, run_script
+
+from utils import dmd, lora
+from utils.solvers import flow_renoise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAKE = dmd.FAKE_SCORE
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def test_dmd_surrogate_gradient_is_the_normalised_fake_minus_real_direction():
+    g = torch.Generator().manual_seed(0)
+    x, real, fake = (torch.randn(3, 16, 8, generator=g) for _ in range(3))
+    x.requires_grad_(True)
+    grad = dmd.dmd_grad(x.detach(), real, fake)
+    dmd.dmd_surrogate(x, grad).backward()
+    scale = (x.detach() - real).abs().mean(dim=(1, 2), keepdim=True)
+    assert torch.allclose(x.grad * x.numel(), (fake - real) / scale, atol=1e-6)
+    assert torch.equal(dmd.dmd_grad(x.detach(), real, real), torch.zeros_like(x))  # fake = real: no push
+
+
+def gaussian_x0(z: torch.Tensor, sigma: float, mean: torch.Tensor) -> torch.Tensor:
+    """E[x0 | z] for x0 ~ N(mean, I) and z = (1 - s) x0 + s eps: the exact denoiser of a unit Gaussian."""
+    a = 1 - sigma
+    return mean + a / (a * a + sigma * sigma) * (z - a * mean)
+
+
+def test_dmd_moves_samples_towards_the_real_distribution_on_a_gaussian_toy():
+    """Real data N(m_r, I), generator samples N(m_f, I): g is along m_f - m_r, and descent closes the gap."""
+    g = torch.Generator().manual_seed(1)
+    m_real, m_fake = torch.zeros(8), torch.full((8,), 3.0)
+    x = (m_fake + torch.randn(256, 8, generator=g)).requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=x.numel())  # the surrogate's gradient is g / numel
+    for _ in range(8):
+        sigma = float(torch.rand(1, generator=g)) * 0.9 + 0.05
+        z = flow_renoise(x.detach(), torch.randn(x.shape, generator=g), sigma)
+        real, fake = gaussian_x0(z, sigma, m_real), gaussian_x0(z, sigma, x.detach().mean(0))
+        direction = dmd.dmd_grad(x.detach(), real, fake)
+        cos = torch.nn.functional.cosine_similarity(direction.mean(0), (x.detach().mean(0) - m_real), dim=0)
+        assert cos > 0.999  # the mean push is along m_fake - m_real
+        opt.zero_grad()
+        dmd.dmd_surrogate(x, direction).backward()
+        opt.step()
+    assert (x.detach().mean(0) - m_real).norm() < 0.1 * (m_fake - m_real).norm()
+
+
+def test_flow_matching_loss_vanishes_at_the_true_velocity():
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    assert float(dmd.flow_matching_loss(eps - x0, x0, eps)) == 0.0
+    assert float(dmd.flow_matching_loss(torch.zeros_like(x0), x0, eps)) > 0.5
+
+
+def test_discriminator_head_learns_a_separable_toy():
+    g = torch.Generator().manual_seed(3)
+    direction = torch.randn(32, generator=g)
+    real = torch.randn(16, 10, 32, generator=g) + 0.5 * direction
+    fake = torch.randn(16, 10, 32, generator=g) - 0.5 * direction
+    head = dmd.DiscriminatorHead(32, hidden=16, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), dmd.DiscriminatorHead(32, 16, seed=0).parameters()))
+    opt = dmd.AuxOptimizer(head.parameters(), 1e-2)
+    losses = []
+    for _ in range(30):
+        loss = dmd.gan_discriminator_loss(head(real), head(fake))
+        losses.append(loss.item())
+        assert opt.step(loss)
+    assert losses[-1] < 0.3 * losses[0] and bool((head(real) > head(fake).max()).all())
+    # the generator's loss pushes fake features towards the real side
+    moved = fake.clone().requires_grad_(True)
+    dmd.gan_generator_loss(head(moved)).backward()
+    assert float((-moved.grad.mean((0, 1)) * direction).sum()) > 0
+
+
+def test_aux_optimizer_state_round_trip_and_skips_non_finite():
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 1)
+    a, b = make(), make()
+    opt_a, opt_b = dmd.AuxOptimizer(a.parameters(), 0.1), dmd.AuxOptimizer(b.parameters(), 0.1)
+    x = torch.randn(8, 4)
+    opt_a.step(a(x).pow(2).mean())
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # weights and Adam moments, as if saved and loaded
+    opt_a.step(a(x).pow(2).mean())
+    opt_b.step(b(x).pow(2).mean())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    before = [p.detach().clone() for p in a.parameters()]
+    assert not opt_a.step(a(x).sum() * float("nan"))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+
+
+def transformer_call(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return model(hidden_states=torch.randn(2, 16, 64, generator=g), timestep=torch.tensor([0.9, 0.4]),
+                 pooled_projections=torch.randn(2, 64, generator=g),
+                 encoder_hidden_states=torch.randn(2, 16, 32, generator=g), txt_ids=torch.zeros(16, 3),
+                 img_ids=torch.zeros(16, 3), return_dict=False)[0]
+
+
+def test_fake_score_adapter_starts_at_the_base_learns_alone_and_stays_out_of_the_saved_lora(toy_world, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(os.path.join(toy_world, "models/flux"), subfolder="transformer")
+    model.requires_grad_(False)
+    lora.add_trainable_lora(model, 4, 8, lora.FLUX_LORA_TARGETS)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.default" in name:
+                p.normal_(0, 0.05)  # a trained student
+    student_params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad(), lora.adapters_disabled(model):
+        base = transformer_call(model)
+    student = transformer_call(model).detach()
+    fake_params = dmd.add_fake_score(model, 4, 8, lora.FLUX_LORA_TARGETS)
+    assert fake_params and all(p.dtype == torch.float32 for p in fake_params)
+    assert [p for p in model.parameters() if p.requires_grad] == student_params  # "default" is still the trained one
+    assert torch.equal(transformer_call(model).detach(), student)
+    with torch.no_grad(), dmd.adapter_active(model):
+        assert torch.allclose(transformer_call(model), base, atol=1e-6)  # zero-init: fake = base
+
+    opt, before = dmd.AuxOptimizer(fake_params, 1e-2), [p.detach().clone() for p in student_params]
+    for _ in range(2):
+        with dmd.adapter_active(model):
+            assert all(p.requires_grad for p in fake_params) and not any(p.requires_grad for p in student_params)
+            opt.step(transformer_call(model, seed=1).pow(2).mean())
+    with torch.no_grad(), dmd.adapter_active(model):
+        assert not torch.allclose(transformer_call(model), base, atol=1e-4)  # the fake score moved
+    assert all(torch.equal(p, q) for p, q in zip(student_params, before))  # ... and only it
+    assert torch.equal(transformer_call(model).detach(), student)
+    assert all(p.requires_grad for p in student_params) and not any(p.requires_grad for p in fake_params)
+
+    lora.save_lora_outputs(model, str(tmp_path), "transformer", peft_dir=str(tmp_path))
+    from safetensors.torch import load_file
+
+    for name in (lora.PEFT_WEIGHTS_NAME, lora.DIFFUSERS_WEIGHTS_NAME, lora.KOHYA_WEIGHTS_NAME):
+        keys = load_file(os.path.join(tmp_path, name)).keys()
+        assert keys and not any(FAKE in k for k in keys), name
+    assert len(load_file(os.path.join(tmp_path, lora.PEFT_WEIGHTS_NAME))) == 2 * len(lora.lora_scalings(model))
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def adapter(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, lora.PEFT_WEIGHTS_NAME))
+
+
+@pytest.fixture(scope="module")
+def start_lora(toy_world, tmp_path_factory):
+    """A rank-4 LoRA standing in for stage 2's output (written as the recipe writes its LoRAs)."""
+    from diffusers import FluxTransformer2DModel
+
+    out = str(tmp_path_factory.mktemp("tlcm_extras") / "start")
+    model = FluxTransformer2DModel.from_pretrained(os.path.join(toy_world, "models/flux"), subfolder="transformer")
+    lora.add_trainable_lora(model.requires_grad_(False), 4, 8, lora.FLUX_LORA_TARGETS)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    os.makedirs(out)
+    lora.save_lora_outputs(model, out, "transformer", peft_dir=out)
+    return out
+
+
+def extras_args(world: str, out: str, init: str) -> list[str]:
+    return ["--pretrained_teacher_model", os.path.join(world, "models/flux"),
+            "--prompts_file", os.path.join(world, "data/train/metadata.jsonl"), "--max_train_samples", "16",
+            "--output_dir", out, "--resolution", "32", "--lora_rank", "4", "--train_batch_size", "2",
+            "--stage", "extras", "--init_lora", init, "--dmd", "--gan", "--extras_steps", "5",
+            "--extras_learning_rate", "1e-3", "--dmd_learning_rate", "1e-3", "--gan_learning_rate", "1e-3",
+            "--checkpointing_steps", "2", "--lr_warmup_steps", "0", "--validation_steps", "1000", "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def extras_run(toy_world, start_lora, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tlcm_extras") / "straight")
+    run_script("train_tlcm_flux.py", extras_args(toy_world, out, start_lora))
+    return out
+
+
+def test_dmd_gan_extras_train_the_student_lora_only(toy_world, start_lora, extras_run):
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from utils import checkpoint
+
+    start, final = adapter(start_lora), adapter(extras_run)
+    assert final.keys() == start.keys()  # the student's LoRA, nothing of the fake score
+    assert any(not torch.equal(start[k], final[k]) for k in start)  # the extras moved it
+    assert all(torch.equal(v, adapter(os.path.join(extras_run, "stageextras/lora"))[k]) for k, v in final.items())
+    for name in (lora.DIFFUSERS_WEIGHTS_NAME, lora.KOHYA_WEIGHTS_NAME):
+        assert not any(FAKE in k for k in load_file(os.path.join(extras_run, name)))
+    pipe = FluxPipeline.from_pretrained(os.path.join(toy_world, "models/flux"))
+    pipe.load_lora_weights(extras_run)  # the diffusers file loads as before
+
+    # the checkpoint holds the fake score (moved away from its zero init) and the head with its optimizer
+    ckpt = os.path.join(extras_run, "stageextras", "checkpoint-5")
+    model_state = checkpoint.read_model_state(ckpt)
+    fake_b = [v for k, v in model_state.items() if f"lora_B.{FAKE}" in k]
+    assert fake_b and any(v.abs().sum() > 0 for v in fake_b)
+    custom = [torch.load(os.path.join(ckpt, f"custom_checkpoint_{i}.pkl"), weights_only=False) for i in (1, 2)]
+    assert all(state["optimizer"]["state"] for state in custom)  # Adam moments of the fake score and the head
+    assert len(custom[0]["params"]) == len(fake_b) * 2 and len(custom[1]["params"]) == 4  # fake A+B; head W, b x2
+
+
+def test_killed_extras_stage_resumes_bit_identical(toy_world, start_lora, extras_run, tmp_path):
+    """SIGKILL while the extras stage writes checkpoint-4; resuming from checkpoint-2 restores the fake score,
+    the head and their optimizers, so the student LoRA and the extras' states end bit-identical."""
+    crashed = str(tmp_path / "crashed")
+    args = extras_args(toy_world, crashed, start_lora)
+    kill_while_saving("train_tlcm_flux.py", args, os.path.join(crashed, "stageextras", "checkpoint-4.partial"))
+    assert not os.path.exists(os.path.join(crashed, lora.PEFT_WEIGHTS_NAME))
+    run_script("train_tlcm_flux.py", args + ["--resume_from_checkpoint", "latest"])
+    a, b = adapter(extras_run), adapter(crashed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for i in (1, 2):
+        sa, sb = (torch.load(os.path.join(run, "stageextras/checkpoint-5", f"custom_checkpoint_{i}.pkl"),
+                             weights_only=False) for run in (extras_run, crashed))
+        assert all(torch.equal(p, q) for p, q in zip(sa["params"], sb["params"]))
+
+
+def test_stage_all_with_an_extra_flag_runs_the_extras_stage(toy_world, tmp_path):
+    import train_tlcm_flux
+
+    base = ["--pretrained_teacher_model", "unused", "--prompts_file", "p.txt", "--output_dir", str(tmp_path)]
+    assert train_tlcm_flux.parse_args(base).stages == ["1", "2"]
+    for flag in ("--dmd", "--gan"):
+        args = train_tlcm_flux.parse_args(base + [flag])
+        assert args.stages == ["1", "2", "extras"] and getattr(args, flag[2:])
+    defaults = train_tlcm_flux.parse_args(base)
+    assert not defaults.dmd and not defaults.gan
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--dmd", "--dmd_weight", "-1"], "--dmd_weight"),
+    (["--gan", "--gan_weight", "-0.5"], "--gan_weight"),
+    (["--dmd", "--dmd_learning_rate=-1e-4"], "--dmd_learning_rate"),  # argparse: -1e-4 needs the = form
+    (["--gan", "--gan_learning_rate", "-1"], "--gan_learning_rate"),
+])
+def test_negative_weights_and_learning_rates_are_one_line_errors(tmp_path, capsys, extra, needle):
+    import train_tlcm_flux
+
+    base = ["--pretrained_teacher_model", "unused", "--prompts_file", "p.txt", "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        train_tlcm_flux.parse_args(base + extra)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and needle in lines[0] and "negative" in lines[0]
+
+
+def test_stage_extras_without_an_extra_names_all_three_flags(toy_world, tmp_path):
+    out = str(tmp_path / "out")
+    proc = run_script("train_tlcm_flux.py", ["--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
+                                             "--prompts_file", os.path.join(toy_world, "data/train/metadata.jsonl"),
+                                             "--output_dir", out, "--stage", "extras"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert all(flag in lines[0] for flag in ("--reward_model", "--dmd", "--gan"))
+    assert not os.path.exists(out)

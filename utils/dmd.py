@@ -1,0 +1,160 @@
+"""TLCM's distribution-matching (DMD) and adversarial extras: their losses, the discriminator head, their optimizers.
+
+DMD (TLCM.md, "optional extras"): a fake score model (in train_tlcm_flux.py a second LoRA on the same
+transformer) learns the student's samples with the ordinary flow-matching loss; the student's gradient
+at its sample x is the difference of the fake and the real (teacher) x0 predictions at a re-noised
+copy of x. It is applied through a surrogate loss whose gradient in x is exactly that direction.
+The per-sample normalisation by mean|x - real x0| is DMD's (Yin et al. 2024); its use here is our choice.
+
+GAN: features of the frozen teacher (the input of its final norm layer) at a re-noised sample feed a
+small trainable head (ours); non-saturating logistic losses (ours).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def dmd_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor, eps: float = 1e-6) -> Tensor:
+    """g = (fake_x0 - real_x0) / mean_per_sample|x - real_x0| (DMD's direction with its normalisation)."""
+    scale = (x - real_x0).abs().flatten(1).mean(1).clamp_min(eps)
+    return (fake_x0 - real_x0) / scale.view(-1, *[1] * (x.ndim - 1))
+
+
+def dmd_surrogate(x: Tensor, grad: Tensor) -> Tensor:
+    """0.5 mean((x - stopgrad(x - g))^2): a loss whose gradient in x is g / x.numel()."""
+    return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad.detach().float()))
+
+
+def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """mean((v_pred - (noise - x0))^2): the ordinary flow-matching loss of a model at (1 - s) x0 + s noise."""
+    return F.mse_loss(v_pred.float(), (noise - x0).float())
+
+
+def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """mean(softplus(-D(real))) + mean(softplus(D(fake))): the non-saturating logistic loss of D."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def gan_generator_loss(fake_logits: Tensor) -> Tensor:
+    """mean(softplus(-D(fake))): the non-saturating generator loss."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def uniform_times(n: int, num_train_timesteps: int, generator: torch.Generator, device,
+                  low: float = 0.02, high: float = 0.98) -> Tensor:
+    """t ~ U[low T, high T] on the unshifted axis (DMD's re-noising range; the GAN's too, our choice)."""
+    u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).to(device)
+    return (low + (high - low) * u) * num_train_timesteps
+
+
+class DiscriminatorHead(nn.Module):
+    """logit = w2 . mean_tokens(SiLU(W1 h_token)) + b: a 1x1 (per-token) projection, SiLU, token mean, linear."""
+
+    def __init__(self, width: int, hidden: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # its initialisation is a function of the seed alone
+            torch.manual_seed(seed)
+            self.proj = nn.Linear(width, hidden)
+            self.out = nn.Linear(hidden, 1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features (B, tokens, width) -> logits (B,)."""
+        h = F.silu(self.proj(features.float()))
+        return self.out(h.mean(1))[:, 0]
+
+
+FAKE_SCORE = "fake_score"  # the adapter name of the DMD fake score model
+
+
+def add_fake_score(model: nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
+                   adapter_name: str = FAKE_SCORE) -> list[nn.Parameter]:
+    """A second LoRA adapter (B = 0, so it starts equal to the base) in fp32; "default" stays the active one."""
+    import warnings
+
+    from . import lora
+
+    with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        lora.add_lora(model, rank, alpha, targets, dropout, adapter_name)
+    model.set_adapter("default")  # PEFT: only the active adapter's weights require grad
+    params = [p for n, p in model.named_parameters() if f".{adapter_name}." in n]
+    for p in params:  # fp32 like the student's adapter (the frozen base may be fp16/bf16)
+        p.data = p.data.float()
+    return params
+
+
+@contextmanager
+def adapter_active(model: nn.Module, adapter_name: str = FAKE_SCORE) -> Iterator[None]:
+    """Only `adapter_name` acts (and requires grad) inside the block; "default" is active again afterwards."""
+    model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+@contextmanager
+def captured_input(module: nn.Module) -> Iterator[list[Tensor]]:
+    """A list that receives the first positional input of each forward call of `module` inside the block."""
+    seen: list[Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+class AuxOptimizer:
+    """An extra trainable piece (fake-score LoRA, discriminator head) with its own AdamW and constant learning rate.
+
+    Stepped inside the student's loss: `step(loss)` back-propagates into these parameters only (their .grad
+    is cleared before and after, so nothing leaks into or out of the student's update), averages the
+    gradients over processes, skips a non-finite update, clips and steps. `state_dict` holds the weights
+    and the optimizer state, so accelerator.register_for_checkpointing makes it resumable.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.0, eps: float = 1e-8, max_grad_norm: float = 0.0) -> None:
+        self.params = list(params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, loss: Tensor) -> bool:
+        """One update from `loss`; returns False when it was skipped (non-finite loss or gradient)."""
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for g in grads:
+                dist.all_reduce(g)
+                g /= dist.get_world_size()
+        finite = bool(torch.isfinite(loss.detach())) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if finite:
+            for p, g in zip(self.params, grads):
+                p.grad = g
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        return finite
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["params"]) != len(self.params):
+            raise ValueError(f"the checkpoint holds {len(state['params'])} tensors of this extra, "
+                             f"the model {len(self.params)}")
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"]):
+                p.copy_(saved.to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
