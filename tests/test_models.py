@@ -199,3 +199,13 @@ def test_pack_unpack_match_flux_pipeline(channels: int, height: int, width: int)
 def test_pack_rejects_odd_latents() -> None:
     with pytest.raises(ValueError, match="even"):
         models.pack_latents(torch.zeros(1, 4, 7, 8))
+
+
+def test_scale_latents_is_the_inverse_of_decode_latents_transform(toy_world):
+    """FLUX's VAE has a shift_factor: encode must subtract it where decode adds it back."""
+    vae = models.load_vae(os.path.join(toy_world, "models/flux")).eval()
+    assert vae.config.get("shift_factor")  # the case that matters
+    raw = torch.randn(2, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(models.decode_latents(vae, models.scale_latents(vae, raw)),
+                              vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)

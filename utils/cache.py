@@ -1,7 +1,7 @@
 """On-disk caches of what a training step would otherwise recompute every epoch: VAE latents, prompt embeddings.
 
 --cache_latents: every image is encoded ONCE and the VAE posterior q(z|x) = N(mean, std^2) is kept
-(not a sample of it), so each step still draws a fresh z = scaling_factor * (mean + std * eps) from the
+(not a sample of it), so each step still draws a fresh z = mean + std * eps (then scaled) from the
 run's generator, exactly as the uncached step does. Images are center-cropped once (a random crop would
 need a fresh encode every epoch); with --random_flip both orientations are cached and one is picked per
 sample.
@@ -223,13 +223,13 @@ def cached_latent_dataset(args: Any, dataset: Any, vae: Any, accelerator: Any) -
 def latents_of_batch(batch: dict, vae: Any, batch_size: int, generator: torch.Generator | None,
                      device: torch.device | str) -> Tensor:
     """z for a batch: a draw from the cached posterior (--cache_latents) or a fresh VAE encode, both scaled."""
-    from .models import encode_latents
+    from .models import encode_latents, scale_latents
 
     if "latent_mean" in batch:
         mean = batch["latent_mean"].to(device)
         std = batch["latent_std"].to(device)
         eps = torch.randn(mean.shape, generator=generator, device=device)  # the draw the VAE's sample() makes
-        return (mean + std * eps) * vae.config.scaling_factor
+        return scale_latents(vae, mean + std * eps)
     return encode_latents(vae, batch["pixel_values"].to(device, vae.dtype), batch_size, generator).float()
 
 

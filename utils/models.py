@@ -311,9 +311,14 @@ def encode_prompts(arch: str, prompts: str | Sequence[str], tokenizers: Sequence
 
 @torch.no_grad()
 def encode_latents(vae: Any, pixel_values: Tensor, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-    """z = scaling_factor * (a sample of q(z | x)), encoded in chunks of batch_size to bound memory."""
+    """z = scaling_factor * (a sample of q(z | x) - shift_factor), in chunks of batch_size to bound memory."""
     latents = [vae.encode(chunk).latent_dist.sample(generator) for chunk in pixel_values.split(batch_size)]
-    return torch.cat(latents) * vae.config.scaling_factor
+    return scale_latents(vae, torch.cat(latents))
+
+
+def scale_latents(vae: Any, z: Tensor) -> Tensor:
+    """The denoiser's latents from raw VAE latents: (z - shift_factor) * scaling_factor (decode_latents' inverse)."""
+    return (z - (vae.config.get("shift_factor") or 0.0)) * vae.config.scaling_factor
 
 
 def decode_latents(vae: Any, latents: Tensor) -> Tensor:
