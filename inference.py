@@ -188,8 +188,9 @@ def check_lora(path: str, base: str) -> None:
         raise UserError(f"{exc} (--lora_path)" if "(--" not in str(exc) else str(exc)) from None
 
 
-def load_lora(denoiser: Any, path: str, scale: float) -> str:
-    """Add the LoRA file to the UNet/transformer (any format) at `scale` times its alpha/r; returns its format."""
+def load_lora(denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
+    """Add the LoRA file to the UNet/transformer (any format) at `scale` times its alpha/r, merged into the
+    weights when `fuse`; returns its format."""
     from peft.tuners.lora import LoraLayer
 
     from utils import lora
@@ -203,6 +204,8 @@ def load_lora(denoiser: Any, path: str, scale: float) -> str:
         for module in lora.base_model(denoiser).modules():
             if isinstance(module, LoraLayer):
                 module.scale_layer(scale)
+    if fuse:  # W + s B A once, instead of the rank-r branch in every step
+        lora.merge_lora(denoiser)
     return fmt
 
 
@@ -439,7 +442,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
 
     pipe = load_pipeline(base, dtype, args.variant, args.revision)
     denoiser = pipe.transformer if arch == "flux" else pipe.unet
-    lora_format = load_lora(denoiser, lora_file, args.lora_scale) if lora_file else None
+    lora_format = load_lora(denoiser, lora_file, args.lora_scale, args.fuse_lora) if lora_file else None
     extra = set_scheduler(pipe, arch, scheduler, args.infer_steps, renoise)
     guidance = args.guidance_scale if args.guidance_scale is not None else \
         default_guidance(arch, pipe, scheduler, lora_file is not None)
@@ -455,7 +458,8 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
         "timesteps": extra.get("timesteps"), "renoise": renoise if scheduler == "tlcm" else None,
         "guidance_scale": guidance, "guidance": mode, "base_model": base, "architecture": arch,
         "lora": args.lora_path or "none", "lora_file": lora_file, "lora_format": lora_format,
-        "lora_scale": args.lora_scale if lora_file else None, "height": height, "width": width,
+        "lora_scale": args.lora_scale if lora_file else None, "lora_fused": bool(lora_file and args.fuse_lora),
+        "height": height, "width": width,
         "dtype": str(dtype).replace("torch.", ""), "device": device.type,
     }
     items = [(p, args.seed + i) for p in prompts for i in range(args.num_images)]

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the format is read from the keys (default: none, sample the base model)")
     m.add_argument("--lora_scale", type=float, default=1.0,
                    help="multiplier of the LoRA's alpha/r (default: %(default)s)")
+    m.add_argument("--fuse_lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the LoRA into the denoiser's weights once before sampling, so a step costs\n"
+                        "what a base-model step costs; --no-fuse_lora keeps it as PEFT's separate rank-r\n"
+                        "branch in every step (default: on)")
     m.add_argument("--variant", default=None, help='weights variant of the base model, e.g. "fp16"')
     m.add_argument("--revision", default=None, help="revision of the base model on the hub")
 

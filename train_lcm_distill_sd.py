@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None):
     a.add_argument("--lcf", action="store_true",
                    help="latent consistency fine-tuning: no teacher, x_s = the same latent noised at s")
     training.add_training_args(parser)
-    training.add_speed_args(parser)
+    training.add_speed_args(parser, lora_recipe=False)
     args = parser.parse_args(argv)
 
     training.check_lcm_args(args)

@@ -32,6 +32,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--num_prompts", type=int, default=8, help="toy evaluation prompts to sample (default: 8)")
     parser.add_argument("--prompts_file", default=None, help="prompts, one per line, instead of the toy prompts")
     parser.add_argument("--batch_size", type=int, default=None, help="images per pipeline call (default: all prompts)")
+    parser.add_argument("--student_batch_size", default=None,
+                        help="images per student pipeline call (default: --batch_size); 'match': as many as the "
+                             "teacher's denoiser calls carry rows (2 x --batch_size with batched CFG), so both send "
+                             "the same batch through the network (give --num_prompts at least that many)")
     parser.add_argument("--resolution", type=int, default=None, help="image side (default: the pipeline's own)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration (default: 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default: 3)")
@@ -79,6 +84,9 @@ def parse_args(argv: list[str] | None = None):
         fail(f"--warmup must be at least 0, got {args.warmup}")
     if args.batch_size is not None and args.batch_size < 1:
         fail(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.student_batch_size not in (None, "match") and not (
+            args.student_batch_size.isdigit() and int(args.student_batch_size) >= 1):
+        fail(f"--student_batch_size must be a positive integer or 'match', got {args.student_batch_size}")
     if any(not 1 <= s <= 1000 for s in args.student_steps + args.teacher_steps):
         fail("--student_steps and --teacher_steps must be between 1 and 1000")
     for flag, path in (("--lora", args.lora), ("--prompts_file", args.prompts_file)):
@@ -88,19 +96,38 @@ def parse_args(argv: list[str] | None = None):
 
 
 class EvalCounter:
-    """Counts the denoiser's forwards and the batch rows they carry (rows = network evaluations)."""
+    """Counts the denoiser's forwards and the batch rows they carry (rows = network evaluations), and times
+    the denoising loop of each pipeline call: from the first denoiser forward to the end of the last step
+    (the pipeline's step-end callback, after the scheduler's step), i.e. without text encoding, latent
+    preparation and VAE decode."""
 
     def __init__(self, module) -> None:
         self.calls = self.rows = 0
+        self.loop_s, self._start, self._end = 0.0, None, None
         self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.calls += 1
         self.rows += int(x.shape[0])
+        if self._start is None:
+            common.synchronize()
+            self._start = time.perf_counter()
+
+    def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        common.synchronize()
+        self._end = time.perf_counter()
+        return callback_kwargs
+
+    def end_call(self) -> None:
+        """Close one pipeline call's loop (called after the call returns)."""
+        if self._start is not None and self._end is not None:
+            self.loop_s += self._end - self._start
+        self._start = self._end = None
 
     def reset(self) -> None:
         self.calls = self.rows = 0
+        self.loop_s, self._start, self._end = 0.0, None, None
 
 
 def denoiser(pipe):
@@ -119,29 +146,34 @@ def load_pipeline(path: str, flag: str, args):
     return pipe.to(args.device)
 
 
-def measure(pipe, prompts: list[str], steps: int, guidance: float, args) -> dict:
-    """Median seconds per image over the timed runs, and the counted evaluations per image."""
+def measure(pipe, prompts: list[str], steps: int, guidance: float, args, batch: int | None = None) -> dict:
+    """Median milliseconds per image (whole call, and its denoising loop) over the timed runs, and the
+    counted evaluations per image; `batch` prompts per pipeline call (default --batch_size)."""
     from utils.evaluate import sample
 
     counter = EvalCounter(denoiser(pipe))
     extra = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
-    batch = args.batch_size or len(prompts)
-    runs, evals = [], set()
+    batch = batch or args.batch_size or len(prompts)
+    runs, loops, evals = [], [], set()
     try:
         for i in range(args.warmup + args.repeats):
             counter.reset()
             common.synchronize()
-            _, seconds = sample(pipe, prompts, steps, guidance, seed=args.seed, batch_size=batch, **extra)
+            _, seconds = sample(pipe, prompts, steps, guidance, seed=args.seed, batch_size=batch,
+                                callback_on_step_end=counter.step_end, after_call=counter.end_call, **extra)
             evals.add(counter.rows / len(prompts))
             if i >= args.warmup:
                 runs.append(seconds)
+                loops.append(counter.loop_s / len(prompts))
     finally:
         counter.handle.remove()
     if len(evals) != 1:
         raise RuntimeError(f"evaluations per image changed between runs: {sorted(evals)}")
+    ms, loop_ms = 1000 * common.median(runs), 1000 * common.median(loops)
     return {"steps": steps, "guidance_scale": guidance, "images": len(prompts), "batch_size": batch,
-            "evals_per_image": evals.pop(), "denoiser_calls": counter.calls,
-            "ms_per_image": 1000 * common.median(runs), "ms_per_image_runs": [round(1000 * r, 3) for r in runs]}
+            "evals_per_image": evals.pop(), "denoiser_calls": counter.calls, "rows_per_call": counter.rows / counter.calls,
+            "ms_per_image": ms, "loop_ms_per_image": loop_ms, "outside_loop_ms_per_image": ms - loop_ms,
+            "ms_per_image_runs": [round(1000 * r, 3) for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -193,15 +225,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         name = args.scheduler or ("default" if args.student else "tlcm" if hasattr(student, "transformer") else "lcm")
         sampler = set_scheduler(student, name)
         for steps in args.student_steps:
-            result = measure(student, prompts, steps, args.student_guidance_scale, args)
+            batch = args.student_batch_size
+            if batch == "match":  # as many images per call as the teacher's calls carry rows
+                batch = int(round(teachers[0]["rows_per_call"]))
+            result = measure(student, prompts, steps, args.student_guidance_scale, args,
+                             batch=int(batch) if batch else None)
             versus = []
             for t in teachers:
                 ideal = t["evals_per_image"] / result["evals_per_image"]
                 speed = t["ms_per_image"] / result["ms_per_image"]
+                loop_speed = t["loop_ms_per_image"] / result["loop_ms_per_image"]
+                # the whole call's speed-up if the loop alone sped up by exactly the ideal ratio
+                bound = t["ms_per_image"] / (t["loop_ms_per_image"] / ideal + result["outside_loop_ms_per_image"])
                 versus.append({"teacher_steps": t["steps"], "teacher_evals_per_image": t["evals_per_image"],
                                "eval_ratio": ideal, "call_ratio": t["denoiser_calls"] / result["denoiser_calls"],
                                "speed_ratio": speed, "fraction_of_ideal": speed / ideal,
-                               f"reaches_{args.min_fraction:g}x_ideal": speed >= args.min_fraction * ideal})
+                               f"reaches_{args.min_fraction:g}x_ideal": speed >= args.min_fraction * ideal,
+                               "loop_speed_ratio": loop_speed, "loop_fraction_of_ideal": loop_speed / ideal,
+                               f"loop_reaches_{args.min_fraction:g}x_ideal": loop_speed >= args.min_fraction * ideal,
+                               "speed_bound_with_outside_loop_costs": bound})
             records.append({**base, "role": "student", "model": args.student or args.lora, "sampler": sampler,
                             "lora_fused": bool(args.lora and args.fuse_lora), "resolution": resolution, **result,
                             "vs_teacher": versus})

@@ -93,6 +93,23 @@ def test_inference_counts_network_evaluations(toy_world, capsys, teacher, teache
     (versus,) = s["vs_teacher"]
     assert versus["eval_ratio"] == teacher_evals / 4
     assert versus["speed_ratio"] == pytest.approx(t["ms_per_image"] / s["ms_per_image"])
+    for r in records:  # the denoising loop is timed inside the call: text encoding and decoding are outside it
+        assert 0 < r["loop_ms_per_image"] < r["ms_per_image"]
+        assert r["outside_loop_ms_per_image"] == pytest.approx(r["ms_per_image"] - r["loop_ms_per_image"])
+    assert versus["loop_speed_ratio"] == pytest.approx(t["loop_ms_per_image"] / s["loop_ms_per_image"])
+    assert versus["loop_fraction_of_ideal"] == pytest.approx(versus["loop_speed_ratio"] / versus["eval_ratio"])
+
+
+def test_inference_student_batch_can_match_the_teacher_rows(toy_world, capsys):
+    bench = load("bench_inference")
+    path = os.path.join(toy_world, "models", "sd")
+    t, s = bench.main(["--pipeline", path, "--student", path, "--scheduler", "lcm", "--num_prompts", "4",
+                       "--batch_size", "2", "--student_batch_size", "match", "--teacher_steps", "2",
+                       "--student_steps", "2", "--guidance_scale", "5", "--warmup", "0", "--repeats", "1"])
+    assert (t["batch_size"], t["rows_per_call"], t["denoiser_calls"]) == (2, 4, 4)  # 2 calls a step, cond + uncond
+    assert (s["batch_size"], s["rows_per_call"], s["denoiser_calls"]) == (4, 4, 2)  # all 4 images in one call
+    with pytest.raises(SystemExit):
+        bench.main(["--pipeline", path, "--student", path, "--student_batch_size", "0"])
 
 
 @pytest.mark.parametrize("recipe, teacher, kind", [("train_lcm_distill_lora_sdxl.py", "sdxl", "lora"),

@@ -144,8 +144,11 @@ def default_resolution(pipe) -> int:
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: int = 0, batch_size: int = 64,
-           **extra) -> tuple[torch.Tensor, float]:
-    """Images in [-1, 1] (N, 3, H, W) for the prompts, image i from seed + i; and seconds per image."""
+           after_call=None, **extra) -> tuple[torch.Tensor, float]:
+    """Images in [-1, 1] (N, 3, H, W) for the prompts, image i from seed + i; and seconds per image.
+
+    after_call: called with no argument after each pipeline call (a benchmark's per-call bookkeeping).
+    """
     images, elapsed = [], 0.0
     res = default_resolution(pipe)
     extra = {"height": res, "width": res, **extra}
@@ -158,6 +161,8 @@ def sample(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: in
         t0 = time.perf_counter()
         out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="np", **kwargs).images
         elapsed += time.perf_counter() - t0
+        if after_call is not None:
+            after_call()
         images.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1)
     return torch.cat(images).float(), elapsed / len(prompts)
 
