@@ -190,3 +190,17 @@ def test_tlcm_checkpoints_of_both_stages_and_the_last_as_student(toy_world, tmp_
     final.load_lora_weights(out)
     assert not torch.allclose(transformer_output(final.transformer), base, atol=1e-4)
     assert torch.allclose(transformer_output(student.transformer), transformer_output(final.transformer), atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["models/sdxl", "models/flux/transformer/config.json"])
+def test_lora_forward_bench_times_both_modes(toy_world, capsys, model):
+    bench = load("bench_lora_forward")
+    records = bench.main(["--model", os.path.join(toy_world, model), "--lora_rank", "8", "--batch_size", "2",
+                          "--warmup", "0", "--steps", "1"])
+    assert [r["pass"] for r in records] == ["forward", "train"]
+    assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == records
+    for r in records:
+        assert r["branch_ms"] > 0 and r["merged_ms"] > 0
+        assert r["speed_ratio"] == pytest.approx(r["branch_ms"] / r["merged_ms"])
+        assert 0 <= r["merged_layers"] <= r["lora_layers"] and r["lora_layers"] > 10
+    assert records[0]["merged_layers"] >= records[1]["merged_layers"]  # a gradient makes merging dearer
