@@ -1,17 +1,17 @@
 """Time a LoRA denoiser's forward (no grad) and forward + backward with PEFT's branch vs the merged forward.
 
     python benchmarks/bench_lora_forward.py --model toy_world/models/sdxl --lora_rank 64 --batch_size 16
-    python benchmarks/bench_lora_forward.py --model sdxl_unet_config.json --resolution 1024 --device cuda --dtype bf16
+    python benchmarks/bench_lora_forward.py --model sdxl_unet_config.json --latent_size 128 --device cuda --dtype bf16
 
 --model is a pipeline folder (its UNet / FLUX transformer, trained weights) or a denoiser's config.json
 (random weights built from it: full-size models need no download). The LoRA (zero-initialised A and
 B ~ N(0, 0.01), so the branch is not trivially zero) goes on --lora_target_modules; inputs are random,
-shaped as the pipeline would send them at --resolution. Each pass is timed as the median of --steps
+shaped as the pipeline would send them for latents of side --latent_size. Each pass is timed as the median of --steps
 runs after --warmup. `--merged_lora_forward` of the LoRA recipes is the "merged" mode (per layer and
 call: the merged weight where it costs fewer FLOPs, else PEFT's branch; utils/merged_lora.py).
 
 One JSON line per pass (forward = no grad, as the LCM target and sampling; train = forward +
-backward into the LoRA, as the student): label, model, pass, batch_size, resolution, rank,
+backward into the LoRA, as the student): label, model, pass, batch_size, latent_size, rank,
 branch_ms, merged_ms, speed_ratio (branch / merged), merged_layers (layers that took the merged
 weight in that pass, of lora_layers), device, dtype, torch, threads.
 """
@@ -38,8 +38,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--lora_target_modules", default=None,
                         help="preset (lcm, diffusers, flux) or comma list (default: lcm for a UNet, flux for FLUX)")
     parser.add_argument("--batch_size", type=int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="image side in pixels (default: the model's own: sample_size x 8 for a UNet, 32 toy FLUX)")
+    parser.add_argument("--latent_size", type=int, default=None,
+                        help="latent side (pixels / the VAE's factor; FLUX packs 2x2 of it into a token) (default: a "
+                             "UNet's sample_size; FLUX: its pipeline's VAE sample_size / factor, or 128 = 1024 px "
+                             "for a config.json)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per pass and mode (default: 3)")
     parser.add_argument("--steps", type=int, default=10, help="timed runs per pass and mode (default: 10)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--append", default=None, help="also append the JSON lines to this .jsonl file")
     args = parser.parse_args(argv)
     common.check_positive(args, "lora_rank", "batch_size", "steps")
+    if args.latent_size is not None and args.latent_size < 2:
+        fail(f"--latent_size must be at least 2, got {args.latent_size}")
     if args.warmup < 0:
         fail(f"--warmup must be at least 0, got {args.warmup}")
     if not os.path.exists(args.model):
@@ -77,27 +81,38 @@ def load_model(path: str):
     return models.load_denoiser(path)
 
 
-def denoiser_inputs(model, batch: int, resolution: int | None, generator) -> tuple[dict, int]:
-    """Random inputs of the shapes a pipeline sends (UNet: SD or SDXL; FLUX: packed 2x2 latent tokens)."""
+def default_latent_size(path: str, model) -> int:
+    """A UNet's own sample_size; FLUX: the pipeline VAE's sample_size / its factor, else 128 (1024 px)."""
+    import json
+
+    if hasattr(model.config, "sample_size") and hasattr(model.config, "cross_attention_dim"):
+        return int(model.config.sample_size)
+    vae_config = os.path.join(path, "vae", "config.json")
+    if os.path.isdir(path) and os.path.isfile(vae_config):
+        with open(vae_config) as f:
+            vae = json.load(f)
+        return int(vae["sample_size"]) // 2 ** (len(vae["block_out_channels"]) - 1)
+    return 128
+
+
+def denoiser_inputs(model, batch: int, side: int, generator) -> dict:
+    """Random inputs of the shapes a pipeline sends (UNet: SD or SDXL; FLUX: 2x2 patches of the latent as tokens)."""
     import torch
 
     config = model.config
     randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
     if hasattr(config, "cross_attention_dim") and hasattr(config, "sample_size"):  # UNet2DConditionModel
-        side = (resolution or config.sample_size * 8) // 8
         kwargs = {"sample": randn(batch, config.in_channels, side, side),
                   "timestep": torch.randint(0, 1000, (batch,), generator=generator),
                   "encoder_hidden_states": randn(batch, 77, config.cross_attention_dim)}
         if config.addition_embed_type == "text_time":
             pooled = model.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
             kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled),
-                                           "time_ids": torch.tensor([[float(side * 8)] * 2 + [0.0, 0.0]
-                                                                     + [float(side * 8)] * 2] * batch)}
+                                           "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
         if config.time_cond_proj_dim is not None:
             kwargs["timestep_cond"] = randn(batch, config.time_cond_proj_dim)
-        return kwargs, side * 8
-    side = (resolution or 32) // 16  # FLUX: VAE x8, then 2x2 patches
-    tokens, text = side * side, 16
+        return kwargs
+    tokens, text = (side // 2) ** 2, 16
     kwargs = {"hidden_states": randn(batch, tokens, config.in_channels),
               "encoder_hidden_states": randn(batch, text, config.joint_attention_dim),
               "pooled_projections": randn(batch, config.pooled_projection_dim),
@@ -105,7 +120,7 @@ def denoiser_inputs(model, batch: int, resolution: int | None, generator) -> tup
               "img_ids": torch.zeros(tokens, 3), "txt_ids": torch.zeros(text, 3)}
     if config.guidance_embeds:
         kwargs["guidance"] = torch.full((batch,), 3.5)
-    return kwargs, side * 16
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -127,8 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.01)
-    inputs, resolution = denoiser_inputs(model, args.batch_size, args.resolution,
-                                         torch.Generator().manual_seed(args.seed))
+    side = args.latent_size or default_latent_size(args.model, model)
+    inputs = denoiser_inputs(model, args.batch_size, side, torch.Generator().manual_seed(args.seed))
     inputs = {k: ({kk: vv.to(args.device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(args.device))
               for k, v in inputs.items()}
     layers = [m for m in model.modules() if merged_lora.supported(m)]
@@ -168,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         merged_lora.enable(model)
         merged = time_pass(train)
         record = {"label": args.label, "model": args.model, "pass": name, "batch_size": args.batch_size,
-                  "resolution": resolution, "rank": args.lora_rank, "branch_ms": branch, "merged_ms": merged,
+                  "latent_size": side, "rank": args.lora_rank, "branch_ms": branch, "merged_ms": merged,
                   "speed_ratio": branch / merged, "merged_layers": merged_count(train), "lora_layers": len(layers),
                   "device": common.device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype,
                   **common.environment()}

@@ -196,8 +196,9 @@ def test_tlcm_checkpoints_of_both_stages_and_the_last_as_student(toy_world, tmp_
 def test_lora_forward_bench_times_both_modes(toy_world, capsys, model):
     bench = load("bench_lora_forward")
     records = bench.main(["--model", os.path.join(toy_world, model), "--lora_rank", "8", "--batch_size", "2",
-                          "--warmup", "0", "--steps", "1"])
+                          "--warmup", "0", "--steps", "1", *(["--latent_size", "8"] if "json" in model else [])])
     assert [r["pass"] for r in records] == ["forward", "train"]
+    assert {r["latent_size"] for r in records} == {8}  # the toy SDXL UNet's sample_size; given for the config
     assert [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()] == records
     for r in records:
         assert r["branch_ms"] > 0 and r["merged_ms"] > 0
