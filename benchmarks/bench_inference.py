@@ -32,7 +32,6 @@ import argparse
 import gc
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -111,12 +110,10 @@ class EvalCounter:
         self.calls += 1
         self.rows += int(x.shape[0])
         if self._start is None:
-            common.synchronize()
-            self._start = time.perf_counter()
+            self._start = common.now()
 
     def step_end(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        common.synchronize()
-        self._end = time.perf_counter()
+        self._end = common.now()
         return callback_kwargs
 
     def end_call(self) -> None:

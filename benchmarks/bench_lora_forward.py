@@ -66,26 +66,31 @@ def load_model(path: str):
     """The denoiser: from a pipeline folder, or built from a config.json with random weights."""
     import json
 
+    import diffusers
+
     from utils import models
 
     if os.path.isfile(path):
-        from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-
         with open(path) as f:
             config = json.load(f)
-        classes = {"UNet2DConditionModel": UNet2DConditionModel, "FluxTransformer2DModel": FluxTransformer2DModel}
-        cls = classes.get(config.get("_class_name"))
-        if cls is None:
-            fail(f"--model {path}: _class_name must be one of {', '.join(classes)}")
-        return cls.from_config(config)
+        if config.get("_class_name") not in models.DENOISERS:
+            fail(f"--model {path}: _class_name must be one of {', '.join(models.DENOISERS)}")
+        return getattr(diffusers, config["_class_name"]).from_config(config)
     return models.load_denoiser(path)
+
+
+def is_unet(model) -> bool:
+    """A UNet2DConditionModel (SD / SDXL), else a FLUX transformer."""
+    from diffusers import UNet2DConditionModel
+
+    return isinstance(model, UNet2DConditionModel)
 
 
 def default_latent_size(path: str, model) -> int:
     """A UNet's own sample_size; FLUX: the pipeline VAE's sample_size / its factor, else 128 (1024 px)."""
     import json
 
-    if hasattr(model.config, "sample_size") and hasattr(model.config, "cross_attention_dim"):
+    if is_unet(model):
         return int(model.config.sample_size)
     vae_config = os.path.join(path, "vae", "config.json")
     if os.path.isdir(path) and os.path.isfile(vae_config):
@@ -101,7 +106,7 @@ def denoiser_inputs(model, batch: int, side: int, generator) -> dict:
 
     config = model.config
     randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
-    if hasattr(config, "cross_attention_dim") and hasattr(config, "sample_size"):  # UNet2DConditionModel
+    if is_unet(model):
         kwargs = {"sample": randn(batch, config.in_channels, side, side),
                   "timestep": torch.randint(0, 1000, (batch,), generator=generator),
                   "encoder_hidden_states": randn(batch, 77, config.cross_attention_dim)}
@@ -134,8 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, common.DTYPES[args.dtype])
     with user_errors():
         model = load_model(args.model).requires_grad_(False).to(args.device, dtype)
-        flux = not hasattr(model.config, "sample_size")
-        targets = lora.resolve_targets(args.lora_target_modules or ("flux" if flux else "lcm"))
+        targets = lora.resolve_targets(args.lora_target_modules or ("lcm" if is_unet(model) else "flux"))
         torch.manual_seed(args.seed)
         lora.add_trainable_lora(model, args.lora_rank, lora.DEFAULT_LORA_ALPHA, targets)
     with torch.no_grad():
@@ -159,10 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def time_pass(train: bool) -> float:
         times = []
         for i in range(args.warmup + args.steps):
-            common.synchronize()
             start = common.now()
             run(train)
-            common.synchronize()
             if i >= args.warmup:
                 times.append(common.now() - start)
         return 1000 * common.median(times)

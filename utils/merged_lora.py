@@ -86,7 +86,7 @@ def _forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced once per shape anyway; a cache would only add guards
         adapters = _plan(self, x, *key[::2])
     else:
-        plans = self.__dict__.setdefault("_merged_lora_plans", {})
+        plans = self.__dict__["_merged_lora_plans"]  # set by `enable`
         if key not in plans:
             plans[key] = _plan(self, x, *key[::2])
         adapters = plans[key]
@@ -104,8 +104,8 @@ def _forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def supported(layer: nn.Module) -> bool:
-    """A PEFT LoRA Linear / Conv2d over a plain nn.Linear / ungrouped nn.Conv2d (adapters with dropout or
-    DoRA are still checked at each call, and keep PEFT's forward)."""
+    """A PEFT LoRA Linear / Conv2d over a plain nn.Linear / ungrouped nn.Conv2d (whether its active adapters
+    have dropout or DoRA is checked when a call's plan is made: those keep PEFT's forward)."""
     from peft.tuners.lora import layer as peft_layer
 
     if type(layer) not in (peft_layer.Linear, peft_layer.Conv2d) or getattr(layer, "fan_in_fan_out", False):
