@@ -160,7 +160,7 @@ def main(args) -> None:
 
     # ---- models: frozen VAE (validation, reward) and text encoders; one transformer = teacher + LoRA student
     vae = training.load_frozen_vae(args, device, dtype)
-    latent_side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_side = args.resolution // models.vae_scale_factor(vae.config)
     if latent_side % 2:
         fail(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of "
              f"{2 * args.resolution // latent_side}")

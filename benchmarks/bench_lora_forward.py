@@ -19,6 +19,7 @@ weight in that pass, of lora_layers), device, dtype, torch, threads.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -64,8 +65,6 @@ def parse_args(argv: list[str] | None = None):
 
 def load_model(path: str):
     """The denoiser: from a pipeline folder, or built from a config.json with random weights."""
-    import json
-
     import diffusers
 
     from utils import models
@@ -88,7 +87,7 @@ def is_unet(model) -> bool:
 
 def default_latent_size(path: str, model) -> int:
     """A UNet's own sample_size; FLUX: the pipeline VAE's sample_size / its factor, else 128 (1024 px)."""
-    import json
+    from utils import models
 
     if is_unet(model):
         return int(model.config.sample_size)
@@ -96,13 +95,15 @@ def default_latent_size(path: str, model) -> int:
     if os.path.isdir(path) and os.path.isfile(vae_config):
         with open(vae_config) as f:
             vae = json.load(f)
-        return int(vae["sample_size"]) // 2 ** (len(vae["block_out_channels"]) - 1)
+        return int(vae["sample_size"]) // models.vae_scale_factor(vae)
     return 128
 
 
 def denoiser_inputs(model, batch: int, side: int, generator) -> dict:
     """Random inputs of the shapes a pipeline sends (UNet: SD or SDXL; FLUX: 2x2 patches of the latent as tokens)."""
     import torch
+
+    from utils import models
 
     config = model.config
     randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
@@ -113,7 +114,7 @@ def denoiser_inputs(model, batch: int, side: int, generator) -> dict:
         if config.addition_embed_type == "text_time":
             pooled = model.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
             kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, pooled),
-                                           "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch)}
+                                           "time_ids": models.sdxl_time_ids((1024, 1024), (0, 0), (1024, 1024), batch)}
         if config.time_cond_proj_dim is not None:
             kwargs["timestep_cond"] = randn(batch, config.time_cond_proj_dim)
         return kwargs

@@ -156,6 +156,11 @@ def require_architecture(path: str, expected: str | tuple[str, ...], flag: str =
 # ----------------------------------------------------------------------------- components
 
 
+def vae_scale_factor(vae_config: Any) -> int:
+    """Pixels per latent side: 2^(len(block_out_channels) - 1), as diffusers' pipelines compute it."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def load_vae(path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None,
              dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """AutoencoderKL from `vae_path` (a VAE folder/hub id, no subfolder) if given, else `path`/vae."""

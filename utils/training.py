@@ -596,7 +596,7 @@ def load_frozen_vae(args: argparse.Namespace, device, dtype: torch.dtype):
 
     vae = models.load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
                           args.variant).requires_grad_(False).eval()
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = models.vae_scale_factor(vae.config)
     if args.resolution % factor:
         fail(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     # the VAE stays fp32 when its config asks for it (SD-family VAEs overflow in fp16)
