@@ -8,7 +8,7 @@ LORA is a .safetensors file in any of the three formats (diffusers `pytorch_lora
 `adapter_model.safetensors` + `adapter_config.json`, kohya/ComfyUI/A1111 `lora_unet_...` keys) or a folder
 holding one (a LoRA recipe's --output_dir works too). BASE is the diffusers pipeline folder the LoRA belongs
 to: its denoiser's module names turn kohya's flattened names back into real ones, and every tensor's shape is
-checked against it. The alpha conventions of the three formats are documented at the top of utils/lora.py;
+checked against it. The alpha conventions of the three formats are documented at the top of utils/lora_files.py;
 conversions keep the LoRA's output unchanged and round trips give back identical tensors.
 """
 
@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from utils import checkpoint, lora, models, training
+from utils import checkpoint, flags, lora, lora_files, models
 from utils.errors import UserError, user_errors
 
 _NAMED = re.compile(r"\((--[\w-]+|[A-Z]+)\)")  # a message that already names its flag or positional argument
@@ -28,7 +28,7 @@ SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = training.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+    parser = flags.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{convert,merge,from-checkpoint}")
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None):
     c = sub.add_parser("convert", help="a LoRA in one format -> another format",
                        description="Rewrite a LoRA (any format) as diffusers, PEFT or kohya; outputs are unchanged.")
     c.add_argument("lora", help="LoRA .safetensors file (any format) or a folder holding one")
-    c.add_argument("--to", required=True, choices=lora.FORMATS,
+    c.add_argument("--to", required=True, choices=lora_files.FORMATS,
                    help="target format: diffusers (pipe.load_lora_weights), peft (PeftModel.from_pretrained "
                         "folder, lora_alpha 8) or kohya (ComfyUI / A1111 key names, .alpha kept)")
     c.add_argument("--output_path", required=True,
@@ -77,9 +77,11 @@ def parse_args(argv: list[str] | None = None):
     k.add_argument("--denoiser_only", action="store_true",
                    help="full-model checkpoints: write only the UNet / transformer folder, not a whole pipeline")
     k.add_argument("--num_ddim_timesteps", type=int, default=50,
-                   help="full UNet checkpoints: the run's --num_ddim_timesteps, for the LCMScheduler (default: 50)")
+                   help="UNet checkpoints (full or LoRA): the run's --num_ddim_timesteps, for the LCMScheduler "
+                        "(default: 50)")
     k.add_argument("--timestep_scaling_factor", type=float, default=10.0,
-                   help="full UNet checkpoints: the run's --timestep_scaling_factor, for the LCMScheduler (default: 10)")
+                   help="UNet checkpoints (full or LoRA): the run's --timestep_scaling_factor, for the LCMScheduler "
+                        "(default: 10)")
     base_flags(k)
     return parser.parse_args(argv)
 
@@ -96,14 +98,14 @@ def naming(what: str) -> Iterator[None]:
 
 def convert(args) -> None:
     with naming("--output_path"):
-        target = lora.output_path(args.output_path, args.to)
-        lora.check_output(target, args.overwrite)
-    model, component = lora.denoiser_skeleton(args.base_model)
+        target = lora_files.output_path(args.output_path, args.to)
+        lora_files.check_output(target, args.overwrite)
+    model, component = lora_files.denoiser_skeleton(args.base_model)
     with naming("LORA"):
-        sd, alphas, fmt = lora.read_lora(args.lora, model)
-    targets = lora.infer_targets(set(lora.lora_ranks(sd)), model) if args.to == "peft" else None
-    with lora.staged_output(target, args.overwrite) as tmp:
-        lora.write_lora(sd, alphas, args.to, tmp, component, targets)
+        sd, alphas, fmt = lora_files.read_lora(args.lora, model)
+    targets = lora.infer_targets(set(lora_files.lora_ranks(sd)), model) if args.to == "peft" else None
+    with lora_files.staged_output(target, args.overwrite) as tmp:
+        lora_files.write_lora(sd, alphas, args.to, tmp, component, targets)
     print(f"{fmt} -> {args.to}: {target}")
 
 
@@ -112,30 +114,30 @@ def load_pipeline(path: str):
     from diffusers import DiffusionPipeline
 
     component = "transformer" if models.detect_architecture(path, flag="--base_model") == "flux" else "unet"
-    return models._from_pretrained(DiffusionPipeline, path, "--base_model"), component
+    return models.load_pretrained(DiffusionPipeline, path, "--base_model"), component
 
 
 def merge(args) -> None:
     import torch
 
     with naming("--output_dir"):
-        lora.check_output(args.output_dir, args.overwrite)
+        lora_files.check_output(args.output_dir, args.overwrite)
     with naming("LORA"):  # bad input fails before the big load
-        lora.read_lora(args.lora, lora.denoiser_skeleton(args.base_model)[0])
+        lora_files.read_lora(args.lora, lora_files.denoiser_skeleton(args.base_model)[0])
     if args.denoiser_only:
         pipe, merged = None, models.load_denoiser(args.base_model)
     else:
         pipe, component = load_pipeline(args.base_model)
         merged = getattr(pipe, component)
     merged = merged.to(torch.float32)  # the merge runs in fp32 even when the base is stored in fp16
-    lora.load_lora_file(args.lora, merged)
+    lora_files.load_lora_file(args.lora, merged)
     merged = lora.merge_lora(merged)
     if pipe is not None:
         pipe.register_modules(**{component: merged})
     saved = merged if pipe is None else pipe
     if args.save_dtype != "fp32":
         saved.to(getattr(torch, SAVE_DTYPES[args.save_dtype]))
-    with lora.staged_output(args.output_dir, args.overwrite) as tmp:
+    with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
         saved.save_pretrained(tmp)
     print(f"merged {args.lora} into {args.base_model}: {args.output_dir}")
 
@@ -145,7 +147,7 @@ def denoiser_from_state(base_model: str, component: str, state: dict):
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     cls = FluxTransformer2DModel if component == "transformer" else UNet2DConditionModel
-    config = models._load_config(cls, base_model, component, None, "--base_model")
+    config = models.load_config(cls, base_model, component, None, "--base_model")
     cond = state.get("time_embedding.cond_proj.weight")
     if component == "unet" and cond is not None:
         config["time_cond_proj_dim"] = int(cond.shape[1])
@@ -164,24 +166,29 @@ def denoiser_from_state(base_model: str, component: str, state: dict):
 def from_checkpoint(args) -> None:
     checkpoint.check_checkpoint(args.checkpoint, "CHECKPOINT")
     with naming("--output_dir"):
-        lora.check_output(args.output_dir, args.overwrite)
+        lora_files.check_output(args.output_dir, args.overwrite)
     with naming("CHECKPOINT"):
         state = checkpoint.read_model_state(args.checkpoint)
     component = "transformer" if models.detect_architecture(args.base_model, flag="--base_model") == "flux" else "unet"
-    lora_sd = lora.checkpoint_lora_state(state)
+    lora_sd = lora_files.checkpoint_lora_state(state)
     if lora_sd:
         if args.ema or args.denoiser_only:
             raise UserError(f"{args.checkpoint} holds a LoRA: --ema and --denoiser_only are for full-model checkpoints")
         model = models.load_denoiser(args.base_model)
         if args.lora_target_modules == "auto":
-            targets = lora.infer_targets(set(lora.lora_ranks(lora_sd)), model)
+            targets = lora.infer_targets(set(lora_files.lora_ranks(lora_sd)), model)
         else:
             targets = lora.resolve_targets(args.lora_target_modules)
-        lora.add_lora_from_state(model, lora_sd, args.lora_alpha, targets, args.lora_dropout)
+        lora_files.add_lora_from_state(model, lora_sd, args.lora_alpha, targets, args.lora_dropout)
         # train_lcm_distill_lora_sdxl.py keeps the PEFT folder in out/unet; FLUX LoRA runs keep it in out/.
-        with lora.staged_output(args.output_dir, args.overwrite) as tmp:
-            lora.save_lora_outputs(model, tmp, component, None if component == "unet" else tmp)
-        print(f"LoRA of {args.checkpoint} (rank {max(lora.lora_ranks(lora_sd).values())}): {args.output_dir}")
+        with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
+            lora_files.save_lora_outputs(model, tmp, component, None if component == "unet" else tmp)
+            if component == "unet":  # as train_lcm_distill_lora_sdxl.py: the LCMScheduler of the training grid
+                from utils.scheduling_lcm import lcm_scheduler
+
+                lcm_scheduler(models.load_noise_scheduler_config(args.base_model), args.num_ddim_timesteps,
+                              args.timestep_scaling_factor).save_pretrained(os.path.join(tmp, "scheduler"))
+        print(f"LoRA of {args.checkpoint} (rank {max(lora_files.lora_ranks(lora_sd).values())}): {args.output_dir}")
         return
     if args.ema:
         names = set(state)
@@ -190,7 +197,7 @@ def from_checkpoint(args) -> None:
             raise UserError(f"{args.checkpoint} holds no EMA copy of the model (--ema)")
         state = found[0]
     student = denoiser_from_state(args.base_model, component, state)
-    with lora.staged_output(args.output_dir, args.overwrite) as tmp:
+    with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
         if args.denoiser_only:
             student.save_pretrained(tmp)
         else:
@@ -201,14 +208,14 @@ def from_checkpoint(args) -> None:
 def save_pipeline(args, student, component: str, out_dir: str) -> None:
     """The base pipeline with the checkpoint's denoiser; a UNet student gets train_lcm_distill_sd.py's LCMScheduler."""
     import torch
-    from diffusers import LCMScheduler
+
+    from utils.scheduling_lcm import lcm_scheduler
 
     pipe, _ = load_pipeline(args.base_model)
     pipe.register_modules(**{component: student})
     if component == "unet":
-        config = {k: v for k, v in models.load_noise_scheduler_config(args.base_model).items() if not k.startswith("_")}
-        pipe.register_modules(scheduler=LCMScheduler.from_config(
-            config, original_inference_steps=args.num_ddim_timesteps, timestep_scaling=args.timestep_scaling_factor))
+        config = models.load_noise_scheduler_config(args.base_model)
+        pipe.register_modules(scheduler=lcm_scheduler(config, args.num_ddim_timesteps, args.timestep_scaling_factor))
     pipe.to(torch.float32)  # as the recipe saves it
     pipe.save_pretrained(out_dir)
 

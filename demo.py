@@ -6,12 +6,14 @@
 2. check the judge on real images and on VAE reconstructions;
 3. sample every toy teacher with its own full-step sampler (50 steps, CFG) and at 4 steps;
 4. distill the toy SD teacher with train_lcm_distill_sd.py, the toy SDXL teacher with
-   train_lcm_distill_lora_sdxl.py and the toy FLUX teacher with train_tlcm_flux.py (each skipped
-   when its output exists);
+   train_lcm_distill_lora_sdxl.py, with train_lcm_distill_sd.py (a full student) and with
+   train_tlcm_sdxl.py (data-free TLCM), all three with the same budget, and the toy FLUX teacher with
+   train_tlcm_flux.py (each skipped when its output exists);
 5. compare each student with its teacher's own sampler at the same step counts and with the
    teacher's full-step sample (50 steps; FLUX: 28): prompt accuracy, toy FD, RMSE to the
    teacher's full-step sample from the same noise, and time per image.
-Writes results/demo/metrics.md (all tables), metrics.json, and *_grid.png (rows = sampler/steps).
+Writes results/demo/metrics.md (all tables), metrics.json, and *_grid.png (a row per sampler, step
+count and CFG, a column per prompt, both labelled in the picture).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import asdict
 import torch
 
 import utils  # noqa: F401  (quiets optional-dependency warnings before diffusers is imported)
-from utils.evaluate import evaluate, load_real_images, markdown_table, read_labels, save_grid, set_scheduler
+from utils.evaluate import eval_prompts, evaluate, load_real_images, markdown_table, read_labels, row_labels
+from utils.grids import save_grid
+from utils.samplers import set_sampler
 from utils.toy.build import DEFAULT_OUT, build
 from utils.toy.judge import ToyJudge, judge_images, prompt_accuracy
 
@@ -81,6 +85,15 @@ def distill_sd(world: str, out: str, steps: int, seed: int) -> None:
         "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed)])
 
 
+def distill_sdxl(world: str, out: str, steps: int, seed: int) -> None:
+    """Full LCM distillation of the SDXL teacher: the LCM-LoRA run's data, batch, w range and steps."""
+    distill("train_lcm_distill_sd.py", out, "model_index.json", [
+        "--pretrained_teacher_model", os.path.join(world, "models/sdxl"), "--train_data_dir",
+        os.path.join(world, "data/train"), "--train_batch_size", "32", "--learning_rate", "2e-4",
+        "--lr_warmup_steps", "100", "--w_min", "2", "--w_max", "6", "--max_train_steps", str(steps),
+        "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed)])
+
+
 def distill_lora_sdxl(world: str, out: str, steps: int, seed: int) -> None:
     distill("train_lcm_distill_lora_sdxl.py", out, "pytorch_lora_weights.safetensors", [
         "--pretrained_teacher_model", os.path.join(world, "models/sdxl"), "--train_data_dir",
@@ -98,6 +111,16 @@ def distill_tlcm_flux(world: str, out: str, stage1_steps: int, stage2_steps: int
         "--checkpointing_steps", "500", "--seed", str(seed)])
 
 
+def distill_tlcm_sdxl(world: str, out: str, stage1_steps: int, stage2_steps: int, seed: int) -> None:
+    """TLCM of the SDXL teacher with the LCM-LoRA run's batch; its steps split over the two stages."""
+    distill("train_tlcm_sdxl.py", out, "adapter_model.safetensors", [
+        "--pretrained_teacher_model", os.path.join(world, "models/sdxl"), "--prompts_file",
+        os.path.join(world, "data/train/metadata.jsonl"), "--train_batch_size", "32", "--guidance_scale", "5",
+        "--stage1_steps", str(stage1_steps), "--stage1_learning_rate", "5e-4", "--stage2_steps", str(stage2_steps),
+        "--stage2_learning_rate", "1e-5", "--lr_warmup_steps", "100", "--validation_steps", "250",
+        "--checkpointing_steps", "500", "--seed", str(seed)])
+
+
 def with_lora(world: str, teacher: str, lora_dir: str):
     """The toy teacher's pipeline with a distilled LoRA loaded the diffusers way."""
     pipe = load(os.path.join(world, "models", teacher))
@@ -105,25 +128,30 @@ def with_lora(world: str, teacher: str, lora_dir: str):
     return pipe
 
 
+def prompt_texts(ev: dict) -> list[str]:
+    """The evaluation prompts `evaluate(..., **ev)` samples, in grid column order."""
+    return [p[0] for p in eval_prompts(ev["per_combo"])]
+
+
 def compare(world: str, teacher: str, samplers: list[str], g: float, reference_steps: int, steps: list[int],
             students: list, ev: dict, out_dir: str, name: str) -> list:
     """Teacher at reference_steps, teacher samplers and students at `steps`; a grid; returns the results."""
     pipe = load(os.path.join(world, "models", teacher))
-    set_scheduler(pipe, samplers[0])
+    set_sampler(pipe, samplers[0])
     label = f"teacher {teacher} {samplers[0]}"
     results, (reference,) = evaluate(pipe, steps_list=[reference_steps], guidance_scale=g, label=label, **ev)
     results, rows = list(results), [reference]
     for sampler in samplers:
-        set_scheduler(pipe, sampler)
+        set_sampler(pipe, sampler)
         res, images = evaluate(pipe, steps_list=steps, guidance_scale=g, label=f"teacher {teacher} {sampler}",
                                reference=reference, **ev)
         results, rows = results + res, rows + images
     for label, student, sampler, guidance in students:
-        set_scheduler(student, sampler)
+        set_sampler(student, sampler)
         res, images = evaluate(student, steps_list=steps, guidance_scale=guidance, label=label,
                                reference=reference, **ev)
         results, rows = results + res, rows + images
-    save_grid(rows, os.path.join(out_dir, f"{name}_grid.png"))
+    save_grid(rows, os.path.join(out_dir, f"{name}_grid.png"), row_labels(results), prompt_texts(ev))
     print(markdown_table(results), flush=True)
     return results
 
@@ -157,13 +185,15 @@ def main() -> None:
         res, images = evaluate(pipe, [4, 50], g, label=label, **ev)
         teacher_results += res
         teacher_rows += images
-        save_grid(images, os.path.join(args.output_dir, f"teacher_{name}_grid.png"))
+        save_grid(images, os.path.join(args.output_dir, f"teacher_{name}_grid.png"), row_labels(res), prompt_texts(ev))
         print(markdown_table(res).split("\n", 2)[2], flush=True)
 
-    save_grid(teacher_rows, os.path.join(args.output_dir, "teachers_grid.png"))
+    save_grid(teacher_rows, os.path.join(args.output_dir, "teachers_grid.png"), row_labels(teacher_results),
+              prompt_texts(ev))
 
     # each recipe on its toy teacher, then student vs the teacher's own samplers at the same step counts
-    sd_dir, lora_dir, tlcm_dir = (os.path.join(args.output_dir, n) for n in ("lcm-sd", "lcm-lora-sdxl", "tlcm-flux"))
+    sd_dir, sdxl_dir, lora_dir, tlcm_dir, tlcm_sdxl_dir = (
+        os.path.join(args.output_dir, n) for n in ("lcm-sd", "lcm-sdxl", "lcm-lora-sdxl", "tlcm-flux", "tlcm-sdxl"))
     distill_sd(world, sd_dir, args.distill_steps, args.seed)
     g = TEACHERS["sd"]
     # the full LCM student embeds w = guidance_scale - 1: the same CFG strength as the teacher's scale g
@@ -174,6 +204,24 @@ def main() -> None:
     lcm_lora = compare(world, "sdxl", ["euler"], TEACHERS["sdxl"], 50, [1, 2, 4, 8],
                        [("LCM-LoRA (LCMScheduler, no CFG)", with_lora(world, "sdxl", lora_dir), "lcm", 1.0)],
                        ev, args.output_dir, "lcm_lora_sdxl")
+
+    # full LCM distillation of the same SDXL teacher with the LCM-LoRA run's budget, against both
+    distill_sdxl(world, sdxl_dir, args.lora_steps, args.seed)
+    g = TEACHERS["sdxl"]
+    lcm_sdxl = compare(world, "sdxl", ["euler", "ddim"], g, 50, [1, 2, 4, 8],
+                       [("LCM student (LCMScheduler)", load(sdxl_dir), None, g),
+                        ("LCM-LoRA (LCMScheduler, no CFG)", with_lora(world, "sdxl", lora_dir), "lcm", 1.0)],
+                       ev, args.output_dir, "lcm_sdxl")
+
+    # TLCM of the same SDXL teacher, data-free, with the LCM-LoRA run's batch and number of steps
+    distill_tlcm_sdxl(world, tlcm_sdxl_dir, args.lora_steps - args.tlcm_stage2_steps, args.tlcm_stage2_steps, args.seed)
+    students = [("LCM-LoRA (LCMScheduler, no CFG)", with_lora(world, "sdxl", lora_dir), "lcm", 1.0)]
+    for stages, folder in (("stage 1", os.path.join(tlcm_sdxl_dir, "stage1", "lora")), ("stages 1+2", tlcm_sdxl_dir)):
+        pipe = with_lora(world, "sdxl", folder)
+        students += [(f"TLCM {stages}, {name} re-noising", pipe, sampler, 1.0)
+                     for name, sampler in (("fresh", "tlcm"), ("implied", "tlcm-implied"))]
+    tlcm_sdxl = compare(world, "sdxl", ["euler"], TEACHERS["sdxl"], 50, [2, 3, 4, 8], students, ev,
+                        args.output_dir, "tlcm_sdxl")
 
     distill_tlcm_flux(world, tlcm_dir, args.tlcm_stage1_steps, args.tlcm_stage2_steps, args.seed)
     students = []  # stage 1 alone and stage 1 + 2, each with the released (fresh) and the implied re-noising
@@ -190,6 +238,11 @@ def main() -> None:
               markdown_table(lcm_sd), "",
               f"## LCM-LoRA of the SDXL teacher ({args.lora_steps} steps); teacher CFG {TEACHERS['sdxl']}", "",
               markdown_table(lcm_lora), "",
+              f"## LCM distillation of the SDXL teacher ({args.lora_steps} steps, as the LCM-LoRA), CFG "
+              f"{TEACHERS['sdxl']}", "", markdown_table(lcm_sdxl), "",
+              f"## TLCM of the SDXL teacher (stage 1: {args.lora_steps - args.tlcm_stage2_steps} steps, stage 2: "
+              f"{args.tlcm_stage2_steps}), against the LCM-LoRA; teacher CFG {TEACHERS['sdxl']}", "",
+              markdown_table(tlcm_sdxl), "",
               f"## TLCM of the FLUX teacher (stage 1: {args.tlcm_stage1_steps} steps, stage 2: "
               f"{args.tlcm_stage2_steps}); teacher CFG {TEACHERS['flux']}", "", markdown_table(tlcm_res), ""]
     with open(os.path.join(args.output_dir, "metrics.md"), "w") as f:
@@ -197,6 +250,7 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump({"judge": judge_lines, "teachers": [asdict(r) for r in teacher_results],
                    "lcm_sd": [asdict(r) for r in lcm_sd], "lcm_lora_sdxl": [asdict(r) for r in lcm_lora],
+                   "lcm_sdxl": [asdict(r) for r in lcm_sdxl], "tlcm_sdxl": [asdict(r) for r in tlcm_sdxl],
                    "tlcm_flux": [asdict(r) for r in tlcm_res]}, f, indent=2)
     print("\n".join(report))
     print(f"grids and metrics written to {args.output_dir}/")

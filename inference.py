@@ -30,10 +30,11 @@ from paras import (
     DEFAULT_SCHEDULER,
     DISTILLED_STEPS,
     ROOT,
-    SCHEDULER_ARCHS,
     parse_args,
 )
+from utils import files
 from utils.errors import UserError, user_errors
+from utils.samplers import SAMPLERS, check_sampler, set_sampler, uses_milestones
 
 LORA_FILE_NAMES = (  # looked for, in this order, in a --lora_path folder
     "pytorch_lora_weights.safetensors",        # diffusers (and our recipes' main output)
@@ -42,7 +43,7 @@ LORA_FILE_NAMES = (  # looked for, in this order, in a --lora_path folder
     "transformer/adapter_model.safetensors",
     "lora_kohya.safetensors",                  # kohya / ComfyUI keys
 )
-FEW_STEP_SCHEDULERS = ("tlcm", "lcm", "tlcm-sdxl")
+FEW_STEP_SCHEDULERS = tuple(name for name, sampler in SAMPLERS.items() if sampler.few_step)
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SOFTWARE = "inference.py (LCM/TLCM few-step distillation toolkit)"
 
@@ -86,15 +87,15 @@ def image_geometry(path: str, arch: str, revision: str | None) -> tuple[int, int
     """(default side in pixels, the multiple every side must be) from the VAE and denoiser configs."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from utils.models import _load_config
+    from utils.models import load_config
 
-    vae = _load_config(AutoencoderKL, path, "vae", revision, "--base_model_path")
+    vae = load_config(AutoencoderKL, path, "vae", revision, "--base_model_path")
     factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     if arch == "flux":
         # FluxPipeline packs 2x2 latent patches into one token.
         sample = vae.get("sample_size", 1024)
         return int(sample[0] if isinstance(sample, (list, tuple)) else sample), factor * 2
-    unet = _load_config(UNet2DConditionModel, path, "unet", revision, "--base_model_path")
+    unet = load_config(UNet2DConditionModel, path, "unet", revision, "--base_model_path")
     sample = unet.get("sample_size", 64)
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     # The SD/SDXL pipelines check for multiples of 8 whatever the VAE's factor.
@@ -180,10 +181,10 @@ def resolve_lora_file(path: str) -> str:
 def check_lora(path: str, base: str) -> None:
     """Read the LoRA file and check it against the base model's denoiser (names and shapes, no weights loaded),
     so a bad file is a one-line error before the pipeline is loaded."""
-    from utils import lora
+    from utils import lora_files
 
     try:
-        lora.read_lora(path, lora.denoiser_skeleton(base, flag="--base_model_path")[0])
+        lora_files.read_lora(path, lora_files.denoiser_skeleton(base, flag="--base_model_path")[0])
     except UserError as exc:
         raise UserError(f"{exc} (--lora_path)" if "(--" not in str(exc) else str(exc)) from None
 
@@ -193,11 +194,11 @@ def load_lora(denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
     weights when `fuse`; returns its format."""
     from peft.tuners.lora import LoraLayer
 
-    from utils import lora
+    from utils import lora, lora_files
 
     try:
-        fmt = lora.detect_format(lora._read_safetensors(path)[0])
-        lora.load_lora_file(path, denoiser)
+        fmt = lora_files.detect_format(lora_files.read_safetensors(path)[0])
+        lora_files.load_lora_file(path, denoiser)
     except UserError as exc:
         raise UserError(f"{exc} (--lora_path)") from None
     if scale != 1.0:
@@ -214,7 +215,7 @@ def load_lora(denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
 
 def milestone_timesteps(steps: int, num_train_timesteps: int, scheduler: str) -> list[int]:
     """The published TLCM SDXL timesteps for `steps` (1-8), or a one-line error naming the flags."""
-    from utils.tlcm_scheduler import tlcm_timesteps
+    from utils.scheduling_tlcm import tlcm_timesteps
 
     try:
         return [int(t) for t in tlcm_timesteps(steps, num_train_timesteps)]
@@ -223,29 +224,11 @@ def milestone_timesteps(steps: int, num_train_timesteps: int, scheduler: str) ->
                         f"(the published milestone subsets), got {steps}") from None
 
 
-def set_scheduler(pipe: Any, arch: str, name: str, steps: int, renoise: str) -> dict[str, Any]:
-    """Install the --scheduler on the pipeline; returns the step kwargs of the pipeline call."""
-    config = pipe.scheduler.config
-    if name == "tlcm" and arch == "flux":
-        from utils.tlcm_scheduler import FlowMatchEulerTLCMScheduler
-
-        pipe.scheduler = FlowMatchEulerTLCMScheduler.from_config(config, renoise=renoise)
-        return {"num_inference_steps": steps}
-    if name == "tlcm":
-        from utils.tlcm_scheduler import TLCMScheduler
-
-        timesteps = milestone_timesteps(steps, config.num_train_timesteps, name)
-        pipe.scheduler = TLCMScheduler.from_config(config, renoise=renoise)
-        return {"timesteps": timesteps}
-    if name == "tlcm-sdxl":
-        from utils.tlcm_scheduler import tlcm_lcm_scheduler
-
-        timesteps = milestone_timesteps(steps, config.num_train_timesteps, name)
-        pipe.scheduler = tlcm_lcm_scheduler(config)  # an LCMScheduler whose grid holds every milestone
-        return {"timesteps": timesteps}
-    from utils.evaluate import set_scheduler as set_named_scheduler
-
-    set_named_scheduler(pipe, name)
+def set_scheduler(pipe: Any, arch: str, name: str, steps: int, renoise: str | None) -> dict[str, Any]:
+    """Install the --scheduler (utils/samplers.py) on the pipeline; returns the step kwargs of the pipeline call."""
+    set_sampler(pipe, name, arch, renoise)
+    if uses_milestones(name, arch):  # given explicitly, so the PNG metadata records them
+        return {"timesteps": milestone_timesteps(steps, pipe.scheduler.config.num_train_timesteps, name)}
     return {"num_inference_steps": steps}
 
 
@@ -322,31 +305,18 @@ def png_info(settings: dict[str, Any]) -> Any:
 
 
 def write_png(image: Any, out_dir: str, stem: str, settings: dict[str, Any]) -> str:
-    """Save under a temporary name, then link it to the first free `stem[-k].png`; never overwrites."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.partial", dir=out_dir)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG", pnginfo=png_info(settings))
-        for k in range(100000):
-            final = os.path.join(out_dir, f"{stem}.png" if k == 0 else f"{stem}-{k}.png")
-            if os.path.exists(final):
-                continue
-            try:
-                os.link(tmp, final)  # atomic and fails if `final` appeared meanwhile
-                return final
-            except FileExistsError:
-                continue
-            except OSError:  # a filesystem without hard links: reserve the name, then move onto it
-                try:
-                    os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    continue
-                os.replace(tmp, final)
-                return final
-        raise UserError(f"no free file name for {stem}.png in {out_dir} (--output_dir)")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Save as the first free `stem[-k].png`, written under a temporary name first; never overwrites."""
+    for k in range(100000):
+        final = os.path.join(out_dir, f"{stem}.png" if k == 0 else f"{stem}-{k}.png")
+        if os.path.exists(final):
+            continue
+        try:
+            with files.atomic_write(final, overwrite=False) as tmp:
+                image.save(tmp, format="PNG", pnginfo=png_info(settings))
+            return final
+        except FileExistsError:  # another process took the name meanwhile
+            continue
+    raise UserError(f"no free file name for {stem}.png in {out_dir} (--output_dir)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -360,14 +330,14 @@ def load_pipeline(path: str, dtype: Any, variant: str | None, revision: str | No
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    from utils.models import _from_pretrained
+    from utils.models import load_pretrained
 
     diffusers_logging.disable_progress_bar()  # the per-component loading bars; sampling keeps its bar
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # notes about optional image-processor backends
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        return _from_pretrained(DiffusionPipeline, path, "--base_model_path", torch_dtype=dtype, variant=variant,
+        return load_pretrained(DiffusionPipeline, path, "--base_model_path", torch_dtype=dtype, variant=variant,
                                 revision=revision)
 
 
@@ -378,7 +348,7 @@ def enable_attention(pipe: Any, requested: bool, device: Any, console: Console) 
     if device.type != "cuda":
         console.warn("--enable_xformers_memory_efficient_attention: not on a CUDA device; using PyTorch SDPA attention")
         return
-    from utils.training import enable_xformers
+    from utils.models import enable_xformers
 
     try:
         enable_xformers(pipe, True)
@@ -394,13 +364,11 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
     base = args.base_model_path or default_base_model(console)
     arch = require_architecture(base, ARCHITECTURES, flag="--base_model_path", revision=args.revision)
     scheduler = args.scheduler or DEFAULT_SCHEDULER[arch]
-    if arch not in SCHEDULER_ARCHS[scheduler]:
-        fits = [k for k, v in SCHEDULER_ARCHS.items() if arch in v]
-        raise UserError(f"--scheduler {scheduler} does not fit a {arch} model; use one of {', '.join(fits)}")
+    check_sampler(scheduler, arch)
     if args.renoise is not None and scheduler != "tlcm":
         raise UserError(f"--renoise applies to --scheduler tlcm only, not {scheduler}")
-    renoise = args.renoise or "fresh"
-    if scheduler == "tlcm-sdxl" or (scheduler == "tlcm" and arch != "flux"):
+    renoise = args.renoise or SAMPLERS[scheduler].renoise
+    if uses_milestones(scheduler, arch):
         milestone_timesteps(args.infer_steps, 1000, scheduler)  # 1..8 steps: fail before loading anything
     default_side, multiple = image_geometry(base, arch, args.revision)
     height, width = image_size(args, default_side, multiple)
@@ -434,7 +402,7 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
     return written
 
 
-def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, scheduler: str, renoise: str,
+def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, scheduler: str, renoise: str | None,
               height: int, width: int, device: Any, dtype: Any, lora_file: str | None, prompts: list[str],
               written: list[str]) -> list[str]:
     """Load the pipeline and LoRA, sample every (prompt, seed) in batches and write the PNGs into `written`."""
@@ -455,7 +423,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
 
     settings_base = {
         "steps": args.infer_steps, "scheduler": scheduler, "scheduler_class": type(pipe.scheduler).__name__,
-        "timesteps": extra.get("timesteps"), "renoise": renoise if scheduler == "tlcm" else None,
+        "timesteps": extra.get("timesteps"), "renoise": renoise,
         "guidance_scale": guidance, "guidance": mode, "base_model": base, "architecture": arch,
         "lora": args.lora_path or "none", "lora_file": lora_file, "lora_format": lora_format,
         "lora_scale": args.lora_scale if lora_file else None, "lora_fused": bool(lora_file and args.fuse_lora),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from collections.abc import Sequence
 
 from utils.errors import fail
-from utils.training import Parser
+from utils.samplers import SAMPLERS
+from utils.flags import Parser
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,28 +23,7 @@ MIN_STEPS, MAX_STEPS = 1, 50            # what --infer-steps accepts
 DISTILLED_STEPS = (2, 8)                # the range an LCM/TLCM LoRA is made for
 DEFAULT_PROMPT = "a large red circle on a white background"  # a caption of the toy world
 
-# --scheduler names: what each means, and the architectures it fits.
-SCHEDULER_HELP = {
-    "tlcm": "predict x0, re-noise it to the next noise level (see\n"
-            "    --renoise). FLUX: FlowMatchEulerTLCMScheduler; SD/SDXL:\n"
-            "    TLCMScheduler, the released TLCM SDXL sampler (no c_skip/c_out,\n"
-            "    milestone timesteps, 1-8 steps)",
-    "lcm": "SD/SDXL: diffusers' LCMScheduler (as the published TLCM SDXL\n"
-           "    snippet)",
-    "tlcm-sdxl": "SD/SDXL: LCMScheduler on the published TLCM milestone\n"
-                 "    timesteps, 1-8 steps (4 steps: 999, 749, 499, 124)",
-    "euler": "SD/SDXL base-model comparison: EulerDiscreteScheduler",
-    "ddim": "SD/SDXL base-model comparison: DDIMScheduler",
-    "dpm++": "SD/SDXL base-model comparison: DPMSolverMultistepScheduler\n"
-             "    (dpmsolver++)",
-    "flow-euler": "FLUX base-model comparison: FLUX's own\n"
-                  "    FlowMatchEulerDiscreteScheduler",
-}
-SCHEDULER_ARCHS = {
-    "tlcm": ("flux", "sd", "sdxl"), "flow-euler": ("flux",),
-    "lcm": ("sd", "sdxl"), "tlcm-sdxl": ("sd", "sdxl"), "euler": ("sd", "sdxl"), "ddim": ("sd", "sdxl"),
-    "dpm++": ("sd", "sdxl"),
-}
+# --scheduler names, what each means and the architectures it fits: utils/samplers.py.
 DEFAULT_SCHEDULER = {"flux": "tlcm", "sd": "lcm", "sdxl": "lcm"}
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 RENOISE = ("fresh", "implied")
@@ -109,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=4,
                    help=f"sampling steps, {MIN_STEPS}..{MAX_STEPS}; an LCM/TLCM LoRA is made for "
                         f"{DISTILLED_STEPS[0]}..{DISTILLED_STEPS[1]} (default: %(default)s)")
-    s.add_argument("--scheduler", default=None, choices=list(SCHEDULER_HELP),
+    s.add_argument("--scheduler", default=None, choices=list(SAMPLERS),
                    help="sampler (default: tlcm for FLUX, lcm for SD/SDXL):\n"
-                        + "\n".join(f"  {k}: {v}" for k, v in SCHEDULER_HELP.items()))
+                        + "\n".join(textwrap.fill(f"{k}: {v.description}", 72, initial_indent="  ",
+                                                   subsequent_indent="    ") for k, v in SAMPLERS.items()))
     s.add_argument("--renoise", default=None, choices=RENOISE,
                    help="tlcm only: re-noise each x0 prediction with fresh Gaussian noise (the published\n"
                         "sampler) or with the noise implied by the current sample (deterministic)\n"

@@ -25,32 +25,33 @@ adapter folder `out/unet` (`PeftModel.from_pretrained(pipe.unet, out/unet)`; wit
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 from contextlib import ExitStack, nullcontext
+from typing import Callable
 
 import torch
 
-from utils import cache, lora, models, training
-from utils.consistency import consistency_fn, scalings_for_boundary_conditions
+from utils import cache, flags, lora, loop, models, outputs, sharding
+from utils.consistency import LCMSchedule, consistency_fn, scalings_for_boundary_conditions
 from utils.ema import EMAParams
 from utils.errors import fail, user_errors
+from utils.grids import log_image_grid
+from utils.lora_files import save_lora_outputs
 from utils.losses import consistency_loss
-from utils.solvers import (
-    alpha_sigma,
-    cfg,
-    ddim_step,
-    ddim_timesteps,
-    previous_timestep,
-    x0_eps_from_model_output,
-)
+from utils.model_card import write_model_card
+from utils.models import Conditioning, unet_conditioning
+from utils.scheduling_lcm import lcm_scheduler
+from utils.solvers import alpha_sigma, ddim_cfg_step, ddim_step, previous_timestep, x0_eps_from_model_output
 
 logger = logging.getLogger("train_lcm_distill_lora_sdxl")
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = training.Parser(description=__doc__.split("\n\n")[0])
-    m = training.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline: hub id or local diffusers folder")
-    training.add_lora_args(m, "lcm", '"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet '
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = flags.Parser(description=__doc__.split("\n\n")[0])
+    m = flags.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline: hub id or local diffusers folder")
+    flags.add_lora_args(m, "lcm", '"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet '
                                      'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
                                      'or a comma list')
     m.add_argument("--train_text_encoder_lora", action="store_true",
@@ -59,43 +60,34 @@ def parse_args(argv: list[str] | None = None):
                         "Off by default (LCM-LoRA adapts the UNet only)")
     m.add_argument("--text_encoder_lora_rank", type=int, default=None,
                    help="rank of the text-encoder LoRA (default: --lora_rank)")
-    m.add_argument("--uncond", default="zeros", choices=["zeros", "empty"],
-                   help="the teacher's unconditional input: all-zero embeddings (SDXL's default) or the empty prompt")
-    training.add_data_args(parser, resolution=1024)
-    training.add_lcm_args(parser, w_min=3.0, w_max=15.0)
-    training.add_training_args(parser)
-    training.add_speed_args(parser)
+    m.add_argument("--uncond", default="auto", choices=["auto", "zeros", "empty"],
+                   help="the teacher's unconditional input: all-zero embeddings (SDXL pipelines' CFG), the empty "
+                        "prompt (what SD 1.x/2.x were trained with), or auto: zeros for SDXL, empty for SD "
+                        "(default: %(default)s)")
+    flags.add_data_args(parser, resolution=1024)
+    flags.add_lcm_args(parser, w_min=3.0, w_max=15.0)
+    flags.add_training_args(parser)
     parser.set_defaults(learning_rate=1e-4)
     args = parser.parse_args(argv)
-    training.check_lcm_args(args)
-    training.check_lora_args(args, presets=("lcm", "diffusers"))
     if args.text_encoder_lora_rank is None:
         args.text_encoder_lora_rank = args.lora_rank
     elif args.text_encoder_lora_rank < 1:
-        fail(f"--text_encoder_lora_rank must be at least 1, got {args.text_encoder_lora_rank}")
-    training.check_training_args(args)
-    return args
+        parser.error(f"--text_encoder_lora_rank must be at least 1, got {args.text_encoder_lora_rank}")
+    return flags.check(args, lora_presets=("lcm", "diffusers"))
 
 
 def encode_text(arch, captions, tokenizers, encoders) -> tuple:
     """(embeds,) for SD 1.x, (embeds, pooled) for SDXL."""
-    if arch == "sd":
-        return (models.encode_prompt_sd(captions, tokenizers[0], encoders[0]),)
-    return models.encode_prompt_sdxl(captions, tokenizers, encoders)
+    return tuple(models.encode_prompts(arch, captions, tokenizers, encoders).values())
 
 
-def conditioning(args, arch, batch, tokenizers, encoders, device, text=None):
-    """Prompt embeddings and UNet kwargs (SDXL: pooled embeds + per-image time ids) for a batch.
+def conditioning(args, arch, batch, tokenizers, encoders, text=None) -> Conditioning:
+    """Prompt embeddings and UNet kwargs (SDXL: pooled embeds + each image's time ids) for a batch.
 
     text: the batch's encode_text() output when already known (the --cache_text_embeddings lookup).
     """
-    embeds, *pooled = text if text is not None else encode_text(arch, batch["captions"], tokenizers, encoders)
-    if arch == "sd":
-        return embeds, {}
-    r = args.resolution
-    time_ids = torch.cat([models.sdxl_time_ids(tuple(o), tuple(c), (r, r))
-                          for o, c in zip(batch["original_sizes"], batch["crop_top_lefts"])]).to(device)
-    return embeds, {"text_embeds": pooled[0], "time_ids": time_ids}
+    text = text if text is not None else encode_text(arch, batch["captions"], tokenizers, encoders)
+    return unet_conditioning(text, batch, args.resolution)
 
 
 @torch.no_grad()
@@ -108,13 +100,23 @@ def base_text(arch, captions, tokenizers, encoders) -> tuple:
         return encode_text(arch, captions, tokenizers, encoders)
 
 
-def teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache=None):
+def teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache=None) -> Conditioning:
     """conditioning() of the base text encoders (from --cache_text_embeddings' file when there is one)."""
     if text_cache is not None:
         text = text_cache.lookup(batch["captions"], device, encoders[-1].dtype)
     else:
         text = base_text(arch, batch["captions"], tokenizers, encoders)
-    return conditioning(args, arch, batch, tokenizers, encoders, device, text)
+    return conditioning(args, arch, batch, tokenizers, encoders, text)
+
+
+@torch.no_grad()
+def teacher_uncond(args, arch, tokenizers, encoders) -> Conditioning:
+    """The teacher's unconditional input: the empty prompt or zeros (--uncond); SDXL's time ids are left out,
+    so the loss's expand_as gives each image its own, as SDXL pipelines sample CFG."""
+    text = base_text(arch, [""], tokenizers, encoders)
+    if args.uncond == "zeros" or (args.uncond == "auto" and arch == "sdxl"):
+        text = tuple(torch.zeros_like(x) for x in text)
+    return Conditioning(text[0], {"text_embeds": text[1]} if arch == "sdxl" else {})
 
 
 def add_text_encoder_lora(args, arch, encoders) -> None:
@@ -146,137 +148,150 @@ class _Prepared:
         return getattr(self._model, name)
 
 
+def unet_output(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, dtype, autocast=nullcontext) -> torch.Tensor:
+    """The UNet's prediction at (x, t) under `cond`, in float32."""
+    with autocast():
+        out = unet(x.to(dtype), t, **cond.unet_kwargs(dtype)).sample
+    return out.float()
+
+
+def lcm_lora_loss(unet, latents: torch.Tensor, teacher_cond: Conditioning, uncond: Conditioning,
+                  schedule: LCMSchedule, args, gen: torch.Generator, dtype=torch.float32, autocast=nullcontext,
+                  ema: EMAParams | None = None, student_cond: Callable[[], Conditioning] | None = None,
+                  base=None) -> torch.Tensor:
+    """One LCM-LoRA loss: teacher = `unet` with its adapters disabled, student and target = with them.
+
+    `base` is the same UNet unwrapped from its multi-process wrapper (default: `unet`), whose adapters the
+    teacher's pass switches off. `args` gives w_min, w_max, timestep_scaling_factor, batched_teacher_cfg,
+    loss_type and huber_c. With `ema` the target uses the EMA of the LoRA; `student_cond()` (a text-encoder
+    LoRA) gives the student's and the target's conditioning, else they share the teacher's. Every draw
+    comes from `gen`.
+    """
+    bsz, device, pred = latents.shape[0], latents.device, schedule.prediction_type
+    t = schedule.grid[torch.randint(0, len(schedule.grid), (bsz,), device=device, generator=gen)]
+    s = previous_timestep(t, schedule.k)
+    w = torch.empty(bsz, device=device).uniform_(args.w_min, args.w_max, generator=gen)
+    c_skip_t, c_out_t = scalings_for_boundary_conditions(t, timestep_scaling=args.timestep_scaling_factor)
+    c_skip_s, c_out_s = scalings_for_boundary_conditions(s, timestep_scaling=args.timestep_scaling_factor)
+    alpha_t, sigma_t = alpha_sigma(schedule.alphas_cumprod, t)
+    alpha_s, sigma_s = alpha_sigma(schedule.alphas_cumprod, s)
+    noise = torch.randn(latents.shape, device=device, generator=gen)
+    x_t = ddim_step(latents, noise, alpha_t, sigma_t)  # = alpha_t z + sigma_t eps
+
+    def output(x, timesteps, cond):
+        return unet_output(unet, x, timesteps, cond, dtype, autocast)
+
+    with torch.no_grad():  # teacher and target first: swapping in EMA weights must precede the graph
+        uncond = uncond.expand_as(teacher_cond)  # with the image's own time ids (SDXL)
+        with lora.adapters_disabled(base if base is not None else unet):  # the teacher: the base UNet
+            if args.batched_teacher_cfg:  # cond + uncond in one forward
+                out_c, out_u = output(torch.cat([x_t, x_t]), torch.cat([t, t]), teacher_cond.cat(uncond)).chunk(2)
+            else:
+                out_c, out_u = output(x_t, t, teacher_cond), output(x_t, t, uncond)
+        x_s = ddim_cfg_step(out_c, out_u, x_t, w, alpha_t, sigma_t, alpha_s, sigma_s, pred)  # the teacher's t -> s
+        with ema.swapped() if ema is not None else nullcontext():
+            target_cond = student_cond() if student_cond is not None else teacher_cond
+            x0_target = x0_eps_from_model_output(output(x_s, s, target_cond), x_s, alpha_s, sigma_s, pred)[0]
+            f_target = consistency_fn(x_s, x0_target, c_skip_s, c_out_s)
+    cond = student_cond() if student_cond is not None else teacher_cond  # with grad into an encoder LoRA
+    x0_student = x0_eps_from_model_output(output(x_t, t, cond), x_t, alpha_t, sigma_t, pred)[0]
+    f_student = consistency_fn(x_t, x0_student, c_skip_t, c_out_t)
+    return consistency_loss(f_student.float(), f_target.float(), args.loss_type, args.huber_c)
+
+
 def main(args) -> None:
-    accelerator = training.make_accelerator(args)
+    accelerator = loop.make_accelerator(args)
+    if args.train_text_encoder_lora and sharding.engine(accelerator) not in ("single", "ddp"):
+        fail("--train_text_encoder_lora trains the UNet and the text encoders, three prepared models: accelerate's "
+             f"{sharding.engine(accelerator)} prepares one per run; use DDP (docs/distributed.md)")
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
-    arch = models.require_architecture(args.pretrained_teacher_model, ("sdxl", "sd"), revision=args.revision)
-    dtype = training.weight_dtype(accelerator)
-    scheduler_config, prediction_type, alphas_cumprod = training.load_teacher_schedule(args, accelerator.device)
 
     # ---- models: frozen VAE and text encoders; one UNet = frozen teacher + trainable LoRA student
-    vae = training.load_frozen_vae(args, accelerator.device, dtype)
-    tokenizers, encoders = models.load_text_encoders(args.pretrained_teacher_model, arch, args.revision, args.variant)
-    for enc in encoders:
-        enc.to(accelerator.device, dtype)
-    unet = models.load_denoiser(args.pretrained_teacher_model, args.revision, args.variant).requires_grad_(False)
-    unet.to(accelerator.device, dtype)
+    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
+    arch, vae, tokenizers, encoders = teacher.arch, teacher.vae, teacher.tokenizers, teacher.text_encoders
+    device, dtype = accelerator.device, teacher.dtype
+    unet = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
         add_text_encoder_lora(args, arch, encoders)
-    training.enable_xformers(unet, args.enable_xformers_memory_efficient_attention)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    training.prepare_denoiser(unet, args)  # --channels_last, --torch_compile
+    models.prepare_denoiser(unet, args)  # xformers, --merged_lora_forward, --channels_last, --torch_compile
 
     # ---- data (--cache_latents: VAE posteriors instead of pixels; --cache_text_embeddings: the teacher's text)
-    dataloader = training.make_train_data(args, accelerator, vae)
+    dataloader, max_steps, captions = loop.make_train_data(args, accelerator, vae)
     text_cache = None
     if args.cache_text_embeddings:
         text_cache = cache.cached_text_embeddings(
-            args, args.train_captions, lambda captions: base_text(arch, captions, tokenizers, encoders), encoders,
-            accelerator)
+            args, captions, lambda prompts: base_text(arch, prompts, tokenizers, encoders), encoders, accelerator)
+
+    # ---- optimizer; prepared encoders are saved in every checkpoint and sync their gradients across processes
     trained_encoders = encoders if args.train_text_encoder_lora else []
-    optimizer = training.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
-                                        args, accelerator.num_processes)
-    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
-    # prepared encoders are saved in every checkpoint with the UNet and sync their gradients across processes
+    optimizer = loop.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
+                                    args, accelerator.num_processes)
+    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
+                                          accelerator.num_processes)
     unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)
     encoders = [accelerator.unwrap_model(e) for e in encoders]
     student_encoders = [_Prepared(w, e) for w, e in zip(wrapped, encoders)]
     params = [p for m in (unet, *wrapped) for p in m.parameters() if p.requires_grad]
-    rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
+    rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
     accelerator.register_for_checkpointing(rng)
     base = accelerator.unwrap_model(unet)
-    ema = EMAParams(params, args.ema_decay) if args.ema_decay > 0 else None
+    ema = EMAParams(params, args.ema_decay, base) if args.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
 
-    grid = ddim_timesteps(scheduler_config["num_train_timesteps"], args.num_ddim_timesteps).to(accelerator.device)
-    k = scheduler_config["num_train_timesteps"] // args.num_ddim_timesteps
-    with torch.no_grad():
-        empty = {"captions": [""], "original_sizes": [(args.resolution,) * 2], "crop_top_lefts": [(0, 0)]}
-        uncond_embeds, uncond_kwargs = teacher_conditioning(args, arch, empty, tokenizers, encoders,
-                                                            accelerator.device)
-        if args.uncond == "zeros":
-            uncond_embeds = torch.zeros_like(uncond_embeds)
-            uncond_kwargs = {k_: (torch.zeros_like(v) if k_ == "text_embeds" else v) for k_, v in uncond_kwargs.items()}
+    schedule = LCMSchedule.of_teacher(teacher.alphas_cumprod, args.num_ddim_timesteps, teacher.prediction_type)
+    uncond = teacher_uncond(args, arch, tokenizers, encoders)
 
-    def loss_fn(batch):
-        """Steps 1-3 of train_lcm_distill_sd.py's recipe, teacher = this UNet with adapters disabled."""
-        gen = rng.generator
-        device = accelerator.device
-        latents = cache.latents_of_batch(batch, vae, args.vae_encode_batch_size, gen, device)
+    # ---- the loop
+    train = loop.TrainLoop(accelerator, dataloader, max_steps, args, "lcm_distill_lora", lr_scheduler)
+    for batch in train:
+        latents = cache.latents_of_batch(batch, vae, args.vae_encode_batch_size, rng.generator, device)
+        if args.proportion_empty_prompts > 0:  # caption dropout, for student and teacher alike
+            drop = torch.rand(len(latents), generator=rng.generator, device=device) < args.proportion_empty_prompts
+            batch = {**batch, "captions": ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]}
         # the teacher's conditioning: the base encoders (without --train_text_encoder_lora: everyone's)
-        embeds, added = teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache)
-        bsz = latents.shape[0]
-        t = grid[torch.randint(0, len(grid), (bsz,), device=device, generator=gen)]
-        s = previous_timestep(t, k)
-        w = torch.empty(bsz, device=device).uniform_(args.w_min, args.w_max, generator=gen)
-        c_skip_t, c_out_t = scalings_for_boundary_conditions(t, timestep_scaling=args.timestep_scaling_factor)
-        c_skip_s, c_out_s = scalings_for_boundary_conditions(s, timestep_scaling=args.timestep_scaling_factor)
-        alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t)
-        alpha_s, sigma_s = alpha_sigma(alphas_cumprod, s)
-        noise = torch.randn(latents.shape, device=device, generator=gen)
-        x_t = ddim_step(latents, noise, alpha_t, sigma_t)  # = alpha_t z + sigma_t eps
-
-        def unet_x0(x, timesteps, emb, kwargs):
-            with accelerator.autocast():
-                out = unet(x.to(dtype), timesteps, encoder_hidden_states=emb.to(dtype),
-                           added_cond_kwargs={k_: v.to(dtype) for k_, v in kwargs.items()} or None).sample
-            a, sg = alpha_sigma(alphas_cumprod, timesteps)
-            return x0_eps_from_model_output(out.float(), x, a, sg, prediction_type)
-
-        with torch.no_grad():  # teacher and target first: swapping in EMA weights must precede the graph
-            uncond_added = {k_: uncond_kwargs[k_].expand_as(v) for k_, v in added.items()}
-            with lora.adapters_disabled(base):
-                if args.batched_teacher_cfg:  # cond + uncond in one forward
-                    both_kwargs = {k_: torch.cat([v, uncond_added[k_]]) for k_, v in added.items()}
-                    x0_both, eps_both = unet_x0(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                                torch.cat([embeds, uncond_embeds.expand_as(embeds)]), both_kwargs)
-                else:
-                    x0_eps = [unet_x0(x_t, t, e, kw) for e, kw in ((embeds, added),
-                                                                   (uncond_embeds.expand_as(embeds), uncond_added))]
-                    x0_both, eps_both = (torch.cat(parts) for parts in zip(*x0_eps))
-            x0 = cfg(x0_both[:bsz], x0_both[bsz:], w)
-            eps = cfg(eps_both[:bsz], eps_both[bsz:], w)
-            x_s = ddim_step(x0, eps, alpha_s, sigma_s)
-            with ema.swapped() if ema is not None else nullcontext():
-                if student_encoders:  # the target conditions on the (EMA) student's encoders
-                    embeds, added = conditioning(args, arch, batch, tokenizers, encoders, device)
-                f_target = consistency_fn(x_s, unet_x0(x_s, s, embeds, added)[0], c_skip_s, c_out_s)
-        if student_encoders:  # the student's conditioning, with grad into the encoder LoRA
-            embeds, added = conditioning(args, arch, batch, tokenizers, student_encoders, device)
-        f_student = consistency_fn(x_t, unet_x0(x_t, t, embeds, added)[0], c_skip_t, c_out_t)
-        return consistency_loss(f_student.float(), f_target.float(), args.loss_type, args.huber_c)
-
-    def validate_fn(prompts, step):
-        validate(accelerator, args, arch, base, vae, tokenizers, encoders, scheduler_config, prompts, step)
-
-    done = training.run_training(accelerator, args, dataloader, unet, params, optimizer, lr_scheduler, loss_fn,
-                                 after_step=ema.update if ema is not None else None, validate=validate_fn,
-                                 name="lcm_distill_lora")
+        teacher_cond = teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache)
+        student_cond = None
+        if student_encoders:  # the student's (and target's) conditioning: the adapted encoders
+            def student_cond():
+                return conditioning(args, arch, batch, tokenizers, student_encoders)
+        with accelerator.accumulate(unet):
+            loss = lcm_lora_loss(unet, latents, teacher_cond, uncond, schedule, args, rng.generator, dtype,
+                                 accelerator.autocast, ema, student_cond, base)
+            updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+        if not train.step_done(loss, updated):
+            continue
+        if ema is not None:
+            ema.update()
+        if train.checkpoint_due:
+            train.save_checkpoint()
+        if train.validation_due:
+            validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
 
     accelerator.wait_for_everyone()
+    with sharding.whole_parameters(base, lora.is_lora_weight):  # every process: a sharded LoRA is gathered
+        if accelerator.is_main_process:
+            save_lora(args, base, teacher, encoders if args.train_text_encoder_lora else [])
+    if train.validation_prompts and train.samples_here:
+        validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
     if accelerator.is_main_process:
-        save_lora(args, base, encoders if args.train_text_encoder_lora else [])
-        if done["validation_prompts"]:
-            validate_fn(done["validation_prompts"], done["global_step"])
+        outputs.push_to_hub(args)  # --push_to_hub
     accelerator.end_training()
 
 
-def lcm_pipeline(arch, unet, vae, tokenizers, encoders, scheduler_config, args):
-    from diffusers import (
-        LCMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+def lcm_pipeline(args, unet, teacher: models.Teacher):
+    """The LoRA UNet in the teacher's pipeline class with its other parts and an LCMScheduler on this run's grid."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    scheduler = LCMScheduler.from_config(config, original_inference_steps=args.num_ddim_timesteps,
-                                         timestep_scaling=args.timestep_scaling_factor)
-    if arch == "sd":
+    vae, tokenizers, encoders = teacher.vae, teacher.tokenizers, teacher.text_encoders
+    scheduler = lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor)
+
+    if teacher.arch == "sd":
         return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -286,43 +301,51 @@ def lcm_pipeline(arch, unet, vae, tokenizers, encoders, scheduler_config, args):
 
 @torch.no_grad()
 @torch.random.fork_rng()  # sampling must not move the training RNG
-def validate(accelerator, args, arch, unet, vae, tokenizers, encoders, scheduler_config, prompts, step):
-    """LCMScheduler samples of the LoRA student at 1/2/4/8 steps, no CFG; a grid to the trackers and PNG."""
-    pipe = lcm_pipeline(arch, unet, vae, tokenizers, encoders, scheduler_config, args)
+def validate(accelerator, args, unet, teacher: models.Teacher, prompts, step):
+    """LCMScheduler samples of the LoRA student at 1/2/4/8 steps, no CFG; a labelled grid to the trackers and PNG."""
+    pipe = lcm_pipeline(args, unet, teacher)
     pipe.set_progress_bar_config(disable=True)
-    rows = []
+    rows, labels = [], []
     for steps in (1, 2, 4, 8):
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
         with accelerator.autocast():
             images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, generator=gens,
                           height=args.resolution, width=args.resolution, output_type="pt").images
         rows.append(images.float().cpu() * 2 - 1)
-    path = training.log_image_grid(accelerator, rows, ["1 step", "2 steps", "4 steps", "8 steps"], step,
-                                   args.output_dir)
-    logger.info(f"validation grid (rows: 1/2/4/8 LCM steps) -> {path}")
+        labels.append(f"LCM-LoRA, {steps} step{'s' if steps > 1 else ''}, CFG 1")
+    path = log_image_grid(accelerator, rows, labels, step, args.output_dir, column_labels=prompts)
+    logger.info(f"validation grid -> {path}")
 
 
-def save_lora(args, unet, encoders=()) -> None:
-    """The LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, and a model card."""
+def save_lora(args, unet, teacher: models.Teacher, encoders=()) -> None:
+    """The LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, the
+    LCMScheduler of its training grid in out/scheduler, and a model card."""
     names = ["text_encoder", "text_encoder_2"]
-    lora.save_lora_outputs(unet, args.output_dir, "unet", text_encoders=dict(zip(names, encoders)))
+    save_lora_outputs(unet, args.output_dir, "unet", text_encoders=dict(zip(names, encoders)))
+    scheduler = lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor)
+    scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
     note = ""
     if encoders:
         folders = ", ".join(f"`{args.output_dir}/{n}`" for n in names[:len(encoders)])
         note = (f"\nThe text encoders carry a LoRA too (rank {args.text_encoder_lora_rank}): `load_lora_weights` "
                 f"loads it with the UNet's; PEFT folders {folders}; `lora_te*` keys in the kohya file "
                 "(`convert_lora.py` converts UNet LoRAs only).\n")
-    training.write_model_card(args.output_dir, "LCM-LoRA (latent consistency distillation)", args, f"""
+    write_model_card(args.output_dir, "LCM-LoRA (latent consistency distillation)", args, f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_lora_sdxl.py` (rank {args.lora_rank},
 alpha {args.lora_alpha}).
 
 ```python
 from diffusers import DiffusionPipeline, LCMScheduler
 pipe = DiffusionPipeline.from_pretrained("{args.pretrained_teacher_model}")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = LCMScheduler.from_pretrained("{args.output_dir}", subfolder="scheduler")
 pipe.load_lora_weights("{args.output_dir}")
 image = pipe("a prompt", num_inference_steps=4, guidance_scale=1.0).images[0]
 ```
+Sampler: LCMScheduler, 2-8 steps, guidance_scale 0 or 1 (the teacher's CFG, w in [{args.w_min:g}, {args.w_max:g}], is
+distilled in). `{args.output_dir}/scheduler` holds it on the training grid: {args.num_ddim_timesteps} skip-grid points
+(`original_inference_steps`) and boundary scaling {args.timestep_scaling_factor:g} (`timestep_scaling`); the same as
+`LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={args.num_ddim_timesteps},
+timestep_scaling={args.timestep_scaling_factor:g})`.
 PEFT: `PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`; ComfyUI / A1111: `lora_kohya.safetensors`.
 {note}""")
 

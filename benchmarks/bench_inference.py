@@ -36,8 +36,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from utils.errors import UserError, fail, user_errors  # noqa: E402
-from utils.evaluate import SCHEDULERS  # noqa: E402
-from utils.training import Parser  # noqa: E402
+from utils.samplers import SAMPLERS  # noqa: E402
+from utils.flags import Parser  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):
@@ -47,9 +47,9 @@ def parse_args(argv: list[str] | None = None):
     student = parser.add_mutually_exclusive_group(required=True)
     student.add_argument("--student", help="the student as a full pipeline folder (e.g. train_lcm_distill_sd.py's output)")
     student.add_argument("--lora", help="the student as a LoRA (file or folder) for --pipeline")
-    parser.add_argument("--scheduler", default=None, choices=["default", *SCHEDULERS],
+    parser.add_argument("--scheduler", default=None, choices=["default", *SAMPLERS],
                         help="student sampler (default: the --student folder's own; lcm for a UNet LoRA, tlcm for a FLUX LoRA)")
-    parser.add_argument("--teacher_scheduler", default="default", choices=["default", *SCHEDULERS],
+    parser.add_argument("--teacher_scheduler", default="default", choices=["default", *SAMPLERS],
                         help="teacher sampler (default: the pipeline's own)")
     parser.add_argument("--student_steps", type=int, nargs="+", default=[1, 2, 4, 8], help="(default: %(default)s)")
     parser.add_argument("--teacher_steps", type=int, nargs="+", default=[25, 50], help="(default: %(default)s)")
@@ -138,7 +138,7 @@ def load_pipeline(path: str, flag: str, args):
     from utils import models
 
     models.pipeline_index(path, flag=flag)
-    pipe = models._from_pretrained(DiffusionPipeline, path, flag, dtype=getattr(torch, common.DTYPES[args.dtype]))
+    pipe = models.load_pretrained(DiffusionPipeline, path, flag, dtype=getattr(torch, common.DTYPES[args.dtype]))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from utils.data import load_prompts
-    from utils.evaluate import default_resolution, eval_prompts, set_scheduler
+    from utils.evaluate import default_resolution, eval_prompts
+    from utils.samplers import set_sampler
 
     common.quiet_libraries()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bar = tqdm(total=len(args.teacher_steps) + len(args.student_steps), desc="configurations", file=sys.stderr)
     with common.closing_bar(bar):
         resolution = args.resolution or default_resolution(teacher)
-        sampler = set_scheduler(teacher, args.teacher_scheduler)
+        sampler = set_sampler(teacher, args.teacher_scheduler)
         for steps in args.teacher_steps:
             result = measure(teacher, prompts, steps, args.guidance_scale, args)
             teachers.append(result)
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 student.fuse_lora()
                 student.unload_lora_weights()  # the fused weights stay; the LoRA layers go
         name = args.scheduler or ("default" if args.student else "tlcm" if hasattr(student, "transformer") else "lcm")
-        sampler = set_scheduler(student, name)
+        sampler = set_sampler(student, name)
         for steps in args.student_steps:
             batch = args.student_batch_size
             if batch == "match":  # as many images per call as the teacher's calls carry rows

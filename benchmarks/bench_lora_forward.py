@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from utils.errors import fail, user_errors  # noqa: E402
-from utils.training import Parser  # noqa: E402
+from utils.flags import Parser  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None):

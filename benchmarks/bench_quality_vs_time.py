@@ -38,9 +38,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from utils.errors import UserError, fail, user_errors  # noqa: E402
-from utils.training import Parser  # noqa: E402
+from utils.flags import Parser  # noqa: E402
 
-NAMES = {"lcm": "LCM-SD", "lora": "LCM-LoRA", "tlcm": "TLCM-FLUX"}
+NAMES = {"lcm": "LCM-SD", "lora": "LCM-LoRA", "tlcm": "TLCM"}
 START_FILE = "bench_run_start.json"
 
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None):
                     formatter_class=argparse.RawDescriptionHelpFormatter,
                     usage="%(prog)s --recipe SCRIPT [--steps N --every K | --run_dir DIR] [options] -- RECIPE FLAGS")
     parser.add_argument("--recipe", required=True,
-                        help="train_lcm_distill_sd.py, train_lcm_distill_lora_sdxl.py or train_tlcm_flux.py")
+                        help="train_lcm_distill_sd.py, train_lcm_distill_lora_sdxl.py, train_tlcm_flux.py or train_tlcm_sdxl.py")
     parser.add_argument("--run_dir", default=None, help="evaluate this finished run's checkpoints instead of training")
     parser.add_argument("--steps", type=int, default=None,
                         help="training: optimizer steps (LCM recipes; TLCM: --stage1_steps/--stage2_steps after --)")
@@ -100,8 +100,8 @@ def recipe_args_for(module, args):
 
 def train(module, args, rargs) -> None:
     """Run the recipe in a subprocess with checkpoints every --every steps; record when it started."""
-    argv = list(args.recipe_args) + ["--checkpointing_steps", str(args.every), "--validation_steps", common.BIG,
-                                     "--report_to", "none"]
+    argv = list(args.recipe_args) + ["--checkpointing_steps", str(args.every), "--checkpoint_at_end",
+                                     "--validation_steps", common.BIG, "--report_to", "none"]
     if args.steps is not None and common.recipe_kind(module) != "tlcm":
         argv += ["--max_train_steps", str(args.steps)]
     os.makedirs(rargs.output_dir, exist_ok=True)
@@ -149,15 +149,16 @@ def student_pipeline(module, kind: str, rargs, state: dict | None, device: str =
     """A fresh teacher pipeline turned into the recipe's student: `state` is a checkpoint's model state
     (None: the untrained student), loaded as the student UNet (LCM-SD) or as the LoRA (LoRA recipes)."""
     import torch
-    from diffusers import DiffusionPipeline, LCMScheduler
+    from diffusers import DiffusionPipeline
 
-    from utils import lora, models
-    from utils.evaluate import set_scheduler
+    from utils import lora_files, models
+    from utils.samplers import set_sampler
+    from utils.scheduling_lcm import lcm_scheduler
 
     teacher = rargs.pretrained_teacher_model
-    pipe = models._from_pretrained(DiffusionPipeline, teacher, "--pretrained_teacher_model", dtype=torch.float32)
+    pipe = models.load_pretrained(DiffusionPipeline, teacher, "--pretrained_teacher_model", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    config = {k: v for k, v in models.load_noise_scheduler_config(teacher).items() if not k.startswith("_")}
+    config = models.load_noise_scheduler_config(teacher)
     if kind == "lcm":
         torch.manual_seed(rargs.seed)  # a non-zero-initialised guidance projection of step 0 is drawn from it
         unet = module.make_student(pipe.unet, rargs.unet_time_cond_proj_dim, rargs.zero_init_time_cond_proj)
@@ -167,27 +168,26 @@ def student_pipeline(module, kind: str, rargs, state: dict | None, device: str =
                 raise UserError(f"the checkpoint does not fit the student UNet ({len(missing)} missing, "
                                 f"{len(unexpected)} unexpected keys): are the flags after -- the run's?")
         pipe.register_modules(unet=unet.eval())
-        pipe.scheduler = module.lcm_scheduler(rargs, config)
+        pipe.scheduler = lcm_scheduler(config, rargs.num_ddim_timesteps, rargs.timestep_scaling_factor)
         return pipe.to(device)
     if state is not None:
-        net = pipe.transformer if kind == "tlcm" else pipe.unet
-        weights = lora.checkpoint_lora_state(state)
+        net = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+        weights = lora_files.checkpoint_lora_state(state)
         if not weights:
             raise UserError("the checkpoint holds no LoRA weights: is --recipe the run's recipe?")
-        lora.add_lora_from_state(net, weights, rargs.lora_alpha, rargs.lora_targets, rargs.lora_dropout)
+        lora_files.add_lora_from_state(net, weights, rargs.lora_alpha, rargs.lora_targets, rargs.lora_dropout)
         net.eval()
     if kind == "tlcm":
-        set_scheduler(pipe, "tlcm")
+        set_sampler(pipe, "tlcm")
     else:
-        pipe.scheduler = LCMScheduler.from_config(config, original_inference_steps=rargs.num_ddim_timesteps,
-                                                  timestep_scaling=rargs.timestep_scaling_factor)
+        pipe.scheduler = lcm_scheduler(config, rargs.num_ddim_timesteps, rargs.timestep_scaling_factor)
     return pipe.to(device)
 
 
 def default_guidance(kind: str, rargs, pipe) -> float:
     if kind == "lcm":
         return (rargs.w_min + rargs.w_max) / 2 + 1
-    if kind == "tlcm" and pipe.transformer.config.get("guidance_embeds", False):
+    if kind == "tlcm" and hasattr(pipe, "transformer") and pipe.transformer.config.get("guidance_embeds", False):
         return rargs.teacher_guidance
     return 1.0
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "minutes": round((item["written"] - start) / 60, 3),
                        "prompt_accuracy": round(result.prompt_accuracy, 4), "toy_fd": round(result.toy_fd, 3)})
     arch = models.detect_architecture(rargs.pretrained_teacher_model)
-    name = args.name or (NAMES[kind] + ("-" + arch.upper() if kind == "lora" else ""))
+    name = args.name or (NAMES[kind] + ("-" + arch.upper() if kind in ("lora", "tlcm") else ""))
     entry = {"recipe": os.path.basename(module.__file__), "model": rargs.pretrained_teacher_model,
              "run_dir": rargs.output_dir, "time_origin": origin, "inference_steps": args.inference_steps,
              "sampler": sampler, "guidance_scale": guidance, "prompts": len(eval_prompts(args.per_combo)),

@@ -40,7 +40,7 @@ from contextlib import redirect_stdout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from utils.errors import fail, user_errors  # noqa: E402
-from utils.training import Parser  # noqa: E402
+from utils.flags import Parser  # noqa: E402
 
 # Runs the command from a small fresh interpreter: a child forked from this (torch-sized) process would
 # count this process's memory in its peak RSS; the launcher writes the command's own peak (KiB).
@@ -112,7 +112,7 @@ def step_flags(module, recipe_args: list[str], total: int) -> list[str]:
 
 def run_in_process(args) -> dict:
     module = common.import_recipe(args.recipe)
-    from utils import training
+    from utils import loop
 
     total = args.warmup + args.steps
     argv = list(args.recipe_args) + step_flags(module, args.recipe_args, total)
@@ -124,7 +124,7 @@ def run_in_process(args) -> dict:
     with user_errors():
         recipe_args = module.parse_args(argv)
     stamps, seen = [], {}
-    original = training.apply_gradients
+    original = loop.apply_gradients
 
     def timed_apply_gradients(accelerator, *a, **kw):
         finite = original(accelerator, *a, **kw)
@@ -136,14 +136,14 @@ def run_in_process(args) -> dict:
         return finite
 
     common.reset_peak_memory()
-    training.apply_gradients = timed_apply_gradients
+    loop.apply_gradients = timed_apply_gradients
     try:
         with redirect_stdout(sys.stderr), user_errors():  # the recipe's logs go to stderr: stdout is the JSON
             module.main(recipe_args)
     except _Done:
         pass
     finally:
-        training.apply_gradients = original
+        loop.apply_gradients = original
         if scratch is not None:
             scratch.cleanup()
     if len(stamps) < total:

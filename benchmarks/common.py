@@ -53,6 +53,7 @@ def import_recipe(path: str):
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: a dataclass in the recipe looks its module up there
     spec.loader.exec_module(module)
     for attr in ("main", "parse_args"):
         if not hasattr(module, attr):
@@ -61,8 +62,8 @@ def import_recipe(path: str):
 
 
 def recipe_kind(module) -> str:
-    """"tlcm" (staged FLUX LoRA), "lora" (LCM-LoRA) or "lcm" (full student UNet)."""
-    if hasattr(module, "STAGES"):
+    """"tlcm" (staged TLCM LoRA, FLUX or SDXL), "lora" (LCM-LoRA) or "lcm" (full student UNet)."""
+    if hasattr(module, "stage1_loss"):
         return "tlcm"
     if hasattr(module, "make_student"):
         return "lcm"

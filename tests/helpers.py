@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 
@@ -68,3 +71,157 @@ def assert_same(a, b, where: str = "state") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+class RecipeRun:
+    """What an in-process recipe run left: exit status and its captured output (like subprocess's result)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def import_script(script: str):
+    """The repo script `script` (e.g. "train_lcm_distill_sd.py") as a module; imported once per test session."""
+    import importlib
+
+    return importlib.import_module(script.removesuffix(".py"))
+
+
+@contextmanager
+def as_a_process(env: dict | None = None) -> Iterator[RecipeRun]:
+    """Run the block in this process the way a fresh `python ...` process would run it; yields its RecipeRun,
+    filled in when the block ends.
+
+    Meanwhile: `env` added to the environment, stdout/stderr captured (the loggers of diffusers and transformers
+    too), the root logger without handlers (a warning reaches stderr, as in a new process, not pytest's log
+    capture); SystemExit gives the exit status. Before and after: accelerate's process-wide state reset. At the
+    end, what the interpreter's exit does (utils.outputs.release): the run's lock dropped, its signal handlers
+    undone, output folders it created and left empty removed.
+    """
+    import io
+    import logging
+    import os
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from utils.outputs import release
+
+    run = RecipeRun(0, "", "")
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved_logging = root.handlers[:], root.level
+    root.handlers, root.level = [], logging.WARNING
+    library_handlers = [h for name in ("diffusers", "transformers") for h in logging.getLogger(name).handlers
+                        if isinstance(h, logging.StreamHandler)]
+    saved_streams = [h.setStream(err) for h in library_handlers]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            yield run
+    except SystemExit as exc:
+        run.returncode = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):  # sys.exit("message"): the interpreter prints it
+            err.write(f"{exc.code}\n")
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        release()
+        root.handlers, root.level = saved_logging
+        for handler, stream in zip(library_handlers, saved_streams):
+            handler.setStream(stream)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        run.stdout, run.stderr = out.getvalue(), err.getvalue()
+
+
+def run_recipe(script: str, args: list[str], env: dict | None = None, check: bool = True) -> RecipeRun:
+    """Run a recipe as `python script args` would, but in this process (`as_a_process`): parse_args + main
+    under user_errors.
+
+    Several seconds faster than a process per call (no interpreter and library start-up). Use run_script for
+    what needs a real process: a kill, several processes, a command line as a user types it.
+    """
+    from utils.errors import user_errors
+
+    module = import_script(script)
+    with as_a_process(env) as run, user_errors():
+        module.main(module.parse_args(args))
+    if check and run.returncode != 0:
+        raise AssertionError(f"exit {run.returncode}\n{run.stderr[-3000:]}")
+    return run
+
+
+def run_command(argv: list[str], env: dict | None = None) -> RecipeRun:
+    """`python *argv` (a script of the repo and its arguments, or `-m module ...`) run in this process
+    (`as_a_process`), its `if __name__ == "__main__":` block included: an uncaught exception prints its
+    traceback and exits 1, as the interpreter would."""
+    import os
+    import runpy
+    import sys
+    import traceback
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved_argv, cwd = sys.argv, os.getcwd()
+    module = argv[1] if argv[0] == "-m" else None
+    imported = sys.modules.pop(module, None) if module else None  # `python -m` runs a module not imported before
+    try:
+        with as_a_process(env) as run:
+            os.chdir(root)
+            try:
+                if module:
+                    sys.argv = [module, *argv[2:]]
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+                else:
+                    sys.argv = list(argv)
+                    runpy.run_path(os.path.join(root, argv[0]), run_name="__main__")
+            except Exception:  # not SystemExit: the exit status of as_a_process
+                traceback.print_exc()
+                raise SystemExit(1) from None
+    finally:
+        sys.argv = saved_argv
+        os.chdir(cwd)
+        if imported is not None:
+            sys.modules[module] = imported
+    return run
+
+
+def toy_flux_flow(world: str, output_dir: str, extra_args: list[str] = (), batch: int = 2, seed: int = 0):
+    """(flow, cond, uncond): train_tlcm_flux.FluxFlow on the toy FLUX teacher (fp32, CPU, 32 px: 16 tokens) with a
+    rank-4 LoRA whose lora_B is random (a trained student), and random prompt conditions of `batch` prompts.
+
+    For direct calls of the recipe's stage losses; `extra_args` are recipe flags (e.g. ["--num_segments", "4"]).
+    """
+    import os
+
+    from diffusers import FluxTransformer2DModel
+
+    from utils import lora, models
+
+    recipe = import_script("train_tlcm_flux.py")
+    path = os.path.join(world, "models/flux")
+    args = recipe.parse_args(["--pretrained_teacher_model", path, "--prompts_file", "unused.txt",
+                              "--output_dir", output_dir, "--lora_rank", "4", *extra_args])
+    base = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer").requires_grad_(False)
+    lora.add_trainable_lora(base, 4, 8, lora.FLUX_LORA_TARGETS)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    flow = recipe.FluxFlow(base, models.load_noise_scheduler_config(path), 8, args, torch.float32,
+                           torch.device("cpu"))
+    c = base.config
+
+    def condition(n: int) -> dict:
+        return {"embeds": torch.randn(n, 8, c.joint_attention_dim, generator=g),
+                "pooled": torch.randn(n, c.pooled_projection_dim, generator=g), "text_ids": torch.zeros(8, 3)}
+    return flow, condition(batch), condition(1)

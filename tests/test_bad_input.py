@@ -3,11 +3,10 @@ and nothing left behind.
 
 The matrix is a table, CASES: (entry point, case, flags changed from a valid command line, text the error
 line must hold); TOLERATED lists inputs that must NOT stop a run (some undecodable images, xformers asked
-for where it cannot run): exit 0 and a warning naming them. Every row is its own process running the entry
-point's command line. Started plainly, each would spend 3-6 s importing torch and diffusers, so the rows run
-as children forked (a few at a time) from one process that has imported them once (`run_forked`);
-test_forked_runs_match_real_command_lines runs one row per entry point as a plain `python ...` command
-and checks that it ends exactly like its forked run (exit code and stderr).
+for where it cannot run): exit 0 and a warning naming them. Every row runs its entry point's command line in
+this process (helpers.run_command: the script's `__main__` block, as `python ...` runs it, without the 3-6 s
+of a new interpreter importing torch and diffusers); test_in_process_runs_match_real_command_lines runs one
+row per entry point as a plain `python ...` command too and checks that both end alike (exit code and stderr).
 """
 from __future__ import annotations
 
@@ -20,11 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from helpers import run_command
 from safetensors.torch import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = 4
-PARALLEL = 3  # forked rows at a time
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENTRY_POINTS = {
     "sd": ["train_lcm_distill_sd.py"],
@@ -68,7 +68,7 @@ CASES = [
         ("sd", "--pretrained_teacher_model"), ("lora", "--pretrained_teacher_model"),
         ("tlcm", "--pretrained_teacher_model"), ("infer", "--base_model_path"), ("convert", "--base_model"),
         ("eval", "--pipeline")]],
-    ("sd", "wrong-architecture", {"--pretrained_teacher_model": "{W}/models/sdxl"}, "--pretrained_teacher_model"),
+    ("sd", "wrong-architecture", {"--pretrained_teacher_model": "{W}/models/flux"}, "--pretrained_teacher_model"),
     ("lora", "wrong-architecture", {"--pretrained_teacher_model": "{W}/models/flux"}, "--pretrained_teacher_model"),
     ("tlcm", "wrong-architecture", {"--pretrained_teacher_model": "{W}/models/sd"}, "--pretrained_teacher_model"),
     ("infer", "wrong-architecture", {"--base_model_path": "{W}/models/sd/unet"}, "--base_model_path"),
@@ -79,11 +79,15 @@ CASES = [
         ("data-missing", "{T}/no_such_data", "--train_data_dir"),
         ("data-empty", "{T}/empty_data", "--train_data_dir"),
         ("data-no-caption-column", "{T}/no_caption_data", "--caption_column"),
-        ("data-all-corrupt", "{T}/corrupt_data", "could not be decoded")]],
+        ("data-all-corrupt", "{T}/corrupt_data", "could not be decoded"),
+        ("data-is-a-file", "{W}/data/train/metadata.jsonl", "is a file, not a folder"),
+        ("data-caption-not-utf8", "{T}/latin1_data", "not UTF-8"),
+        ("data-image-missing", "{T}/missing_image_data", "missing")]],
     *[(e, case, {"--prompts_file": path}, needle) for e in ("tlcm", "infer", "eval") for case, path, needle in [
         ("prompts-missing", "{T}/no_such_prompts.txt", "--prompts_file"),
         ("prompts-empty", "{T}/empty_prompts.txt", "--prompts_file")]],
     ("tlcm", "prompts-no-caption-column", {"--prompts_file": "{T}/no_caption.jsonl"}, "--caption_column"),
+    ("tlcm", "prompts-not-utf8", {"--prompts_file": "{T}/latin1_prompts.txt"}, "not UTF-8"),
     ("eval", "real-images-missing", {"--real_images": "{T}/no_such_images"}, "--real_images"),
     # a resolution the VAE cannot take
     *[(e, "resolution", {"--resolution": "30"}, "--resolution") for e in ("sd", "lora", "tlcm", "infer")],
@@ -91,12 +95,40 @@ CASES = [
     # step counts out of range
     ("sd", "steps-0", {"--max_train_steps": "0"}, "--max_train_steps"),
     ("sd", "ddim-timesteps-1001", {"--num_ddim_timesteps": "1001"}, "--num_ddim_timesteps"),
+    ("sd", "ddim-timesteps-1", {"--num_ddim_timesteps": "1"}, "--num_ddim_timesteps"),  # LCMScheduler: <= N steps
+    ("sd", "max-train-samples-0", {"--max_train_samples": "0"}, "--max_train_samples"),
+    ("tlcm", "max-train-samples-0", {"--max_train_samples": "0"}, "--max_train_samples"),
+    ("tlcm", "segments-0", {"--num_segments": "0"}, "--num_segments"),
     ("lora", "steps-0", {"--max_train_steps": "0"}, "--max_train_steps"),
     ("tlcm", "steps-0", {"--stage1_steps": "0"}, "--stage1_steps"),
     ("infer", "steps-0", {"--infer-steps": "0"}, "--infer-steps"),
     ("infer", "steps-1001", {"--infer-steps": "1001"}, "--infer-steps"),
     ("eval", "steps-0", {"--steps": "0"}, "--steps"),
     ("eval", "steps-1001", {"--steps": "1001"}, "--steps"),
+    # numbers that are not finite or out of their range
+    *[(e, f"{name}-{value}", {f"--{name}": value}, f"--{name}") for e, name, value in [
+        ("sd", "learning_rate", "nan"), ("lora", "learning_rate", "inf"), ("tlcm", "stage1_learning_rate", "nan"),
+        ("tlcm", "stage2_learning_rate", "0"), ("sd", "adam_beta1", "1.5"), ("lora", "adam_beta2", "1"),
+        ("sd", "adam_epsilon", "0"), ("sd", "adam_weight_decay", "-0.1"), ("sd", "max_grad_norm", "-1"),
+        ("sd", "seed", "-1"), ("tlcm", "seed", "4294967296"), ("sd", "huber_c", "nan"), ("tlcm", "huber_c", "0"),
+        ("lora", "lora_dropout", "2"), ("lora", "lora_alpha", "0"), ("sd", "w_max", "inf"),
+        ("sd", "timestep_scaling_factor", "0"), ("sd", "unet_time_cond_proj_dim", "2"),
+        ("tlcm", "guidance_scale", "nan"), ("sd", "lr_warmup_steps", "-1")]],
+    # an output folder that is, contains or lies inside an input (a copy of the teacher: never the toy world's own)
+    ("sd", "output-is-teacher", {"--pretrained_teacher_model": "{T}/teacher", "--output_dir": "{T}/teacher"},
+     "is the --pretrained_teacher_model input"),
+    ("sd", "output-inside-teacher", {"--pretrained_teacher_model": "{T}/teacher", "--output_dir": "{T}/teacher/out"},
+     "lies inside the --pretrained_teacher_model input"),
+    ("lora", "output-contains-data", {"--train_data_dir": "{T}/outer/data", "--output_dir": "{T}/outer"},
+     "contains the --train_data_dir input"),
+    ("lora", "output-inside-data", {"--train_data_dir": "{T}/outer/data", "--output_dir": "{T}/outer/data/out"},
+     "lies inside the --train_data_dir input"),
+    ("tlcm", "output-contains-prompts", {"--prompts_file": "{T}/outer/prompts.txt", "--output_dir": "{T}/outer"},
+     "contains the --prompts_file input"),
+    ("tlcm", "output-is-init-lora", {"--init_lora": "{T}/outer", "--output_dir": "{T}/outer"},
+     "is the --init_lora input"),
+    ("sd", "overwrite-and-resume", {"--overwrite_output_dir": "", "--resume_from_checkpoint": "latest"},
+     "--overwrite_output_dir"),
     # guidance range upside down
     ("sd", "w-min-above-w-max", {"--w_min": "8", "--w_max": "4"}, "--w_min"),
     ("lora", "w-min-above-w-max", {"--w_min": "8", "--w_max": "4"}, "--w_min"),
@@ -141,6 +173,7 @@ TOLERATED = [
 
 
 def command(entry: str, flags: dict, assets: str, world: str, out: str) -> list[str]:
+    """The arguments of `python` for a row: the entry point, then its valid command line with `flags` changed."""
     argv = valid_command(entry)
     for flag, value in flags.items():
         if isinstance(flag, int):  # a positional argument
@@ -156,7 +189,7 @@ def command(entry: str, flags: dict, assets: str, world: str, out: str) -> list[
         else:
             argv += [flag, value]
     argv = [a.replace("{W}", world).replace("{T}", assets).replace("{OUT}", out) for a in argv]
-    return [sys.executable, *ENTRY_POINTS[entry], *argv]
+    return [*ENTRY_POINTS[entry], *argv]
 
 
 # ----------------------------------------------------------------------------- assets
@@ -181,7 +214,7 @@ def _lora_file(world: str, name: str, path: str, rank: int = RANK) -> None:
     """A random rank-`rank` LoRA of a toy denoiser as a kohya file."""
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    from utils import lora
+    from utils import lora, lora_files
 
     torch.manual_seed(0)
     folder = os.path.join(world, "models", name)
@@ -192,7 +225,8 @@ def _lora_file(world: str, name: str, path: str, rank: int = RANK) -> None:
         model, targets, prefix = (UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
                                   lora.LCM_LORA_TARGETS, "lora_unet")
     lora.add_lora(model, rank, 8.0, targets, init=False)
-    save_file({k: v.contiguous() for k, v in lora.to_kohya(lora.lora_state_dict(model), 8.0, prefix).items()}, path)
+    kohya = lora_files.to_kohya(lora.lora_state_dict(model), 8.0, prefix)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, path)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +240,15 @@ def assets(toy_world, tmp_path_factory) -> str:
     _copy_images(train, os.path.join(t, "corrupt_data"), 4, 4)
     _copy_images(train, os.path.join(t, "some_corrupt_data"), 8, 2)
     (root / "empty_prompts.txt").write_text("\n  \n")
+    (root / "latin1_prompts.txt").write_bytes("a red circle\na caf\u00e9 square\n".encode("latin-1"))
+    _copy_images(train, os.path.join(t, "latin1_data"), 4, 0)
+    with open(os.path.join(t, "latin1_data", "metadata.jsonl"), "ab") as f:  # a caption saved as Latin-1
+        f.write('{"file_name": "000000.png", "text": "a caf\u00e9 circle"}\n'.encode("latin-1"))
+    _copy_images(train, os.path.join(t, "missing_image_data"), 8, 0)
+    os.remove(os.path.join(t, "missing_image_data", "000003.png"))  # named in metadata.jsonl, not there
+    shutil.copytree(os.path.join(toy_world, "models/sd"), os.path.join(t, "teacher"))
+    _copy_images(train, os.path.join(t, "outer", "data"), 4, 0)
+    (root / "outer" / "prompts.txt").write_text("a red circle\n")
     (root / "no_caption.jsonl").write_text('{"prompt": "a red circle"}\n')
     torch.save({"lora_unet_x.lora_down.weight": torch.zeros(RANK, 8)}, str(root / "lora.bin"))  # a pickle
     _lora_file(toy_world, "sd", os.path.join(t, "sd_lora.safetensors"))
@@ -223,116 +266,11 @@ def assets(toy_world, tmp_path_factory) -> str:
     return t
 
 
-def run_forked(jobs: list[dict], parallel: int = PARALLEL) -> dict:
-    """Run `python ARGV` for every job, `parallel` at a time, as children forked from one process that has
-    imported torch, diffusers and the toolkit once (most of a 3-6 s start); returns {key: exit code} and writes
-    each job's stdout and stderr to its files. A child runs the entry point exactly as the interpreter would
-    (runpy as __main__, SystemExit -> exit code, an uncaught exception -> traceback and 1, atexit handlers)."""
-    import atexit
-    import runpy
-    import traceback
-
-    def child(job: dict) -> None:
-        code = 1
-        try:
-            for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            os.chdir(ROOT)
-            argv = job["argv"]
-            here = os.path.dirname(os.path.abspath(__file__))  # the driver's own folder is no entry point's
-            sys.path[:] = [ROOT] + [p for p in sys.path if p not in (ROOT, here, "")]
-            try:
-                if argv[0] == "-m":
-                    sys.argv = [argv[1], *argv[2:]]
-                    sys.modules.pop(argv[1], None)  # `python -m` runs a module not imported before
-                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-                else:
-                    sys.argv = list(argv)
-                    runpy.run_path(argv[0], run_name="__main__")
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-                if not isinstance(exc.code, (int, type(None))):
-                    print(exc.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            atexit._run_exitfuncs()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-
-    codes, running, queue = {}, {}, list(jobs)
-    while queue or running:
-        while queue and len(running) < parallel:
-            job = queue.pop(0)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                child(job)
-            running[pid] = job["key"]
-        pid, status = os.wait()
-        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-    return codes
-
-
-def serve(jobs_file: str) -> None:
-    """`python tests/test_bad_input.py JOBS.json`: import what the entry points import, then run_forked.
-
-    What the imports print on stderr is reported: a real command line would print it too."""
-    import importlib
-
-    with open(jobs_file) as f:
-        jobs = json.load(f)
-    sys.path.insert(0, ROOT)
-    saved = os.dup(2)
-    with open(jobs_file + ".preload-stderr", "w") as err:
-        os.dup2(err.fileno(), 2)
-        try:
-            for name in ("utils", "utils.training", "utils.models", "utils.data", "utils.lora", "utils.checkpoint",
-                         "utils.evaluate", "utils.tlcm", "utils.ema", "utils.losses", "paras", "accelerate",
-                         "datasets", "peft"):
-                importlib.import_module(name)  # what the entry points import at their top, nothing lazy
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-    with open(jobs_file + ".codes", "w") as f:
-        json.dump(run_forked(jobs), f)
-
-
-@pytest.fixture(scope="module")
-def results(toy_world, assets, tmp_path_factory) -> dict:
-    """(entry, case) -> (exit code, stdout, stderr, output path) of every row of CASES and TOLERATED."""
-    outs = tmp_path_factory.mktemp("bad_input_out")
-    jobs = []
-    for entry, case, flags, _ in sorted(TOLERATED + CASES, key=lambda r: r in CASES):  # the long runs first
-        key = f"{entry}-{case}"
-        jobs.append({"key": key, "argv": command(entry, flags, assets, toy_world, str(outs / key))[1:],
-                     "stdout": str(outs / f"{key}.stdout"), "stderr": str(outs / f"{key}.stderr")})
-    jobs_file = str(outs / "jobs.json")
-    with open(jobs_file, "w") as f:
-        json.dump(jobs, f)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), jobs_file], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def read(path: str) -> str:
-        with open(path) as f:
-            return f.read()
-
-    preload = read(jobs_file + ".preload-stderr")
-    assert not preload.strip(), f"importing the libraries prints on stderr: {preload[-2000:]}"
-    codes = json.loads(read(jobs_file + ".codes"))
-    return {tuple(job["key"].split("-", 1)): (codes[job["key"]], read(job["stdout"]), read(job["stderr"]),
-                                              str(outs / job["key"])) for job in jobs}
-
-
 @pytest.mark.parametrize("entry, case, flags, needle", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(results, entry, case, flags, needle):
-    code, _, stderr, out = results[(entry, case)]
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(toy_world, assets, tmp_path, entry, case, flags, needle):
+    out = str(tmp_path / "out")
+    run = run_command(command(entry, flags, assets, toy_world, out))
+    code, stderr = run.returncode, run.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr[-3000:]
@@ -340,8 +278,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(results, entry, case, f
 
 
 @pytest.mark.parametrize("entry, case, flags, needle", TOLERATED, ids=[f"{c[0]}-{c[1]}" for c in TOLERATED])
-def test_tolerated_input_warns_and_runs(results, entry, case, flags, needle):
-    code, stdout, stderr, out = results[(entry, case)]
+def test_tolerated_input_warns_and_runs(toy_world, assets, tmp_path, entry, case, flags, needle):
+    out = str(tmp_path / "out")
+    run = run_command(command(entry, flags, assets, toy_world, out))
+    code, stdout, stderr = run.returncode, run.stdout, run.stderr
     assert code == 0, stderr[-3000:]
     warnings = [line for line in (stdout + stderr).splitlines() if "warning" in line.lower() and needle in line]
     assert warnings, (stdout + stderr)[-3000:]
@@ -351,23 +291,23 @@ def test_tolerated_input_warns_and_runs(results, entry, case, flags, needle):
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch, tmp_path):
     """No GPU here: pretend to be one without bf16; the training flags and inference's --dtype both refuse it."""
     import inference
-    from utils import training
+    from utils import flags
     from utils.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    parser = training.Parser()
-    training.add_training_args(parser)
+    parser = flags.Parser()
+    flags.add_training_args(parser)
     args = parser.parse_args(["--output_dir", str(tmp_path / "out"), "--mixed_precision", "bf16"])
     with pytest.raises(SystemExit) as info:
-        training.check_training_args(args)
+        flags.check_training_args(args)
     assert info.value.code == 2 and not os.path.exists(tmp_path / "out")
     with pytest.raises(UserError, match="bf16"):
         inference.resolve_dtype("bf16", "flux", torch.device("cuda"))
 
 
 def test_xformers_request_without_cuda_warns_and_keeps_sdpa(caplog, monkeypatch):
-    from utils import training
+    from utils import models
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
@@ -376,21 +316,26 @@ def test_xformers_request_without_cuda_warns_and_keeps_sdpa(caplog, monkeypatch)
             raise AssertionError("must not be called without CUDA")
 
     with caplog.at_level("WARNING"):
-        training.enable_xformers(Model(), True)
+        models.enable_xformers(Model(), True)
     assert "--enable_xformers_memory_efficient_attention" in caplog.text and "SDPA" in caplog.text
 
 
 def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, capsys):
-    """Two good steps, then the loss turns NaN for good: the updates are skipped, and --max_nan_steps (3) in a
-    row end the run with exit 2; the weights and the last checkpoint are those of step 2."""
-    import argparse
-
+    """Two good steps, then the loss turns NaN for good: the updates are skipped (the LR schedule does not
+    advance), and --max_nan_steps (3) in a row end the run with exit 2 and a line naming the flag; the weights
+    and the last checkpoint are those of step 2."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
-    from utils import checkpoint, training
+    from utils import checkpoint, flags, loop
 
+    parser = flags.Parser()
+    flags.add_training_args(parser)
+    args = parser.parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "10", "--checkpointing_steps", "1",
+                              "--validation_steps", "100", "--max_nan_steps", "3", "--max_grad_norm", "1.0",
+                              "--train_batch_size", "1", "--report_to", "none"])
     AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     try:
         accelerator = Accelerator(cpu=True)
         torch.manual_seed(0)
@@ -399,71 +344,71 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, capsys):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
         params = list(model.parameters())
-        calls, weights = [], {}
-
-        def loss_fn(batch):
-            calls.append(1)
-            loss = model(torch.ones(1, 2)).sum() ** 2
-            return loss if len(calls) <= 2 else loss * float("nan")
-
-        def after_step():
-            weights[len(calls)] = [p.detach().clone() for p in params]
-
-        args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint=None, max_train_steps=10,
-                                  checkpointing_steps=1, checkpoints_total_limit=None, validation_steps=100,
-                                  max_nan_steps=3, validation_prompts=None, max_grad_norm=1.0, train_batch_size=1)
         batches = [{"captions": ["a red circle"], "num_skipped": 0}] * 10
+        calls, weights = 0, {}
+        train = loop.TrainLoop(accelerator, batches, args.max_train_steps, args, "nan", schedule)
         with pytest.raises(SystemExit) as info:
-            training.run_training(accelerator, args, batches, model, params, optimizer, schedule, loss_fn,
-                                  after_step=after_step)
+            for _batch in train:  # a recipe's loop
+                calls += 1
+                with accelerator.accumulate(model):
+                    loss = model(torch.ones(1, 2)).sum() ** 2 * (1.0 if calls <= 2 else float("nan"))
+                    updated = loop.apply_gradients(accelerator, loss, params, optimizer, schedule, args.max_grad_norm)
+                if not train.step_done(loss, updated):
+                    continue
+                weights[calls] = [p.detach().clone() for p in params]
+                if train.checkpoint_due:
+                    train.save_checkpoint()
     finally:
         AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and err[-1].startswith("error: 3 consecutive non-finite steps (--max_nan_steps)")
-    assert len(calls) == 5 and list(weights) == [1, 2]  # 2 updates, then 3 skipped ones
+    assert calls == 5 and list(weights) == [1, 2] and train.global_step == 2  # 2 updates, then 3 skipped ones
+    assert schedule.scheduler.last_epoch == 2  # the LR schedule stepped on the applied updates only
     assert all(torch.equal(p, w) for p, w in zip(params, weights[2]))
     assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_fewer_webdataset_shards_than_processes_is_refused(toy_world, capsys):
+def test_fewer_webdataset_shards_than_processes_is_refused(toy_world):
     """Each process streams whole shards: with fewer shards than processes one would get no data and wait forever."""
     import argparse
     from types import SimpleNamespace
 
-    from utils import training
+    from utils import loop
+    from utils.errors import UserError
 
     shard = os.path.join(toy_world, "data/shards/shard-000000.tar")
     args = argparse.Namespace(dataset_name=None, train_data_dir=None, train_shards_path_or_url=shard,
                               image_column="image", caption_column="text", max_train_samples=None, cache_dir=None,
                               seed=0, resolution=32, center_crop=False, random_flip=False, train_batch_size=2,
-                              dataloader_num_workers=0, max_train_steps=2, gradient_accumulation_steps=1)
-    with pytest.raises(SystemExit) as info:
-        training.make_train_data(args, SimpleNamespace(num_processes=2))
-    assert info.value.code == 2 and "(--train_shards_path_or_url)" in capsys.readouterr().err
-    assert training.make_train_data(args, SimpleNamespace(num_processes=1)) is not None
+                              dataloader_num_workers=0, max_train_steps=2, num_train_epochs=1,
+                              gradient_accumulation_steps=1)
+    with pytest.raises(UserError, match=r"\(--train_shards_path_or_url\)"):
+        loop.make_train_data(args, SimpleNamespace(num_processes=2))
+    assert loop.make_train_data(args, SimpleNamespace(num_processes=1))[1] == 2
 
 
-# one row per entry point, also run as a plain `python ...` command line: the forked runs must match them
+# one row per entry point, also run as a plain `python ...` command line: the in-process runs must match them
 REAL = ["sd-missing-model", "lora-wrong-architecture", "tlcm-resolution", "infer-lora-truncated",
         "convert-output-not-writable", "eval-steps-1001"]
 
 
-def test_forked_runs_match_real_command_lines(results, toy_world, assets, tmp_path):
+@pytest.mark.slow
+def test_in_process_runs_match_real_command_lines(toy_world, assets, tmp_path):
     rows = {f"{r[0]}-{r[1]}": r for r in CASES}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-    def run(key):
+    def real(key):
         entry, case, flags, _ = rows[key]
-        out = str(tmp_path / key)
-        forked = results[(entry, case)]
-        proc = subprocess.run(command(entry, flags, assets, toy_world, out), capture_output=True, text=True,
-                              cwd=ROOT, env=env, timeout=600)
-        return key, (proc.returncode, proc.stderr.replace(out, forked[3])), forked[:3:2]
+        out = str(tmp_path / "real" / key)
+        proc = subprocess.run([sys.executable, *command(entry, flags, assets, toy_world, out)], capture_output=True,
+                              text=True, cwd=ROOT, env=env, timeout=600)
+        return proc.returncode, proc.stderr.replace(out, "{OUT}")
 
     with ThreadPoolExecutor(2) as pool:
-        for key, real, forked in pool.map(run, REAL):
-            assert real == forked, key
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1])
+        real_runs = pool.map(real, REAL)
+        for key in REAL:  # meanwhile, in this process
+            entry, case, flags, _ = rows[key]
+            out = str(tmp_path / "here" / key)
+            here = run_command(command(entry, flags, assets, toy_world, out))
+            assert next(real_runs) == (here.returncode, here.stderr.replace(out, "{OUT}")), key

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from helpers import unet_output
+from helpers import run_recipe, unet_output
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -26,8 +26,8 @@ def load(name: str):
 
 @contextmanager
 def recipe_in_this_process():
-    """Run a recipe here (a subprocess would spend most of its time importing the libraries again); the
-    logging set-up and accelerate's process-wide state are put back afterwards."""
+    """A benchmark that runs a recipe in this process itself: the logging set-up and accelerate's process-wide
+    state are put back afterwards."""
     from accelerate.state import AcceleratorState
 
     root = logging.getLogger()
@@ -128,9 +128,8 @@ def test_last_checkpoint_as_student_equals_the_final_output(toy_world, tmp_path,
     flags = ["--pretrained_teacher_model", teacher, "--train_data_dir", os.path.join(toy_world, "data/train"),
              "--output_dir", out, "--learning_rate", "1e-2", "--lr_warmup_steps", "0", *TINY]
     flags += ["--lora_rank", "4"] if kind == "lora" else []
-    with recipe_in_this_process():
-        module.main(module.parse_args(flags + ["--max_train_steps", "2", "--checkpointing_steps", "1",
-                                               "--validation_steps", "1000", "--validation_prompts"]))
+    run_recipe(recipe, flags + ["--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "1000",
+                                "--validation_prompts"])
     rargs = module.parse_args(flags)
     found = bench.checkpoints(kind, rargs)
     assert [c["step"] for c in found] == [1, 2] and found[0]["written"] <= found[1]["written"]
@@ -170,15 +169,15 @@ def test_tlcm_checkpoints_of_both_stages_and_the_last_as_student(toy_world, tmp_
 
     bench = load("bench_quality_vs_time")
     module = bench.common.import_recipe("train_tlcm_flux.py")
+    assert bench.common.recipe_kind(module) == "tlcm"
     teacher = os.path.join(toy_world, "models/flux")
     out = str(tmp_path / "run")
     flags = ["--pretrained_teacher_model", teacher, "--prompts_file", os.path.join(toy_world, "data/train/metadata.jsonl"),
              "--output_dir", out, "--lora_rank", "4", "--stage1_steps", "2", "--stage2_steps", "1",
              "--stage1_learning_rate", "1e-2", "--stage2_learning_rate", "1e-2", "--lr_warmup_steps", "0",
              "--resolution", "32", "--train_batch_size", "2", "--max_train_samples", "16", "--report_to", "none"]
-    with recipe_in_this_process():
-        module.main(module.parse_args(flags + ["--checkpointing_steps", "1", "--validation_steps", "1000",
-                                               "--validation_prompts"]))
+    run_recipe("train_tlcm_flux.py", flags + ["--checkpointing_steps", "1", "--validation_steps", "1000",
+                                              "--validation_prompts"])
     rargs = module.parse_args(flags)
     found = bench.checkpoints("tlcm", rargs)
     assert [(c["stage"], c["step"]) for c in found] == [("1", 1), ("1", 2), ("2", 3)]

@@ -143,9 +143,8 @@ def test_text_cache_returns_what_the_encoders_return(toy_world, tmp_path):
 
 def test_recipe_with_both_caches_trains_like_the_uncached_recipe(toy_world, tmp_path):
     """Center crop, no flip: the cached run's LoRA equals the uncached one's (up to float rounding)."""
+    from helpers import run_recipe
     from safetensors.torch import load_file
-
-    from helpers import run_script
 
     common = ["--pretrained_teacher_model", os.path.join(toy_world, "models/sdxl"), "--train_data_dir",
               os.path.join(toy_world, "data/train"), "--resolution", "32", "--train_batch_size", "4",
@@ -153,8 +152,8 @@ def test_recipe_with_both_caches_trains_like_the_uncached_recipe(toy_world, tmp_
               "--validation_steps", "1000", "--report_to", "none", "--learning_rate", "1e-3",
               "--adam_epsilon", "1e-3",  # Adam ~ scaled SGD: near-zero gradients cannot flip an update's sign
               "--feature_cache_dir", str(tmp_path / "c")]
-    run_script("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "plain")])
-    run_script("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "cached"),
+    run_recipe("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "plain")])
+    run_recipe("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "cached"),
                                                   "--cache_latents", "--cache_text_embeddings"])
     assert sorted(f.split("-")[0] for f in os.listdir(tmp_path / "c")) == ["latents", "text"]
     plain = load_file(str(tmp_path / "plain/pytorch_lora_weights.safetensors"))
@@ -167,9 +166,9 @@ def test_recipe_with_both_caches_trains_like_the_uncached_recipe(toy_world, tmp_
 
 @pytest.mark.parametrize("flag", ["--cache_latents", "--cache_text_embeddings"])
 def test_a_stream_cannot_be_cached(toy_world, tmp_path, flag):
-    from helpers import run_script
+    from helpers import run_recipe
 
-    proc = run_script("train_lcm_distill_sd.py", [
+    proc = run_recipe("train_lcm_distill_sd.py", [
         "--pretrained_teacher_model", os.path.join(toy_world, "models/sd"), "--train_shards_path_or_url",
         os.path.join(toy_world, "data/shards"), "--output_dir", str(tmp_path / "o"), "--resolution", "32",
         "--max_train_steps", "1", "--feature_cache_dir", str(tmp_path / "c"), flag], check=False)

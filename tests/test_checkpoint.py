@@ -220,6 +220,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path: Any) -> None:
     script = tmp_path / "saver.py"
     script.write_text(KILL_SCRIPT.format(root=ROOT))

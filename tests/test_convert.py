@@ -7,11 +7,12 @@ import os
 
 import pytest
 import torch
+from helpers import run_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert_lora
-from utils import lora
+from utils import lora, lora_files
 
 RANK = 4
 
@@ -63,11 +64,11 @@ def sources(toy_world, tmp_path_factory):
     """One LoRA of the toy SD UNet in the three formats as the recipe writes them (alpha 8), plus a kohya-style
     LoRA with alpha 1 (kohya's usual, so diffusers / PEFT must fold the scale)."""
     root = tmp_path_factory.mktemp("sources")
-    lora.save_lora_outputs(_adapted(toy_world), str(root / "recipe"), "unet")
+    lora_files.save_lora_outputs(_adapted(toy_world), str(root / "recipe"), "unet")
     one = _adapted(toy_world, alpha=1.0, seed=1)
-    save_file(lora.to_kohya(lora.lora_state_dict(one), 1.0), str(root / "alpha1.safetensors"))
-    return {"diffusers": str(root / "recipe" / lora.DIFFUSERS_WEIGHTS_NAME), "peft": str(root / "recipe" / "unet"),
-            "kohya": str(root / "recipe" / lora.KOHYA_WEIGHTS_NAME), "alpha1": str(root / "alpha1.safetensors")}
+    save_file(lora_files.to_kohya(lora.lora_state_dict(one), 1.0), str(root / "alpha1.safetensors"))
+    return {"diffusers": str(root / "recipe" / lora_files.DIFFUSERS_WEIGHTS_NAME), "peft": str(root / "recipe" / "unet"),
+            "kohya": str(root / "recipe" / lora_files.KOHYA_WEIGHTS_NAME), "alpha1": str(root / "alpha1.safetensors")}
 
 
 def cli(*argv: str) -> None:
@@ -81,7 +82,7 @@ def convert(src: str, fmt: str, out: str, base: str) -> str:
 
 def tensors(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA file, or of a PEFT folder's weights file."""
-    return load_file(os.path.join(path, lora.PEFT_WEIGHTS_NAME) if os.path.isdir(path) else path)
+    return load_file(os.path.join(path, lora_files.PEFT_WEIGHTS_NAME) if os.path.isdir(path) else path)
 
 
 def assert_identical(a: dict, b: dict) -> None:
@@ -111,8 +112,8 @@ def test_round_trips_give_identical_tensors(toy_world, sources, tmp_path, src, v
         assert (got["r"], got["lora_alpha"], got["rank_pattern"]) == (want["r"], want["lora_alpha"], want["rank_pattern"])
         assert set(got["target_modules"]) == set(want["target_modules"]) == set(lora.LCM_LORA_TARGETS)
     if src == "alpha1":  # the folded copy says where its scale went, and the diffusers file itself is plain
-        with safe_open(mid if via != "peft" else os.path.join(mid, lora.PEFT_WEIGHTS_NAME), "pt") as f:
-            assert lora.ALPHAS_METADATA_KEY in f.metadata()
+        with safe_open(mid if via != "peft" else os.path.join(mid, lora_files.PEFT_WEIGHTS_NAME), "pt") as f:
+            assert lora_files.ALPHAS_METADATA_KEY in f.metadata()
 
 
 def _sample(toy_world: str, path: str, loader: str = "ours") -> torch.Tensor:
@@ -125,7 +126,7 @@ def _sample(toy_world: str, path: str, loader: str = "ours") -> torch.Tensor:
     if loader == "diffusers":
         pipe.load_lora_weights(path)
     else:
-        lora.load_lora_file(path, pipe.unet)
+        lora_files.load_lora_file(path, pipe.unet)
     return pipe("a large red circle on a white background", num_inference_steps=2, guidance_scale=1.0,
                 height=32, width=32, output_type="pt", generator=torch.Generator().manual_seed(3)).images
 
@@ -138,7 +139,7 @@ def test_converted_loras_sample_exactly_like_the_original(toy_world, sources, tm
         assert torch.equal(got, want), fmt
     # what other tools see: diffusers' own loader on the folded file (scale 1), equal up to float rounding
     folder = convert(sources["alpha1"], "diffusers", str(tmp_path / "folder"), base)
-    assert os.path.basename(lora.find_lora_file(folder)) == lora.DIFFUSERS_WEIGHTS_NAME
+    assert os.path.basename(lora_files.find_lora_file(folder)) == lora_files.DIFFUSERS_WEIGHTS_NAME
     assert torch.allclose(_sample(toy_world, folder, loader="diffusers"), want, atol=1e-5)
     recipe = _sample(toy_world, sources["diffusers"])
     assert torch.equal(_sample(toy_world, convert(sources["diffusers"], "kohya", str(tmp_path / "k"), base)), recipe)
@@ -148,15 +149,15 @@ def test_converted_loras_sample_exactly_like_the_original(toy_world, sources, tm
 def test_flux_lora_uses_lora_transformer_keys_and_round_trips(toy_world, tmp_path):
     base = os.path.join(toy_world, "models/flux")
     model = _adapted(toy_world, "flux")
-    lora.save_diffusers_lora(model, str(tmp_path / "src"), component="transformer")
-    src = str(tmp_path / "src" / lora.DIFFUSERS_WEIGHTS_NAME)
+    lora_files.save_diffusers_lora(model, str(tmp_path / "src"), component="transformer")
+    src = str(tmp_path / "src" / lora_files.DIFFUSERS_WEIGHTS_NAME)
     kohya = convert(src, "kohya", str(tmp_path / "k.safetensors"), base)
     assert all(k.startswith("lora_transformer_") for k in tensors(kohya))
     assert_identical(tensors(convert(kohya, "diffusers", str(tmp_path / "d.safetensors"), base)), tensors(src))
     peft = convert(kohya, "peft", str(tmp_path / "p"), base)
     assert set(json.load(open(os.path.join(peft, "adapter_config.json")))["target_modules"]) == set(lora.FLUX_LORA_TARGETS)
     fresh = _model(toy_world, "flux")
-    lora.load_lora_file(peft, fresh)
+    lora_files.load_lora_file(peft, fresh)
     assert torch.equal(_out(fresh), _out(model))
 
     # merge --denoiser_only: the transformer folder alone
@@ -178,7 +179,7 @@ def test_merged_pipeline_equals_base_plus_adapter(toy_world, sources, tmp_path):
     cli("merge", sources["alpha1"], "--base_model", base, "--output_dir", out)
     pipe = DiffusionPipeline.from_pretrained(str(out))
     adapted = _model(toy_world)
-    lora.load_lora_file(sources["alpha1"], adapted)
+    lora_files.load_lora_file(sources["alpha1"], adapted)
     want = _out(adapted)
     assert not lora.has_lora(pipe.unet) and torch.allclose(_out(pipe.unet.eval()), want, atol=1e-5)
     assert not torch.allclose(_out(_model(toy_world)), want, atol=1e-3)
@@ -189,47 +190,30 @@ def test_merged_pipeline_equals_base_plus_adapter(toy_world, sources, tmp_path):
 
 
 def _train(recipe: str, teacher: str, out: str, *extra: str) -> None:
-    """A 2-step run of a recipe on the toy world, a checkpoint at every step, no validation grid.
-
-    In this process (a subprocess would spend most of its time importing the libraries again); the logging
-    set-up and accelerate's process-wide state are put back afterwards.
-    """
-    import importlib
-    import logging
-
-    from accelerate.state import AcceleratorState
-
-    module = importlib.import_module(recipe)
-    argv = ["--pretrained_teacher_model", teacher, "--train_data_dir",
-            os.path.join(os.path.dirname(os.path.dirname(teacher)), "data/train"), "--output_dir", out,
-            "--resolution", "32", "--train_batch_size", "2", "--max_train_samples", "8", "--w_min", "2",
-            "--w_max", "6", "--validation_steps", "1000", "--validation_prompts", "--report_to", "none",
-            "--max_train_steps", "2", "--checkpointing_steps", "1", "--lr_warmup_steps", "0", *extra]
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        module.main(module.parse_args(argv))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        AcceleratorState._reset_state(reset_partial_state=True)
+    """A 2-step run of a recipe (in this process) on the toy world, a checkpoint at every step, no validation grid."""
+    run_recipe(recipe, ["--pretrained_teacher_model", teacher, "--train_data_dir",
+                        os.path.join(os.path.dirname(os.path.dirname(teacher)), "data/train"), "--output_dir", out,
+                        "--resolution", "32", "--train_batch_size", "2", "--max_train_samples", "8", "--w_min", "2",
+                        "--w_max", "6", "--validation_steps", "1000", "--validation_prompts", "--report_to", "none",
+                        "--max_train_steps", "2", "--checkpointing_steps", "1", "--lr_warmup_steps", "0", *extra])
 
 
 def test_lora_checkpoint_exports_exactly_the_recipes_final_files(toy_world, tmp_path):
     teacher = os.path.join(toy_world, "models/sdxl")
     run = str(tmp_path / "run")
-    _train("train_lcm_distill_lora_sdxl", teacher, run, "--lora_rank", "2", "--learning_rate", "1e-2")
+    _train("train_lcm_distill_lora_sdxl.py", teacher, run, "--lora_rank", "2", "--learning_rate", "1e-2")
     out = str(tmp_path / "export")
     cli("from-checkpoint", os.path.join(run, "checkpoint-2"), "--base_model", teacher, "--output_dir", out)
-    for name in (lora.DIFFUSERS_WEIGHTS_NAME, lora.KOHYA_WEIGHTS_NAME, os.path.join("unet", lora.PEFT_WEIGHTS_NAME)):
+    for name in (lora_files.DIFFUSERS_WEIGHTS_NAME, lora_files.KOHYA_WEIGHTS_NAME,
+                 os.path.join("unet", lora_files.PEFT_WEIGHTS_NAME), os.path.join("scheduler", "scheduler_config.json")):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(run, name), "rb").read(), name
     got, want = (json.load(open(os.path.join(d, "unet", "adapter_config.json"))) for d in (out, run))
     got["target_modules"], want["target_modules"] = set(got["target_modules"]), set(want["target_modules"])
     assert got == want
     # an earlier checkpoint exports too, and holds other weights
     cli("from-checkpoint", os.path.join(run, "checkpoint-1"), "--base_model", teacher, "--output_dir", tmp_path / "e1")
-    first = tensors(str(tmp_path / "e1" / lora.KOHYA_WEIGHTS_NAME))
-    assert any(not torch.equal(v, tensors(os.path.join(out, lora.KOHYA_WEIGHTS_NAME))[k]) for k, v in first.items())
+    first = tensors(str(tmp_path / "e1" / lora_files.KOHYA_WEIGHTS_NAME))
+    assert any(not torch.equal(v, tensors(os.path.join(out, lora_files.KOHYA_WEIGHTS_NAME))[k]) for k, v in first.items())
 
 
 def test_full_checkpoint_exports_the_recipes_student_pipeline(toy_world, tmp_path):
@@ -237,7 +221,7 @@ def test_full_checkpoint_exports_the_recipes_student_pipeline(toy_world, tmp_pat
 
     teacher = os.path.join(toy_world, "models/sd")
     run = str(tmp_path / "run")
-    _train("train_lcm_distill_sd", teacher, run, "--learning_rate", "1e-3")
+    _train("train_lcm_distill_sd.py", teacher, run, "--learning_rate", "1e-3")
     ckpt = os.path.join(run, "checkpoint-2")
     cli("from-checkpoint", ckpt, "--base_model", teacher, "--output_dir", tmp_path / "pipe")
     want = UNet2DConditionModel.from_pretrained(run, subfolder="unet").state_dict()
@@ -264,7 +248,7 @@ def _bad_inputs(toy_world, sources, tmp):
     data = open(sources["diffusers"], "rb").read()
     (tmp / "cut.safetensors").write_bytes(data[: len(data) // 2])
     sdxl = _adapted(toy_world, "sdxl")
-    save_file(lora.to_kohya(lora.lora_state_dict(sdxl), 8.0), str(tmp / "sdxl.safetensors"))
+    save_file(lora_files.to_kohya(lora.lora_state_dict(sdxl), 8.0), str(tmp / "sdxl.safetensors"))
     sd_ = tensors(sources["kohya"])
     key = next(k for k in sd_ if k.endswith("lora_up.weight") and sd_[k].ndim == 2)
     sd_[key] = sd_[key][:, : RANK - 1].contiguous()

@@ -84,19 +84,27 @@ def test_train_data_dir_captions_match_metadata(imagefolder, train_captions):
         assert sample["original_size"] == (32, 32)
 
 
-def test_dataset_name_local_folder(toy_world, cache_dir, train_captions):
-    ds = load_image_caption_dataset(dataset_name=os.path.join(toy_world, "data"), cache_dir=cache_dir,
-                                    transform=ImageTransform(RES))
-    assert len(ds) == len(train_captions)  # the train split, not test
-    assert [ds[i]["caption"] for i in range(3)] == train_captions[:3]
+@pytest.fixture(scope="module")
+def dataset_folder(tmp_path_factory) -> str:
+    """A dataset folder as the toy world's data/ is laid out (train/ and test/ imagefolders), but small."""
+    root = tmp_path_factory.mktemp("dataset")
+    write_folder(root / "train", 6, 0)
+    write_folder(root / "test", 3, 0)
+    return str(root)
 
 
-def test_max_train_samples_is_a_seeded_subset(toy_world, cache_dir, train_captions):
-    path = os.path.join(toy_world, "data", "train")
+def test_dataset_name_local_folder(dataset_folder, cache_dir):
+    ds = load_image_caption_dataset(dataset_name=dataset_folder, cache_dir=cache_dir, transform=ImageTransform(RES))
+    assert len(ds) == 6  # the train split, not test
+    assert [ds[i]["caption"] for i in range(3)] == ["caption 0", "caption 1", "caption 2"]
+
+
+def test_max_train_samples_is_a_seeded_subset(tmp_path, cache_dir):
+    path = write_folder(tmp_path / "folder", 24, 0)  # small: each load lists every file of the folder
     pick = lambda seed: [s["caption"] for s in load_image_caption_dataset(  # noqa: E731
         train_data_dir=path, cache_dir=cache_dir, max_train_samples=8, seed=seed, transform=ImageTransform(RES))]
     first = pick(0)
-    assert len(first) == 8 and set(first) <= set(train_captions)
+    assert len(first) == 8 and set(first) <= {f"caption {i}" for i in range(24)}
     assert pick(0) == first
     assert pick(1) != first
 
@@ -272,9 +280,8 @@ def test_load_prompts_files(tmp_path):
     assert load_prompts(str(tmp_path / "q.jsonl"), caption_column="prompt") == ["a cross"]
 
 
-def test_load_prompts_from_dataset(toy_world, train_captions):
-    prompts = load_prompts(dataset_name=os.path.join(toy_world, "data"), max_samples=5)
-    assert prompts == train_captions[:5]
+def test_load_prompts_from_dataset(dataset_folder):
+    assert load_prompts(dataset_name=dataset_folder, max_samples=5) == [f"caption {i}" for i in range(5)]
 
 
 def test_load_prompts_errors(tmp_path):

@@ -1,12 +1,12 @@
-"""fp16 loss scaling through the shared training loop, and exact resume of the grad scaler's state.
+"""fp16 loss scaling through a recipe's loop (utils.loop), and exact resume of the grad scaler's state.
 
 accelerate sets fp16 up (autocast + a GradScaler) only on an accelerator device: on CPU,
 Accelerator(mixed_precision="fp16") has no scaler and autocasts nothing. These tests give the
 accelerator what it builds on a GPU -- native AMP, so prepared models and `accelerator.autocast()`
 run under torch.autocast(<device>, dtype=torch.float16) (CPU autocast supports fp16), and a real
-torch.amp.GradScaler -- and drive utils.training.run_training with it: the project's accelerator,
-optimizer, LR schedule and data loader, a tiny model, and one sample whose huge loss overflows the
-fp16 backward, so the scaler skips steps and backs off as well as grows.
+torch.amp.GradScaler -- and train with it as a recipe does (`for batch in loop.TrainLoop(...)`, then
+loop.apply_gradients): the project's accelerator, optimizer, LR schedule and data loader, a tiny model, and
+one sample whose huge loss overflows the fp16 backward, so the scaler skips steps and backs off as well as grows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from helpers import assert_same
 
-from utils import checkpoint, training
+from utils import checkpoint, flags, loop
 from utils.data import make_train_dataloader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,14 +62,14 @@ def build(output_dir: str, resume: str | None = None, stop_in: int | None = None
     skips an overflowing update itself; the unfused one is skipped by GradScaler.step not calling it.
     """
     reset_accelerate()
-    parser = training.Parser()
-    training.add_training_args(parser)
-    flags = ["--output_dir", output_dir, "--mixed_precision", "fp16", "--report_to", "none", "--seed", "3",
+    parser = flags.Parser()
+    flags.add_training_args(parser)
+    argv = ["--output_dir", output_dir, "--mixed_precision", "fp16", "--report_to", "none", "--seed", "3",
              "--train_batch_size", str(BATCH), "--max_train_steps", str(STEPS), "--checkpointing_steps", str(EVERY),
              "--learning_rate", "1e-2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
              "--max_grad_norm", "1.0", "--validation_steps", "1000"]
-    args = parser.parse_args(flags + (["--resume_from_checkpoint", resume] if resume else []))
-    accelerator = training.make_accelerator(args)
+    args = parser.parse_args(argv + (["--resume_from_checkpoint", resume] if resume else []))
+    accelerator = loop.make_accelerator(args)
     # what Accelerator(mixed_precision="fp16") sets up on a GPU, before anything is prepared
     assert accelerator.mixed_precision == "fp16"
     accelerator.native_amp = True
@@ -78,12 +78,13 @@ def build(output_dir: str, resume: str | None = None, stop_in: int | None = None
     torch.manual_seed(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.SiLU(), torch.nn.Linear(16, 12))
     args.fused_adamw = fused  # the recipes' --fused_adamw / --no-fused_adamw
-    optimizer = training.make_optimizer(model.parameters(), args, accelerator.num_processes)
+    optimizer = loop.make_optimizer(model.parameters(), args, accelerator.num_processes)
     assert bool(optimizer.defaults["fused"]) is fused
-    lr_scheduler = training.make_lr_scheduler(optimizer, args, accelerator.num_processes)
+    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, STEPS,
+                                          accelerator.num_processes)
     loader = make_train_dataloader(samples(), args.train_batch_size, 0, args.seed)
     model, optimizer, lr_scheduler, loader = accelerator.prepare(model, optimizer, lr_scheduler, loader)
-    rng = training.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
+    rng = loop.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)
     accelerator.register_for_checkpointing(rng)
     run = {"accelerator": accelerator, "args": args, "model": model, "optimizer": optimizer,
            "lr_scheduler": lr_scheduler, "loader": loader, "rng": rng, "calls": 0, "history": [], "before": None,
@@ -109,8 +110,22 @@ def build(output_dir: str, resume: str | None = None, stop_in: int | None = None
         scaler = accelerator.scaler.state_dict()
         run["history"].append((updated, scaler["scale"], scaler["_growth_tracker"]))
 
-    run["train"] = lambda: training.run_training(accelerator, args, loader, model, list(model.parameters()),
-                                                 optimizer, lr_scheduler, loss_fn, after_step=after_step)
+    def train() -> int:
+        """A recipe's loop over the run; returns the optimizer steps it ended at."""
+        params = list(model.parameters())
+        steps = loop.TrainLoop(accelerator, loader, STEPS, args, "fp16", lr_scheduler)
+        for batch in steps:
+            with accelerator.accumulate(model):
+                loss = loss_fn(batch)
+                updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+            if not steps.step_done(loss, updated):
+                continue
+            after_step()
+            if steps.checkpoint_due:
+                steps.save_checkpoint()
+        return steps.global_step
+
+    run["train"] = train
     return run
 
 
@@ -128,7 +143,7 @@ def state_of(run: dict) -> dict:
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_adamw", "adamw"])
 def test_fp16_run_resumed_after_a_kill_matches_an_uninterrupted_run(tmp_path: Any, fused: bool) -> None:
     straight = build(str(tmp_path / "straight"), fused=fused)
-    assert straight["train"]()["global_step"] == STEPS
+    assert straight["train"]() == STEPS
     expected, history = state_of(straight), straight["history"]
     # the scenario is worth testing: the scaler skipped overflowing steps (and backed off) before and after
     # the checkpoint the resume uses, grew in between, and was mid-interval, off its initial scale, when saved
@@ -154,7 +169,7 @@ def test_fp16_run_resumed_after_a_kill_matches_an_uninterrupted_run(tmp_path: An
     assert killed["history"] == history[: STOP_IN - 1]
 
     resumed = build(out, resume="latest", fused=fused)
-    assert resumed["train"]()["global_step"] == STEPS
+    assert resumed["train"]() == STEPS
     assert resumed["history"] == history[EVERY:]  # the same skips, scales and growth counts after it
     assert_same(expected, state_of(resumed))
 
@@ -171,7 +186,7 @@ def test_checkpoint_holds_the_grad_scaler_state_and_loading_restores_it(tmp_path
     assert on_disk == saved
     assert saved["scale"] != INIT_SCALE and saved["_growth_tracker"] > 0  # not what a fresh scaler holds
 
-    fresh = build(out)
+    fresh = build(out, resume="latest")  # a new process (one that does not resume is refused this folder)
     scaler = fresh["accelerator"].scaler
     assert (scaler.get_scale(), scaler.state_dict()["_growth_tracker"]) == (INIT_SCALE, 0)
     state = checkpoint.load_checkpoint(fresh["accelerator"], path)

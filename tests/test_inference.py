@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_command
 from PIL import Image
 from safetensors.torch import save_file
 
 import inference
 import paras
-from utils import lora
+from utils import lora, lora_files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANK = 4
 
 
@@ -37,11 +35,9 @@ def _pixels(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def _cli(*flags: str) -> subprocess.CompletedProcess:
-    """`python inference.py FLAGS` from the repository root, one thread."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "inference.py", *flags], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+def _cli(*flags: str):
+    """`python inference.py FLAGS` from the repository root, run in this process (helpers.run_command)."""
+    return run_command(["inference.py", *flags])
 
 
 def _error_line(err: str) -> str:
@@ -54,11 +50,11 @@ def _error_line(err: str) -> str:
 
 def _save_three_formats(model: torch.nn.Module, out: str, component: str) -> dict[str, str]:
     """The model's adapter as a diffusers file, a PEFT folder and a kohya file; format -> path."""
-    paths = {"diffusers": lora.save_diffusers_lora(model, os.path.join(out, "diffusers"), component)}
+    paths = {"diffusers": lora_files.save_diffusers_lora(model, os.path.join(out, "diffusers"), component)}
     paths["peft"] = os.path.join(out, "peft")
-    lora.save_peft_adapter(model, paths["peft"])
+    lora_files.save_peft_adapter(model, paths["peft"])
     prefix = "lora_unet" if component == "unet" else "lora_transformer"
-    kohya = lora.to_kohya(lora.lora_state_dict(model), float(lora.DEFAULT_LORA_ALPHA), prefix)
+    kohya = lora_files.to_kohya(lora.lora_state_dict(model), float(lora.DEFAULT_LORA_ALPHA), prefix)
     paths["kohya"] = os.path.join(out, "lora_kohya.safetensors")
     save_file({k: v.contiguous() for k, v in kohya.items()}, paths["kohya"])
     return paths
@@ -180,11 +176,13 @@ def test_images_do_not_depend_on_batch_size(toy_world: str, tmp_path) -> None:
     assert [Image.open(p).text["seed"] for p in two] == ["0", "1"]
 
 
-@pytest.mark.parametrize("scheduler,cls", [("tlcm-sdxl", "LCMScheduler"), ("tlcm", "TLCMScheduler")])
-def test_sdxl_milestone_schedulers(toy_world: str, tmp_path, scheduler: str, cls: str) -> None:
+@pytest.mark.parametrize("scheduler,renoise", [("tlcm-sdxl", "fresh"), ("tlcm", "fresh"), ("tlcm-implied", "implied")])
+def test_sdxl_milestone_schedulers(toy_world: str, tmp_path, scheduler: str, renoise: str) -> None:
+    """On SDXL every TLCM name is the released sampler, TLCMScheduler, on the published milestones."""
     (png,) = _run(str(tmp_path), "--base_model_path", _model(toy_world, "sdxl"), "--scheduler", scheduler)
     settings = json.loads(Image.open(png).text["settings"])
-    assert settings["scheduler_class"] == cls and settings["timesteps"] == [999, 749, 499, 124]
+    assert settings["scheduler_class"] == "TLCMScheduler" and settings["timesteps"] == [999, 749, 499, 124]
+    assert settings["renoise"] == renoise
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.latent_lpips import (
-    EnsembledLatentLPIPS,
-    LatentLPIPS,
+from utils.latent_lpips import EnsembledLatentLPIPS, LatentLPIPS, shift_indices, translate
+from utils.toy.latent_lpips_train import (
     ReferenceDistance,
     evaluate,
     fit,
@@ -21,8 +20,6 @@ from utils.latent_lpips import (
     load_imagefolder,
     load_judge,
     make_judgments,
-    shift_indices,
-    translate,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +150,7 @@ def test_ensembled_wrapper():
 def test_committed_toy_nets_agree_with_the_reference(toy_world, name):
     """Held-out test images, fresh distortions: 2AFC agreement with the reference distance.
 
-    Measured (README): on these 1500 triplets sd 0.941 / flux 0.931 where latent L2 gets 0.911 /
+    Measured (docs/toy_world.md): on these 1500 triplets sd 0.941 / flux 0.931 where latent L2 gets 0.911 /
     0.875; on the whole test split (500 references, 7500 triplets) sd 0.945 / flux 0.931 vs L2
     0.902 / 0.874. The bar: >= 0.90 (far above chance, 0.5; three points under the measurement,
     several standard errors of a 1500-triplet estimate) and at least 1.5 points above latent L2 on
@@ -172,10 +169,11 @@ def test_committed_toy_nets_agree_with_the_reference(toy_world, name):
 
 
 def test_cli_trains_and_reports_errors(toy_world, tmp_path):
-    """A tiny end-to-end run of `python -m utils.latent_lpips train` and a one-line error."""
+    """A tiny end-to-end run of `python -m utils.toy.latent_lpips_train train` and a one-line error."""
     out = tmp_path / "net"
-    cmd = [sys.executable, "-m", "utils.latent_lpips", "train", "--vae", os.path.join(toy_world, "models/flux"),
-           "--data", os.path.join(toy_world, "data/test"), "--judge", os.path.join(toy_world, "judge"),
+    cmd = [sys.executable, "-m", "utils.toy.latent_lpips_train", "train",
+           "--vae", os.path.join(toy_world, "models/flux"), "--data", os.path.join(toy_world, "data/test"),
+           "--judge", os.path.join(toy_world, "judge"),
            "--out", str(out), "--references", "20", "--val_references", "10", "--candidates", "3", "--steps", "3",
            "--batch", "4", "--channels", "8", "--convs", "1", "--pool", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -1,31 +1,31 @@
-"""train_lcm_distill_lora_sdxl.py on the toy SDXL and SD teachers: outputs load everywhere, teacher = base UNet."""
+"""train_lcm_distill_lora_sdxl.py on the toy SDXL and SD teachers: outputs load everywhere, teacher = base UNet.
+
+Runs go in-process (helpers.run_recipe); the kill-and-resume test is the one real `python ...` command line.
+The loss is checked by direct calls of the recipe's lcm_lora_loss on the toy SDXL teacher.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import kill_while_saving, unet_output
+from helpers import import_script, kill_while_saving, run_recipe, unet_output
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "train_lcm_distill_lora_sdxl.py")
-
-
-def command(world: str, teacher: str, out: str, *extra: str) -> list[str]:
-    return [sys.executable, SCRIPT, "--pretrained_teacher_model", os.path.join(world, "models", teacher),
-           "--train_data_dir", os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32",
-           "--train_batch_size", "4", "--max_train_samples", "32", "--lora_rank", "4", "--w_min", "2",
-           "--w_max", "6", "--validation_steps", "1000", "--report_to", "none", *extra]
+SCRIPT = "train_lcm_distill_lora_sdxl.py"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(world: str, teacher: str, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(world, teacher, out, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+def arguments(world: str, teacher: str, out: str, *extra: str) -> list[str]:
+    return ["--pretrained_teacher_model", os.path.join(world, "models", teacher),
+            "--train_data_dir", os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32",
+            "--train_batch_size", "4", "--max_train_samples", "32", "--lora_rank", "4", "--w_min", "2",
+            "--w_max", "6", "--validation_steps", "1000", "--report_to", "none", *extra]
+
+
+def run(world: str, teacher: str, out: str, *extra: str, check: bool = True):
+    return run_recipe(SCRIPT, arguments(world, teacher, out, *extra), check=check)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_outputs_load_through_diffusers_peft_and_kohya_with_equal_results(toy_wo
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import PeftModel
 
-    from utils import lora
+    from utils import lora_files
 
     assert sorted(d for d in os.listdir(sdxl_run) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
     base_path = os.path.join(toy_world, "models/sdxl")
@@ -55,7 +55,7 @@ def test_outputs_load_through_diffusers_peft_and_kohya_with_equal_results(toy_wo
     assert torch.allclose(unet_output(peft_unet), via_diffusers, atol=1e-5)
 
     kohya_unet = UNet2DConditionModel.from_pretrained(base_path, subfolder="unet")
-    lora.load_lora_file(os.path.join(sdxl_run, "lora_kohya.safetensors"), kohya_unet)
+    lora_files.load_lora_file(os.path.join(sdxl_run, "lora_kohya.safetensors"), kohya_unet)
     assert torch.allclose(unet_output(kohya_unet), via_diffusers, atol=1e-5)
     assert "Training arguments" in open(os.path.join(sdxl_run, "README.md")).read()
 
@@ -80,16 +80,120 @@ def test_teacher_pass_is_the_base_unet(toy_world):
 
 
 def test_time_ids_carry_height_then_width(toy_world, tmp_path):
-    sys.path.insert(0, ROOT)
-    import train_lcm_distill_lora_sdxl as recipe
     from utils import models
 
+    recipe = import_script(SCRIPT)
     args = recipe.parse_args(["--pretrained_teacher_model", "x", "--output_dir", str(tmp_path),
                               "--resolution", "32"])
     tokenizers, encoders = models.load_text_encoders(os.path.join(toy_world, "models/sdxl"), "sdxl")
     batch = {"captions": ["a red circle"], "original_sizes": [(48, 32)], "crop_top_lefts": [(8, 0)]}
-    _, added = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
-    assert added["time_ids"].tolist() == [[48.0, 32.0, 8.0, 0.0, 32.0, 32.0]]
+    cond = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+    assert cond.added["time_ids"].tolist() == [[48.0, 32.0, 8.0, 0.0, 32.0, 32.0]]
+
+
+# ------------------------------------------------------------------------------ the loss, called directly
+@pytest.fixture(scope="module")
+def sdxl(toy_world, tmp_path_factory):
+    """The toy SDXL UNet with a rank-4 LoRA whose lora_B is random (a trained student), the teacher's conditioning
+    of a 2-image batch (original size 48 high x 32 wide, cropped at top 8), the recipe's uncond, random latents."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from utils import lora, models
+    from utils.consistency import LCMSchedule
+
+    recipe = import_script(SCRIPT)
+    path = os.path.join(toy_world, "models/sdxl")
+    args = recipe.parse_args(arguments(toy_world, "sdxl", str(tmp_path_factory.mktemp("lcm_lora"))))
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").requires_grad_(False)
+    torch.manual_seed(0)  # lora_A's initialisation
+    lora.add_trainable_lora(unet, 4, args.lora_alpha, args.lora_targets)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    tokenizers, encoders = models.load_text_encoders(path, "sdxl")
+    batch = {"captions": ["a red circle", "a blue square"], "original_sizes": [(48, 32)] * 2,
+             "crop_top_lefts": [(8, 0)] * 2}
+    with torch.no_grad():
+        cond = recipe.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
+    uncond = recipe.teacher_uncond(args, "sdxl", tokenizers, encoders)  # --uncond zeros, the default
+    assert not uncond.added["text_embeds"].any() and not uncond.embeds.any()
+    noise_schedule = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    schedule = LCMSchedule.of_teacher(noise_schedule.alphas_cumprod, args.num_ddim_timesteps,
+                                      noise_schedule.config.prediction_type)
+    return dict(recipe=recipe, args=args, unet=unet, cond=cond, uncond=uncond, path=path, schedule=schedule,
+                latents=torch.randn(2, 4, 8, 8, generator=g))
+
+
+def lora_loss(r, seed=0, args=None, unet=None):
+    """The recipe's loss on the fixed batch; the same seed draws the same t, w and noise."""
+    return r["recipe"].lcm_lora_loss(unet or r["unet"], r["latents"], r["cond"], r["uncond"], r["schedule"],
+                                     args or r["args"], torch.Generator().manual_seed(seed))
+
+
+def test_teacher_pass_of_the_loss_is_the_base_unet_with_h_w_top_left_h_w_time_ids(sdxl, monkeypatch):
+    """The loss's first UNet call (cond + uncond, batched) computes the base UNet: the LoRA is off; its time ids
+    are (orig h, orig w, crop top, crop left, target h, target w) of each image. The student's call has it on."""
+    from diffusers import UNet2DConditionModel
+
+    unet, calls = sdxl["unet"], []
+    forward = unet.forward
+
+    def recording(x, t, encoder_hidden_states, added_cond_kwargs=None, **kwargs):
+        out = forward(x, t, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, **kwargs)
+        calls.append((x.detach(), t, encoder_hidden_states.detach(), added_cond_kwargs, out.sample.detach()))
+        return out
+    monkeypatch.setattr(unet, "forward", recording)
+    lora_loss(sdxl)
+    base = UNet2DConditionModel.from_pretrained(sdxl["path"], subfolder="unet")
+    (x, t, embeds, added, teacher_out), *_, (xs, ts, es, added_s, student_out) = calls
+    assert len(x) == 2 * len(sdxl["latents"])  # cond and uncond in one pass
+    with torch.no_grad():
+        assert torch.equal(teacher_out, base(x, t, embeds, added_cond_kwargs=added).sample)
+        assert not torch.allclose(student_out, base(xs, ts, es, added_cond_kwargs=added_s).sample, atol=1e-4)
+    assert added["time_ids"][:2].tolist() == [[48.0, 32.0, 8.0, 0.0, 32.0, 32.0]] * 2
+
+
+def test_teacher_uncond_branch_has_the_images_own_time_ids(sdxl, monkeypatch):
+    """As diffusers' SDXL pipeline samples CFG (negative time ids default to the image's), and as the loss says."""
+    unet, calls = sdxl["unet"], []
+    forward = unet.forward
+
+    def recording(*args, added_cond_kwargs=None, **kwargs):
+        calls.append(added_cond_kwargs["time_ids"].clone())
+        return forward(*args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+    monkeypatch.setattr(unet, "forward", recording)
+    with torch.no_grad():
+        lora_loss(sdxl)
+    assert calls[0].tolist() == [[48.0, 32.0, 8.0, 0.0, 32.0, 32.0]] * 4
+
+
+def test_batched_and_two_pass_teacher_cfg_give_the_same_loss(sdxl):
+    two_pass = copy.copy(sdxl["args"])
+    two_pass.batched_teacher_cfg = False
+    for seed in range(3):
+        with torch.no_grad():
+            batched, separate = lora_loss(sdxl, seed), lora_loss(sdxl, seed, args=two_pass)
+        assert torch.allclose(batched, separate, rtol=1e-5, atol=1e-7), (seed, batched, separate)
+
+
+def test_lora_loss_decreases_on_a_fixed_batch(sdxl):
+    """A few AdamW steps on the LoRA alone (the base UNet frozen) lower the loss of a fixed draw."""
+    unet = copy.deepcopy(sdxl["unet"])
+    params = [p for p in unet.parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n, p in unet.named_parameters() if p.requires_grad)
+    frozen = {n: p.clone() for n, p in unet.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for _ in range(10):
+        loss = lora_loss(sdxl, unet=unet)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert all(torch.equal(p, frozen[n]) for n, p in unet.named_parameters() if n in frozen)
 
 
 def test_same_script_trains_an_sd1_teacher(toy_world, tmp_path):
@@ -115,15 +219,17 @@ def test_bad_input_is_one_line_error(toy_world, tmp_path, extra, needle):
 
 
 def test_flux_folder_is_refused(toy_world, tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
-                           "--train_data_dir", os.path.join(toy_world, "data/train"), "--output_dir",
-                           str(tmp_path / "o"), "--max_train_steps", "1", "--report_to", "none"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_recipe(SCRIPT, ["--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
+                               "--train_data_dir", os.path.join(toy_world, "data/train"), "--output_dir",
+                               str(tmp_path / "o"), "--max_train_steps", "1", "--report_to", "none"], check=False)
     assert proc.returncode == 2 and "--pretrained_teacher_model" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path):
-    """SIGKILL while writing checkpoint-4 (EMA target on); resume from checkpoint-2; equal to an uninterrupted run."""
+@pytest.mark.slow
+def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch):
+    """SIGKILL (a real process) while writing checkpoint-4 (EMA target on); resume from checkpoint-2; equal to an
+    uninterrupted run (the straight and resumed runs in-process: they must also match the real one)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed process computes on one thread, as this one does
     from safetensors.torch import load_file
 
     args = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--ema_decay", "0.9", "--lr_scheduler", "cosine",
@@ -131,7 +237,7 @@ def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path
     straight = str(tmp_path / "straight")
     run(toy_world, "sd", straight, *args)
     crashed = str(tmp_path / "crashed")
-    kill_while_saving("train_lcm_distill_lora_sdxl.py", command(toy_world, "sd", crashed, *args)[2:],
+    kill_while_saving(SCRIPT, arguments(toy_world, "sd", crashed, *args),
                       os.path.join(crashed, "checkpoint-4.partial"))
     assert sorted(d for d in os.listdir(crashed) if d.startswith("checkpoint-") and "." not in d) == ["checkpoint-2"]
     run(toy_world, "sd", crashed, *args, "--resume_from_checkpoint", "latest")
@@ -187,40 +293,40 @@ def test_text_encoder_lora_loads_through_diffusers_peft_and_kohya(toy_world, sdx
     for name, want in zip(names, via_diffusers):
         assert torch.allclose(encoder_output(getattr(kohya_pipe, name)), want, atol=1e-5)
     assert "text encoders carry a LoRA" in open(os.path.join(out, "README.md")).read()
-    from utils import lora
+    from utils import lora_files
     from utils.errors import UserError
 
     for path in (out, os.path.join(out, "lora_kohya.safetensors")):  # convert_lora.py: UNet LoRAs only, one line
         with pytest.raises(UserError, match="text-encoder LoRA"):
-            lora.read_lora(path, pipe.unet)
+            lora_files.read_lora(path, pipe.unet)
 
 
 def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     """With encoder LoRAs present the teacher's (and the unconditional) embeddings are exactly the base encoders'."""
-    sys.path.insert(0, ROOT)
-    import train_lcm_distill_lora_sdxl as recipe
     from utils import models
 
+    recipe = import_script(SCRIPT)
     args = recipe.parse_args(["--pretrained_teacher_model", "x", "--output_dir", str(tmp_path), "--resolution", "32",
                               "--train_text_encoder_lora", "--lora_rank", "4"])
     path = os.path.join(toy_world, "models/sdxl")
     tokenizers, encoders = models.load_text_encoders(path, "sdxl")
     batch = {"captions": ["a red circle", ""], "original_sizes": [(32, 32)] * 2, "crop_top_lefts": [(0, 0)] * 2}
     with torch.no_grad():
-        want_embeds, want_added = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
+        want = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
     recipe.add_text_encoder_lora(args, "sdxl", encoders)
     for enc in encoders:
         for name, p in enc.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
-    embeds, added = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
-    assert embeds.requires_grad and not torch.allclose(embeds, want_embeds, atol=1e-4)
-    assert not torch.allclose(added["text_embeds"], want_added["text_embeds"], atol=1e-4)
-    teacher_embeds, teacher_added = recipe.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
-    assert not teacher_embeds.requires_grad and torch.equal(teacher_embeds, want_embeds)
-    assert all(torch.equal(teacher_added[k], want_added[k]) for k in want_added)
-    again, _ = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
-    assert torch.equal(again, embeds)  # the adapters are back on afterwards
+    adapted = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+    assert adapted.embeds.requires_grad and not torch.allclose(adapted.embeds, want.embeds, atol=1e-4)
+    assert not torch.allclose(adapted.added["text_embeds"], want.added["text_embeds"], atol=1e-4)
+    teacher = recipe.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
+    assert not teacher.embeds.requires_grad and torch.equal(teacher.embeds, want.embeds)
+    assert teacher.added.keys() == want.added.keys()
+    assert all(torch.equal(teacher.added[k], want.added[k]) for k in want.added)
+    again = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+    assert torch.equal(again.embeds, adapted.embeds)  # the adapters are back on afterwards
 
 
 def test_sd1_teacher_trains_a_text_encoder_lora(toy_world, tmp_path):
@@ -237,3 +343,47 @@ def test_sd1_teacher_trains_a_text_encoder_lora(toy_world, tmp_path):
     assert os.path.exists(os.path.join(out, "text_encoder/adapter_config.json"))
     assert any(k.startswith("lora_te_text_model_") for k in load_file(os.path.join(out, "lora_kohya.safetensors")))
     assert os.listdir(os.path.join(out, "checkpoint-2"))  # the encoder is saved with the UNet in each checkpoint
+
+
+def test_uncond_auto_is_the_empty_prompt_for_sd_and_zeros_for_sdxl(toy_world, tmp_path):
+    from utils import models
+
+    recipe = import_script(SCRIPT)
+    for arch in ("sd", "sdxl"):
+        path = os.path.join(toy_world, "models", arch)
+        args = recipe.parse_args(["--pretrained_teacher_model", path, "--output_dir", str(tmp_path)])
+        assert args.uncond == "auto"
+        tokenizers, encoders = models.load_text_encoders(path, arch)
+        uncond = recipe.teacher_uncond(args, arch, tokenizers, encoders)
+        empty = recipe.encode_text(arch, [""], tokenizers, encoders)
+        if arch == "sd":  # what SD was trained with as its unconditional input
+            assert torch.equal(uncond.embeds, empty[0]) and uncond.embeds.abs().sum() > 0 and uncond.added == {}
+        else:  # SDXL pipelines' zeroed negative prompt; the time ids come from each image in the loss
+            assert not uncond.embeds.any() and not uncond.added["text_embeds"].any() and set(uncond.added) == {
+                "text_embeds"}
+        args.uncond = "zeros" if arch == "sd" else "empty"
+        other = recipe.teacher_uncond(args, arch, tokenizers, encoders)
+        assert (not other.embeds.any()) if arch == "sd" else torch.equal(other.embeds, empty[0])
+
+
+def test_caption_dropout_and_the_training_grid_reach_the_teacher_and_the_saved_scheduler(toy_world, tmp_path,
+                                                                                        monkeypatch):
+    """--proportion_empty_prompts 1 gives the teacher (and student) only empty prompts; the LoRA folder's
+    scheduler is an LCMScheduler on the run's own grid (--num_ddim_timesteps, --timestep_scaling_factor)."""
+    from diffusers import LCMScheduler
+
+    recipe = import_script(SCRIPT)
+    seen = []
+    original = recipe.teacher_conditioning
+    monkeypatch.setattr(recipe, "teacher_conditioning",
+                        lambda args, arch, batch, *a, **k: seen.append(list(batch["captions"])) or original(
+                            args, arch, batch, *a, **k))
+    out = str(tmp_path / "run")
+    run_recipe(SCRIPT, arguments(toy_world, "sdxl", out) + ["--max_train_steps", "2", "--proportion_empty_prompts", "1",
+                                                           "--num_ddim_timesteps", "25",
+                                                           "--timestep_scaling_factor", "5"])
+    assert len(seen) == 2 and all(c == "" for captions in seen for c in captions)
+    scheduler = LCMScheduler.from_pretrained(out, subfolder="scheduler")
+    assert scheduler.config.original_inference_steps == 25 and scheduler.config.timestep_scaling == 5.0
+    card = open(os.path.join(out, "README.md")).read()
+    assert 'LCMScheduler.from_pretrained("' in card and "original_inference_steps=25" in card

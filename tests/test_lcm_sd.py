@@ -1,18 +1,19 @@
-"""train_lcm_distill_sd.py on the toy world: short runs, checkpoints, exact resume, the loss, bad input."""
+"""train_lcm_distill_sd.py on the toy world: short runs, checkpoints, exact resume, the loss, bad input.
+
+Runs go in-process (helpers.run_recipe); the kill-and-resume test is the one real `python ...` command line.
+The loss is checked by direct calls of the recipe's lcm_loss on the toy SD teacher.
+"""
 
 from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import kill_while_saving, run_script
+from helpers import import_script, kill_while_saving, run_recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "train_lcm_distill_sd.py")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_args(world: str, out: str) -> list[str]:
@@ -23,8 +24,8 @@ def base_args(world: str, out: str) -> list[str]:
             "--max_train_samples", "64"]
 
 
-def run(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return run_script("train_lcm_distill_sd.py", args, env, check)
+def run(args: list[str], env: dict | None = None, check: bool = True):
+    return run_recipe("train_lcm_distill_sd.py", args, env, check)
 
 
 def unet_state(folder: str) -> dict:
@@ -63,8 +64,11 @@ def test_short_run_saves_a_pipeline_that_samples_and_checkpoints_obey_the_limit(
     assert any(not torch.equal(tuned[k], start[k]) for k in start)
 
 
-def test_killed_run_resumed_ends_with_the_same_weights(toy_world, tmp_path):
-    """SIGKILL while writing checkpoint-4; resume from checkpoint-2; compare with an uninterrupted run."""
+@pytest.mark.slow
+def test_killed_run_resumed_ends_with_the_same_weights(toy_world, tmp_path, monkeypatch):
+    """SIGKILL (a real process) while writing checkpoint-4; resume from checkpoint-2; compare with an
+    uninterrupted run (the straight and resumed runs in-process: they must also match the real one)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed process computes on one thread, as this one does
     args = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--lr_scheduler", "cosine"]
     straight = str(tmp_path / "straight")
     run(base_args(toy_world, straight) + args)
@@ -101,42 +105,51 @@ def test_bad_input_is_one_line_error(toy_world, tmp_path, extra, needle):
     assert "Traceback" not in proc.stderr
 
 
-# ------------------------------------------------------------------------------ in-process checks
+# ------------------------------------------------------------------------------ the loss, called directly
 @pytest.fixture(scope="module")
 def recipe(toy_world, tmp_path_factory):
-    """The recipe's pieces, built on the toy SD teacher, plus one fixed batch."""
-    sys.path.insert(0, ROOT)
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
+    """The recipe's pieces on the toy SD teacher, and one fixed batch: its image latents and prompt embeddings."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    import train_lcm_distill_sd as lcm
     from utils import data, models
-    from utils.solvers import ddim_timesteps
+    from utils.consistency import LCMSchedule
 
-    teacher_path = os.path.join(toy_world, "models/sd")
+    lcm = import_script("train_lcm_distill_sd.py")
+    path = os.path.join(toy_world, "models/sd")
     args = lcm.parse_args(base_args(toy_world, str(tmp_path_factory.mktemp("lcm"))) + ["--max_train_steps", "1"])
-    (tok,), (te,) = models.load_text_encoders(teacher_path, "sd")
-    vae = models.load_vae(teacher_path).requires_grad_(False)
-    teacher = models.load_denoiser(teacher_path).requires_grad_(False).eval()
-    sched = models.load_noise_scheduler_config(teacher_path)
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").requires_grad_(False)
+    teacher = UNet2DConditionModel.from_pretrained(path, subfolder="unet").requires_grad_(False).eval()
     ds = data.load_image_caption_dataset(train_data_dir=args.train_data_dir, transform=data.ImageTransform(32))
     batch = data.collate_image_caption([ds[i] for i in range(8)])
-    accelerator = Accelerator(cpu=True)
-    return dict(lcm=lcm, args=args, tok=tok, te=te, vae=vae, teacher=teacher, batch=batch, accelerator=accelerator,
-                alphas=DDPMScheduler.from_config(sched).alphas_cumprod, grid=ddim_timesteps(1000, 50),
-                uncond=models.encode_prompt_sd([""], tok, te))
+    with torch.no_grad():
+        latents = models.encode_latents(vae, batch["pixel_values"], 8, torch.Generator().manual_seed(0))
+        embeds = models.Conditioning(models.encode_prompt_sd(batch["captions"], tokenizer, encoder), {})
+        uncond = models.Conditioning(models.encode_prompt_sd([""], tokenizer, encoder), {})
+    noise_schedule = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    schedule = LCMSchedule.of_teacher(noise_schedule.alphas_cumprod, args.num_ddim_timesteps,
+                                      noise_schedule.config.prediction_type)
+    return dict(lcm=lcm, args=args, teacher=teacher, latents=latents, embeds=embeds, uncond=uncond, schedule=schedule)
 
 
-def loss_of(r, student, target, seed=0):
-    gen = torch.Generator().manual_seed(seed)  # the same t, w and noise every call: a fixed objective
-    return r["lcm"].lcm_loss(r["args"], r["batch"], student, target, r["teacher"], r["vae"], r["tok"], r["te"],
-                             r["uncond"], r["alphas"], r["grid"], 20, "epsilon", r["accelerator"], gen)
+def student_and_target(r):
+    student = r["lcm"].make_student(r["teacher"], 256, zero_init=True).train()
+    return student, copy.deepcopy(student).requires_grad_(False)
+
+
+def loss_of(r, student, target, seed=0, teacher="teacher", args=None):
+    """The recipe's loss on the fixed batch; the same seed draws the same t, w and noise (a fixed objective)."""
+    gen = torch.Generator().manual_seed(seed)
+    return r["lcm"].lcm_loss(student, target, r[teacher] if teacher else None, r["latents"], r["embeds"], r["uncond"],
+                             r["schedule"], args or r["args"], gen)
 
 
 def test_zero_initialised_student_equals_teacher(recipe):
     student = recipe["lcm"].make_student(recipe["teacher"], 256, zero_init=True)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 19])
-    emb = recipe["uncond"].expand(2, -1, -1)
+    emb = recipe["uncond"].embeds.expand(2, -1, -1)
     cond = torch.randn(2, 256)
     with torch.no_grad():
         assert torch.allclose(student(x, t, emb, timestep_cond=cond).sample, recipe["teacher"](x, t, emb).sample,
@@ -144,56 +157,105 @@ def test_zero_initialised_student_equals_teacher(recipe):
 
 
 def test_loss_decreases_on_a_fixed_batch(recipe):
-    student = recipe["lcm"].make_student(recipe["teacher"], 256, zero_init=True).train()
-    target = copy.deepcopy(student).requires_grad_(False)
+    from utils.ema import ema_update
+
+    student, target = student_and_target(recipe)
     opt = torch.optim.AdamW(student.parameters(), lr=3e-4)
     losses = []
-    for _ in range(50):
+    for _ in range(20):
         loss = loss_of(recipe, student, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        from utils.ema import ema_update
-
         ema_update(target, student, 0.95)
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
 
 
-def test_gradient_clipping_really_clips(recipe):
-    from utils.training import apply_gradients
+def test_batched_and_two_pass_teacher_cfg_give_the_same_loss(recipe):
+    """--no-batched_teacher_cfg (cond and uncond as two teacher passes) computes the same loss, at every seed."""
+    student, target = student_and_target(recipe)
+    two_pass = copy.copy(recipe["args"])
+    two_pass.batched_teacher_cfg = False
+    for seed in range(3):
+        with torch.no_grad():
+            batched, separate = loss_of(recipe, student, target, seed), loss_of(recipe, student, target, seed,
+                                                                               args=two_pass)
+        assert torch.allclose(batched, separate, rtol=1e-5, atol=1e-7), (seed, batched, separate)
 
-    student = recipe["lcm"].make_student(recipe["teacher"], 256, zero_init=True).train()
-    target = copy.deepcopy(student).requires_grad_(False)
+
+def record_first_call(model, name: str, calls: dict, monkeypatch) -> None:
+    """calls[name] = (x, t) of the model's first forward (later ones pass through unrecorded)."""
+    forward = model.forward
+
+    def recording(x, t, *args, **kwargs):
+        calls.setdefault(name, (x.detach().clone(), t.clone()))
+        return forward(x, t, *args, **kwargs)
+    monkeypatch.setattr(model, "forward", recording)
+
+
+def test_the_teacher_steps_x_t_to_x_s_and_lcf_has_no_teacher(recipe, monkeypatch):
+    """The teacher sees x_t at t (cond and uncond in one pass), the target x_s at s = t - k; with LCF (no
+    teacher) x_s is the same latent noised with the same noise at s."""
+    from utils.solvers import alpha_sigma, ddim_step
+
+    student, target = student_and_target(recipe)
+    calls = {}
+    for name, model in (("student", student), ("teacher", recipe["teacher"]), ("target", target)):
+        record_first_call(model, name, calls, monkeypatch)
+    with torch.no_grad():
+        loss_of(recipe, student, target, seed=5)
+    (x_t, t), (x_teacher, t_teacher), (x_s, s) = calls["student"], calls["teacher"], calls["target"]
+    assert torch.equal(t_teacher, torch.cat([t, t])) and torch.equal(x_teacher, torch.cat([x_t, x_t]))
+    assert torch.equal(s, (t - recipe["schedule"].k).clamp(min=0)) and not torch.allclose(x_s, x_t)
+
+    calls.clear()
+    with torch.no_grad():
+        loss_of(recipe, student, target, seed=5, teacher=None)  # LCF, with the same draws of t, w and noise
+    assert "teacher" not in calls and torch.equal(calls["student"][0], x_t)
+    latents, alphas = recipe["latents"], recipe["schedule"].alphas_cumprod
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(alphas, t), alpha_sigma(alphas, s)
+    noise = (x_t - alpha_t.view(-1, 1, 1, 1) * latents) / sigma_t.view(-1, 1, 1, 1)
+    assert torch.allclose(calls["target"][0], ddim_step(latents, noise, alpha_s, sigma_s), atol=1e-4)
+
+
+def test_gradient_clipping_really_clips(recipe):
+    from accelerate import Accelerator
+
+    from utils.loop import apply_gradients
+
+    student, target = student_and_target(recipe)
     params = [p for p in student.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=1.0)  # the update is exactly minus the (clipped) gradient
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     # unclipped, the gradient norm of this loss is far above the limit
     loss = loss_of(recipe, student, target) * 1e3
-    assert apply_gradients(recipe["accelerator"], loss, params, opt, sched, max_grad_norm=0.01)
+    assert apply_gradients(Accelerator(cpu=True), loss, params, opt, sched, max_grad_norm=0.01)
     step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
     assert 0.009 < step.item() <= 0.0101
 
 
 def test_non_finite_loss_skips_the_update(recipe):
-    from utils.training import apply_gradients
+    from accelerate import Accelerator
 
-    student = recipe["lcm"].make_student(recipe["teacher"], 256, zero_init=True).train()
+    from utils.loop import apply_gradients
+
+    student, _ = student_and_target(recipe)
     params = [p for p in student.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     loss = params[0].sum() * float("nan")
-    assert not apply_gradients(recipe["accelerator"], loss, params, opt, sched, max_grad_norm=1.0)
+    assert not apply_gradients(Accelerator(cpu=True), loss, params, opt, sched, max_grad_norm=1.0)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert sched.last_epoch == 0  # the LR schedule did not advance either
 
 
 def test_ema_target_follows_the_formula(recipe):
     from utils.ema import ema_update
 
-    student = recipe["lcm"].make_student(recipe["teacher"], 256, zero_init=True).train()
-    target = copy.deepcopy(student).requires_grad_(False)
+    student, target = student_and_target(recipe)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     loss_of(recipe, student, target).backward()
     opt.step()

@@ -1,4 +1,5 @@
-"""utils.lora on the toy SD / SDXL UNets and FLUX transformer: adapters, the three file formats, errors, merging."""
+"""utils.lora and utils.lora_files on the toy SD / SDXL UNets and FLUX transformer: adapters, the three file
+formats, errors, merging."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from diffusers import (
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from utils import lora
+from utils import lora, lora_files
 from utils.errors import UserError
 
 RANK = 4
@@ -94,7 +95,7 @@ def test_add_lora_returns_config_with_targets(toy_world: str) -> None:
 def test_diffusers_lora_loads_in_a_fresh_pipeline(toy_world: str, tmp_path, name: str, alpha: float) -> None:
     unet = _adapted(toy_world, name, alpha)
     x = _inputs(unet)
-    path = lora.save_diffusers_lora(unet, str(tmp_path))
+    path = lora_files.save_diffusers_lora(unet, str(tmp_path))
     assert os.path.basename(path) == "pytorch_lora_weights.safetensors"
     pipe = PIPELINES[name].from_pretrained(_path(toy_world, name))
     pipe.load_lora_weights(str(tmp_path))
@@ -106,7 +107,7 @@ def test_peft_adapter_loads_the_seed003_way_and_with_from_pretrained(toy_world: 
     unet = _adapted(toy_world, "sd", alpha)
     x = _inputs(unet)
     want = _out(unet, x)
-    lora.save_peft_adapter(unet, str(tmp_path))
+    lora_files.save_peft_adapter(unet, str(tmp_path))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path))
     snippet = get_peft_model(_unet(toy_world, "sd"), LoraConfig(r=RANK, target_modules=lora.LCM_LORA_TARGETS))
     snippet.load_adapter(str(tmp_path), adapter_name="default")
@@ -114,7 +115,7 @@ def test_peft_adapter_loads_the_seed003_way_and_with_from_pretrained(toy_world: 
     loaded = PeftModel.from_pretrained(_unet(toy_world, "sd"), str(tmp_path))
     assert torch.allclose(_out(loaded, x), want, atol=1e-5)
     fresh = _unet(toy_world, "sd")
-    lora.load_lora_file(str(tmp_path / "adapter_model.safetensors"), fresh)
+    lora_files.load_lora_file(str(tmp_path / "adapter_model.safetensors"), fresh)
     assert torch.allclose(_out(fresh, x), want, atol=1e-5)
 
 
@@ -131,28 +132,28 @@ def test_kohya_round_trip_and_load(toy_world: str, tmp_path, name: str) -> None:
     unet = _adapted(toy_world, name, alpha=2)
     x = _inputs(unet)
     sd = lora.lora_state_dict(unet)
-    kohya = lora.to_kohya(sd, _alphas(unet))
+    kohya = lora_files.to_kohya(sd, _alphas(unet))
     pattern = re.compile(r"^lora_unet_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
     assert all(pattern.match(k) for k in kohya)
     assert len(kohya) == len(sd) * 3 // 2
     assert all(v.ndim == 0 for k, v in kohya.items() if k.endswith(".alpha"))
-    back, alphas = lora.from_kohya(kohya, _unet(toy_world, name))
+    back, alphas = lora_files.from_kohya(kohya, _unet(toy_world, name))
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     assert alphas == _alphas(unet)
-    again = lora.to_kohya(back, alphas)
+    again = lora_files.to_kohya(back, alphas)
     assert again.keys() == kohya.keys() and all(torch.equal(again[k], kohya[k]) for k in kohya)
     save_file(kohya, str(tmp_path / "k.safetensors"))
     fresh = _unet(toy_world, name)
-    lora.load_lora_file(str(tmp_path / "k.safetensors"), fresh)
+    lora_files.load_lora_file(str(tmp_path / "k.safetensors"), fresh)
     assert torch.allclose(_out(fresh, x), _out(unet, x), atol=1e-5)
 
 
 def test_diffusers_file_loads_through_load_lora_file(toy_world: str, tmp_path) -> None:
     unet = _adapted(toy_world, "sd", alpha=6)
     x = _inputs(unet)
-    lora.save_diffusers_lora(unet, str(tmp_path))
+    lora_files.save_diffusers_lora(unet, str(tmp_path))
     fresh = _unet(toy_world, "sd")
-    lora.load_lora_file(str(tmp_path / "pytorch_lora_weights.safetensors"), fresh)
+    lora_files.load_lora_file(str(tmp_path / "pytorch_lora_weights.safetensors"), fresh)
     assert torch.allclose(_out(fresh, x), _out(unet, x), atol=1e-5)
 
 
@@ -162,7 +163,7 @@ def test_diffusers_file_loads_through_load_lora_file(toy_world: str, tmp_path) -
 def _one_line_error(path: str, model: torch.nn.Module, match: str) -> None:
     """load_lora_file raises a one-line UserError matching `match`."""
     with pytest.raises(UserError, match=match) as info:
-        lora.load_lora_file(path, model)
+        lora_files.load_lora_file(path, model)
     assert "\n" not in str(info.value)
 
 
@@ -179,7 +180,7 @@ def test_missing_file_is_a_user_error(toy_world: str, tmp_path) -> None:
 
 def test_truncated_safetensors_is_a_user_error(toy_world: str, tmp_path) -> None:
     unet = _adapted(toy_world, "sd")
-    path = lora.save_diffusers_lora(unet, str(tmp_path))
+    path = lora_files.save_diffusers_lora(unet, str(tmp_path))
     data = open(path, "rb").read()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[: len(data) // 2])
@@ -192,10 +193,10 @@ def test_truncated_safetensors_is_a_user_error(toy_world: str, tmp_path) -> None
 def test_sdxl_lora_into_sd_unet_is_a_user_error(toy_world: str, tmp_path, fmt: str) -> None:
     unet = _adapted(toy_world, "sdxl")
     if fmt == "diffusers":
-        path = lora.save_diffusers_lora(unet, str(tmp_path))
+        path = lora_files.save_diffusers_lora(unet, str(tmp_path))
     else:
         path = str(tmp_path / "k.safetensors")
-        save_file(lora.to_kohya(lora.lora_state_dict(unet), _alphas(unet)), path)
+        save_file(lora_files.to_kohya(lora.lora_state_dict(unet), _alphas(unet)), path)
     _one_line_error(path, _unet(toy_world, "sd"), "another architecture|does not fit")
 
 
@@ -205,7 +206,7 @@ def test_shape_mismatch_reports_dims(toy_world: str, tmp_path) -> None:
     key = next(k for k in sd if k.endswith("attn2.to_k.lora_A.weight"))
     sd[key] = torch.zeros(RANK, sd[key].shape[1] + 3)
     path = str(tmp_path / "bad.safetensors")
-    save_file(lora.to_kohya(sd, 8.0), path)
+    save_file(lora_files.to_kohya(sd, 8.0), path)
     _one_line_error(path, _unet(toy_world, "sd"), "does not fit in-dim")
 
 
@@ -213,9 +214,9 @@ def test_other_rank_that_fits_loads(toy_world: str, tmp_path) -> None:
     torch.manual_seed(1)
     unet = _unet(toy_world, "sd")
     lora.add_lora(unet, 2, 8, lora.DIFFUSERS_LORA_TARGETS, init=False)
-    path = lora.save_diffusers_lora(unet, str(tmp_path))
+    path = lora_files.save_diffusers_lora(unet, str(tmp_path))
     fresh = _unet(toy_world, "sd")
-    cfg = lora.load_lora_file(path, fresh)
+    cfg = lora_files.load_lora_file(path, fresh)
     assert cfg.r == 2
     x = _inputs(unet)
     assert torch.allclose(_out(fresh, x), _out(unet, x), atol=1e-5)
@@ -230,7 +231,7 @@ def test_merge_lora_matches_adapted_output_and_drops_lora(toy_world: str, tmp_pa
     x = _inputs(unet)
     want = _out(unet, x)
     if wrap:
-        lora.save_peft_adapter(unet, str(tmp_path / "a"))
+        lora_files.save_peft_adapter(unet, str(tmp_path / "a"))
         unet = PeftModel.from_pretrained(_unet(toy_world, "sd"), str(tmp_path / "a"))
     merged = lora.merge_lora(unet)
     assert isinstance(merged, UNet2DConditionModel)
@@ -264,11 +265,11 @@ def test_flux_lora_diffusers_and_peft_paths(toy_world: str, tmp_path) -> None:
     lora.add_lora(model, RANK, 8, lora.FLUX_LORA_TARGETS, init=False)
     want = _out(model, x)
     assert not torch.allclose(want, ref, atol=1e-4)
-    lora.save_diffusers_lora(model, str(tmp_path / "d"), component="transformer")
+    lora_files.save_diffusers_lora(model, str(tmp_path / "d"), component="transformer")
     pipe = FluxPipeline.from_pretrained(folder)
     pipe.load_lora_weights(str(tmp_path / "d"))
     assert torch.allclose(_out(pipe.transformer.eval(), x), want, atol=1e-5)
-    lora.save_peft_adapter(model, str(tmp_path / "p"))
+    lora_files.save_peft_adapter(model, str(tmp_path / "p"))
     fresh = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
     snippet = get_peft_model(fresh, LoraConfig(r=RANK, target_modules=lora.FLUX_LORA_TARGETS))
     snippet.load_adapter(str(tmp_path / "p"), adapter_name="default", is_trainable=False)

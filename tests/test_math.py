@@ -22,6 +22,7 @@ from utils.solvers import (
     append_dims,
     broadcast_like,
     cfg,
+    ddim_cfg_step,
     ddim_step,
     ddim_timesteps,
     euler_step,
@@ -29,10 +30,15 @@ from utils.solvers import (
     flow_renoise,
     flow_x0,
     flux_mu,
+    flux_shift,
     flux_sigmas,
+    linear_time_shift,
     model_output_from_x0_eps,
     previous_timestep,
+    static_shift,
+    stretch_to_terminal,
     time_shift,
+    uniform_sigmas,
     x0_eps_from_model_output,
 )
 
@@ -239,6 +245,30 @@ def test_cfg_lcm_convention():
     close(cfg(lat, lat, torch.tensor([7.0, 9.0])), lat)  # equal branches: guidance is a no-op
 
 
+def test_ddim_cfg_step_closed_form_eps_prediction(alphas_cumprod):
+    x0, eps_c, t, a_t, s_t, x_t = noised(alphas_cumprod, seed=3)
+    eps_u = torch.randn_like(eps_c)
+    a_s, s_s = alpha_sigma(alphas_cumprod, previous_timestep(t, 20))
+    w = torch.tensor([0.0, 2.0, 7.5], dtype=F64)
+    e_g = eps_c + w[:, None, None, None] * (eps_c - eps_u)
+    x0_g = (x_t - s_t[:, None, None, None] * e_g) / a_t[:, None, None, None]
+    want = a_s[:, None, None, None] * x0_g + s_s[:, None, None, None] * e_g
+    close(ddim_cfg_step(eps_c, eps_u, x_t, w, a_t, s_t, a_s, s_s, "epsilon"), want, 1e-10)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddim_cfg_step_is_the_ddim_step_of_the_guided_output(alphas_cumprod, prediction_type):
+    x0, eps, t, a_t, s_t, x_t = noised(alphas_cumprod, seed=4)
+    a_s, s_s = alpha_sigma(alphas_cumprod, previous_timestep(t, 20))
+    out = model_output_from_x0_eps(x0, eps, a_t, s_t, prediction_type)
+    # equal branches: any guidance lands on the noised x_s = alpha_s x0 + sigma_s eps
+    close(ddim_cfg_step(out, out, x_t, 6.0, a_t, s_t, a_s, s_s, prediction_type), ddim_step(x0, eps, a_s, s_s), 1e-10)
+    # every conversion is affine in the output, so guiding (x0, eps) = converting the guided output
+    other = torch.randn_like(out)
+    guided = x0_eps_from_model_output(cfg(out, other, 3.0), x_t, a_t, s_t, prediction_type)
+    close(ddim_cfg_step(out, other, x_t, 3.0, a_t, s_t, a_s, s_s, prediction_type), ddim_step(*guided, a_s, s_s), 1e-10)
+
+
 # --- flow matching (FLUX) ------------------------------------------------------------------------
 
 
@@ -291,6 +321,28 @@ def test_time_shift_closed_form():
     assert torch.all(time_shift(sig, 1.0) > sig[:-1].new_zeros(1)) and torch.all(time_shift(sig[:-1], 1.0) > sig[:-1])
 
 
+def test_static_and_linear_shifts_closed_form():
+    sig = torch.linspace(0.05, 1.0, 20, dtype=F64)
+    close(static_shift(sig, 1.0), sig)
+    assert static_shift(0.5, 3.0) == pytest.approx(0.75)  # 1.5 / (1 + 1)
+    close(static_shift(sig, 3.0), time_shift(sig, math.log(3.0)))  # the same shift as e^mu = s
+    close(linear_time_shift(torch.tensor([0.0, 0.5, 1.0], dtype=F64), 2.0), [0.0, 2.0 / 3.0, 1.0])
+    close(flux_shift(sig, None, 3.0), static_shift(sig, 3.0))  # no mu: the static shift
+    close(flux_shift(sig, 0.7, 3.0), time_shift(sig, 0.7))
+    close(flux_shift(sig, 0.7, 3.0, "linear"), linear_time_shift(sig, 0.7))
+    with pytest.raises(ValueError, match="time_shift_type"):
+        flux_shift(sig, 0.7, 3.0, "cubic")
+
+
+def test_uniform_sigmas_and_terminal_stretch():
+    close(uniform_sigmas(4), [1.0, 0.75, 0.5, 0.25])
+    close(uniform_sigmas(1), [1.0])
+    with pytest.raises(ValueError):
+        uniform_sigmas(0)
+    stretched = stretch_to_terminal(torch.tensor([1.0, 0.6, 0.2], dtype=F64), 0.1)
+    close(stretched, [1.0, 1.0 - 0.4 * 0.9 / 0.8, 0.1])  # the top stays at 1, the last becomes 0.1
+
+
 @pytest.mark.parametrize("seq_len", [256, 1024, 4096])
 def test_flux_sigmas_match_diffusers(seq_len):
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -300,14 +352,24 @@ def test_flux_sigmas_match_diffusers(seq_len):
     )
     for n in range(2, 9):
         sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=flux_mu(seq_len))
-        ours = flux_sigmas(n, seq_len)
+        ours = flux_sigmas(uniform_sigmas(n), flux_mu(seq_len)).float()
         assert ours.shape == (n + 1,) and ours[0] == 1.0 and ours[-1] == 0.0
         torch.testing.assert_close(ours, sched.sigmas.to(torch.float32), rtol=1e-6, atol=1e-6)
 
 
-def test_flux_sigmas_rejects_zero_steps():
-    with pytest.raises(ValueError):
-        flux_sigmas(0, 1024)
+@pytest.mark.parametrize("options", [{"shift": 3.0}, {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+                                     {"use_dynamic_shifting": True, "shift_terminal": 0.02},
+                                     {"shift": 3.0, "shift_terminal": 0.1}])
+def test_flux_sigmas_options_match_diffusers(options):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(**options)
+    mu = 0.8 if options.get("use_dynamic_shifting") else None
+    for n in range(2, 9):
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
+        shifts = (options.get("shift", 1.0), options.get("time_shift_type", "exponential"), options.get("shift_terminal"))
+        ours = flux_sigmas(uniform_sigmas(n), mu, *shifts).float()
+        torch.testing.assert_close(ours, sched.sigmas.to(torch.float32), rtol=1e-6, atol=1e-6)
 
 
 # --- consistency parameterisation ----------------------------------------------------------------
@@ -483,3 +545,20 @@ def test_ema_params_shadow_follows_the_formula_and_swaps_back():
     restored = EMAParams(layer.parameters(), 0.75)
     restored.load_state_dict(ema.state_dict())
     close(restored.shadow[0], [[2.0, 3.0]])
+
+
+def test_a_zero_terminal_snr_teacher_gives_finite_x0_at_the_last_timestep():
+    """rescale_betas_zero_snr makes a_T = 0: unclamped, the eps-prediction x0 at t = 999 is inf/nan."""
+    from diffusers import DDPMScheduler
+
+    from utils.models import teacher_alphas_cumprod
+
+    config = dict(DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True).config)
+    raw = DDPMScheduler.from_config(config).alphas_cumprod
+    assert raw[-1] == 0
+    t = torch.tensor([999, 500])
+    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert not torch.isfinite(x0_eps_from_model_output(eps, x, *alpha_sigma(raw, t), "epsilon")[0]).all()
+    clamped = teacher_alphas_cumprod(config)
+    assert torch.equal(clamped[:-1], raw[:-1]) and clamped[-1] == 2.0**-24
+    assert torch.isfinite(x0_eps_from_model_output(eps, x, *alpha_sigma(clamped, t), "epsilon")[0]).all()

@@ -3,7 +3,7 @@
 The processes are started as a user would on a machine without a GPU: `accelerate launch --multi_gpu
 --num_processes 2` (torchrun underneath; `accelerate launch --cpu --num_processes 2` would need mpirun)
 or `torchrun --nproc_per_node 2` directly. Each run sets DISTILL_LOG_BATCHES, so every process
-writes the captions of the batches it trained on to `<path>.<process index>` (utils/training.py).
+writes the captions of the batches it trained on to `<path>.<process index>` (utils/loop.py).
 
 Per recipe, one uninterrupted 2-process run of 4 steps (checkpoints at 2 and 4) and one 2-process run
 resumed from a copy of its checkpoint-2; the resumed run must end with bit-identical weights.
@@ -158,7 +158,7 @@ def test_lcm_lora_with_two_processes(toy_world, tmp_path):
     straight, log = str(tmp_path / "straight"), str(tmp_path / "batches")
     output = launch(script, args + ["--output_dir", straight], log)
 
-    check_one_writer(straight, {"README.md", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "unet",
+    check_one_writer(straight, {"README.md", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "unet", "scheduler",
                                 "validation", "checkpoint-2", "checkpoint-4"}, output, ["checkpoint-2", "checkpoint-4"])
     per_rank = batches(log)
     check_split(per_rank, image_captions(toy_world))

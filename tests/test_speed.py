@@ -7,16 +7,16 @@ import os
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import run_recipe
 from safetensors.torch import load_file
 
-from utils import training
+from utils import loop, models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_run(world: str, out: str, *extra: str) -> dict:
-    run_script("train_lcm_distill_lora_sdxl.py", [
+    run_recipe("train_lcm_distill_lora_sdxl.py", [
         "--pretrained_teacher_model", os.path.join(world, "models/sdxl"), "--train_data_dir",
         os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32", "--train_batch_size", "4",
         "--max_train_samples", "16", "--lora_rank", "4", "--max_train_steps", "2", "--validation_steps", "1000",
@@ -26,7 +26,7 @@ def lora_run(world: str, out: str, *extra: str) -> dict:
 
 
 def sd_run(world: str, out: str, *extra: str) -> dict:
-    run_script("train_lcm_distill_sd.py", [
+    run_recipe("train_lcm_distill_sd.py", [
         "--pretrained_teacher_model", os.path.join(world, "models/sd"), "--train_data_dir",
         os.path.join(world, "data/train"), "--output_dir", out, "--resolution", "32", "--train_batch_size", "4",
         "--max_train_samples", "16", "--max_train_steps", "2", "--validation_steps", "1000", "--report_to", "none",
@@ -65,7 +65,8 @@ def test_compile_keeps_the_state_dict_names_and_channels_last_the_values():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         reference = model(x, 10).sample
-    training.prepare_denoiser(model, argparse.Namespace(channels_last=True, torch_compile=True))
+    models.prepare_denoiser(model, argparse.Namespace(channels_last=True, torch_compile=True,
+                                                     enable_xformers_memory_efficient_attention=False))
     state = model.state_dict()
     assert state.keys() == before.keys()  # checkpoints and LoRA files keep their keys (no "_orig_mod.")
     assert all(torch.equal(state[k], before[k]) for k in before)
@@ -81,13 +82,13 @@ def test_compile_keeps_the_state_dict_names_and_channels_last_the_values():
 def test_fused_adamw_flag(flag, expected):
     args = argparse.Namespace(learning_rate=1e-3, scale_lr=False, adam_beta1=0.9, adam_beta2=0.999,
                               adam_weight_decay=0.0, adam_epsilon=1e-8, use_8bit_adam=False, fused_adamw=flag)
-    optimizer = training.make_optimizer([torch.nn.Parameter(torch.zeros(3))], args)
+    optimizer = loop.make_optimizer([torch.nn.Parameter(torch.zeros(3))], args)
     assert bool(optimizer.defaults["fused"]) is expected
 
 
 def test_tlcm_with_cached_prompt_embeddings_trains_the_same_lora(toy_world, tmp_path):
     def tlcm_run(out: str, *extra: str) -> dict:
-        run_script("train_tlcm_flux.py", [
+        run_recipe("train_tlcm_flux.py", [
             "--pretrained_teacher_model", os.path.join(toy_world, "models/flux"), "--prompts_file",
             os.path.join(toy_world, "data/train/metadata.jsonl"), "--max_train_samples", "16", "--output_dir", out,
             "--resolution", "32", "--lora_rank", "4", "--train_batch_size", "4", "--stage", "1", "--stage1_steps", "2",

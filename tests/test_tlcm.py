@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import torch
-from helpers import kill_while_saving, run_script
+from helpers import kill_while_saving, run_recipe
 
 from utils import tlcm
 from utils.solvers import flow_renoise
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "train_tlcm_flux.py")
 FLUX_CONFIG = {"num_train_timesteps": 1000, "use_dynamic_shifting": True, "base_image_seq_len": 256,
                "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15, "shift": 3.0}
 STATIC_CONFIG = {"num_train_timesteps": 1000, "use_dynamic_shifting": False, "shift": 3.0}
@@ -47,23 +44,30 @@ def test_sigma_of_t_is_the_shifted_schedule():
 
 
 def test_milestones_and_the_sampler_schedules_they_contain():
-    assert tlcm.milestones(1000, 8).tolist() == [125.0 * i for i in range(9)]
+    assert tlcm.flux_milestones(1000, 8).tolist() == [125.0 * i for i in range(9)]
     fn = sigma_fn()
-    milestone_sigmas = fn(tlcm.milestones(1000, 8))
+    milestone_sigmas = fn(tlcm.flux_milestones(1000, 8))
     mu = tlcm.schedule_mu(FLUX_CONFIG, 16)
     for n in (2, 4, 8):  # FLUX's N-step schedules are subsets of the 8 milestones
         sig = tlcm.tlcm_sigmas(n, FLUX_CONFIG, mu)
         assert all(torch.isclose(milestone_sigmas, s, atol=1e-6).any() for s in sig)
+    for n in range(1, 9):  # sigma(t) at N equal steps down from T, then 0
+        sig = tlcm.tlcm_sigmas(n, FLUX_CONFIG, mu)
+        assert sig.dtype == torch.float32 and sig.shape == (n + 1,) and sig[-1] == 0.0
+        assert torch.allclose(sig[:-1], fn(torch.linspace(1000.0, 1000.0 / n, n)), atol=1e-6)
 
 
-def test_training_sampler_schedule_equals_the_tlcm_scheduler(toy_world):
-    from utils.tlcm_scheduler import FlowMatchEulerTLCMScheduler
+def test_sampler_step_closed_forms_and_no_noise_on_the_last_step():
+    g = torch.Generator().manual_seed(2)
+    x0, eps, fresh = (torch.randn(2, 16, 64, generator=g) for _ in range(3))
+    z = flow_renoise(x0, eps, 0.8)
+    z_next, x0_hat = tlcm.sampler_step(z, eps - x0, 0.8, 0.3, lambda: fresh)
+    assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(z_next, 0.7 * x0 + 0.3 * fresh, atol=1e-5)
 
-    sched = FlowMatchEulerTLCMScheduler.from_pretrained(os.path.join(toy_world, "models/flux"), subfolder="scheduler")
-    mu = tlcm.schedule_mu(dict(sched.config), 16)
-    for n in range(2, 9):
-        sched.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / n, n).numpy(), mu=mu)
-        assert torch.allclose(sched.sigmas.float(), tlcm.tlcm_sigmas(n, dict(sched.config), mu), atol=1e-6)
+    def no_noise():
+        raise AssertionError("the last step must not draw noise")
+    z_next, x0_hat = tlcm.sampler_step(z, eps - x0, 0.8, 0.0, no_noise)
+    assert torch.equal(z_next, x0_hat) and torch.allclose(x0_hat, x0, atol=1e-5)
 
 
 @pytest.mark.parametrize("segment", range(8))
@@ -121,7 +125,120 @@ def test_teacher_solve_takes_p_equal_substeps():
     assert torch.allclose(out, flow_renoise(x0, eps, fn(torch.tensor([375.0, 875.0]))), atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- the recipe
+# ----------------------------------------------------------------------------- the recipe's losses, called directly
+
+
+class Spy:
+    """Wraps a function, recording each call's arguments; the call itself goes through unchanged."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
+        return self.fn(*args, **kwargs)
+
+
+def capture_distance(calls: list):
+    """An L2 distance that records its (pred, target) pairs."""
+    def d(a, b, gen=None):
+        calls.append((a, b))
+        return (a - b).pow(2).mean()
+    return d
+
+
+def student_grads(flow) -> tuple[list, list]:
+    """(gradients of the LoRA's parameters, gradients of the frozen base's), None where there is none."""
+    named = list(flow.base.named_parameters())
+    return [p.grad for n, p in named if "lora_" in n], [p.grad for n, p in named if "lora_" not in n]
+
+
+def test_stage1_loss_jumps_both_ends_to_the_lower_milestone(toy_world, tmp_path, monkeypatch):
+    """The recipe's stage-1 loss: the data-free latent takes M - s teacher steps, then both the student's
+    prediction and the (no-grad) target jump to the segment's lower milestone: x0 itself in the lowest one."""
+    import train_tlcm_flux as recipe
+    from helpers import toy_flux_flow
+
+    M = 4
+    flow, cond, uncond = toy_flux_flow(toy_world, str(tmp_path / "out"), ["--num_segments", str(M)])
+    times, solves, jumps = Spy(tlcm.stage1_times), Spy(tlcm.data_free_latents), Spy(tlcm.jump)
+    for name, spy in (("stage1_times", times), ("data_free_latents", solves), ("jump", jumps)):
+        monkeypatch.setattr(tlcm, name, spy)
+    milestone_sigmas = flow.sigma(tlcm.flux_milestones(flow.T, M))
+    segments = set()
+    for seed in range(12):
+        pairs = []
+        gen = torch.Generator().manual_seed(seed)
+        loss = recipe.stage1_loss(flow, flow.base, cond, uncond, capture_distance(pairs), gen)
+        segment, n, skip, T, m = times.calls[-1][:5]
+        segments.add(segment)
+        assert (n, skip, T, m) == (2, flow.args.skip, 1000, M)
+        assert solves.calls[-1][3] == M - segment  # equal teacher steps from pure noise down to t_m
+        (_, _, s_n, target_sigma), (_, _, s_m, pred_sigma) = jumps.calls[-2:]  # the target's jump comes first
+        assert torch.equal(target_sigma, pred_sigma)
+        assert torch.allclose(pred_sigma, milestone_sigmas[segment].float().expand(2))
+        assert bool((s_m > pred_sigma).all() and (s_n >= pred_sigma).all() and (s_m > s_n).all())
+        (pred, target), = pairs
+        assert pred.requires_grad and not target.requires_grad and loss.requires_grad
+        if segment == 0:  # the boundary: both ends are x0 predictions
+            assert float(pred_sigma.abs().max()) == 0.0
+    assert 0 in segments and len(segments) > 1, segments
+    loss.backward()
+    lora_grads, base_grads = student_grads(flow)
+    assert all(g is None for g in base_grads) and any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_stage1_target_uses_the_ema_weights_and_the_prediction_does_not(toy_world, tmp_path):
+    import train_tlcm_flux as recipe
+    from helpers import toy_flux_flow
+
+    from utils.ema import EMAParams
+
+    flow, cond, uncond = toy_flux_flow(toy_world, str(tmp_path / "out"))
+    params = [p for p in flow.base.parameters() if p.requires_grad]
+    trained = [p.detach().clone() for p in params]
+    ema = EMAParams(params, 0.5)
+    ema.shadow = [torch.zeros_like(s) for s in ema.shadow]  # an EMA LoRA that adds nothing
+
+    def pair(e):
+        calls = []
+        recipe.stage1_loss(flow, flow.base, cond, uncond, capture_distance(calls), torch.Generator().manual_seed(3), e)
+        return calls[0]
+    (pred, target), (pred_ema, target_ema) = pair(None), pair(ema)
+    assert torch.equal(pred, pred_ema) and not torch.allclose(target, target_ema, atol=1e-6)
+    assert all(torch.equal(p, q) for p, q in zip(params, trained))  # the trained weights are back
+
+
+def test_stage2_loss_draws_milestones_and_takes_p_teacher_substeps(toy_world, tmp_path, monkeypatch):
+    """The recipe's stage-2 loss: the student's own q-step sample, noised to a milestone t_m; the teacher takes
+    p sub-steps to the milestone below; x0 predictions at both ends, the target without grad."""
+    import train_tlcm_flux as recipe
+    from helpers import toy_flux_flow
+
+    flow, cond, uncond = toy_flux_flow(toy_world, str(tmp_path / "out"), ["--stage2_student_steps", "3",
+                                                                         "--stage2_teacher_substeps", "2"])
+    samples, solves = Spy(tlcm.self_sample), Spy(tlcm.teacher_solve)
+    monkeypatch.setattr(tlcm, "self_sample", samples)
+    monkeypatch.setattr(tlcm, "teacher_solve", solves)
+    milestones = set(tlcm.flux_milestones(1000, 8).tolist()[1:])
+    seen = set()
+    for seed in range(4):
+        pairs = []
+        gen = torch.Generator().manual_seed(seed)
+        loss = recipe.stage2_loss(flow, flow.base, cond, uncond, capture_distance(pairs), gen)
+        assert torch.equal(samples.calls[-1][2], flow.sampler_sigmas(3))  # q = 3 steps of the released sampler
+        t_m, t_n, substeps = solves.calls[-1][2:5]
+        assert substeps == 2 and set(t_m.tolist()) <= milestones and torch.equal(t_m - t_n, torch.full_like(t_m, 125))
+        seen |= set(t_m.tolist())
+        (pred, target), = pairs
+        assert pred.requires_grad and not target.requires_grad
+    assert len(seen) > 1
+    loss.backward()
+    lora_grads, base_grads = student_grads(flow)
+    assert all(g is None for g in base_grads) and any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+# ----------------------------------------------------------------------------- the recipe, run
 
 
 def base_args(world: str, out: str) -> list[str]:
@@ -132,8 +249,9 @@ def base_args(world: str, out: str) -> list[str]:
             "--validation_steps", "1000", "--report_to", "none"]
 
 
-def run(args: list[str], env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return run_script("train_tlcm_flux.py", args, env, check)
+def run(args: list[str], check: bool = True):
+    """train_tlcm_flux.py in this process."""
+    return run_recipe("train_tlcm_flux.py", args, check=check)
 
 
 def adapter(folder: str) -> dict:
@@ -163,7 +281,7 @@ def test_two_stages_write_loras_that_load_through_peft_and_diffusers_alike(toy_w
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft import LoraConfig, get_peft_model
 
-    from utils import lora
+    from utils import lora, lora_files
 
     out = two_stage_run
     for stage in ("stage1", "stage2"):
@@ -180,21 +298,33 @@ def test_two_stages_write_loras_that_load_through_peft_and_diffusers_alike(toy_w
     pipe.load_lora_weights(out)
     via_diffusers = transformer_output(pipe.transformer)
     assert not torch.allclose(via_diffusers, base, atol=1e-5)
-    # seed 003's loading: LoraConfig(r, targets) without alpha, then load_adapter into "default"
+    # PEFT's loading as users write it: LoraConfig(r, targets) without alpha, then load_adapter into "default"
     transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
     peft_model = get_peft_model(transformer, LoraConfig(r=4, target_modules=lora.FLUX_LORA_TARGETS))
     peft_model.load_adapter(out, adapter_name="default", is_trainable=False)
     assert torch.allclose(transformer_output(peft_model), via_diffusers, atol=1e-5)
     kohya = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
-    lora.load_lora_file(os.path.join(out, "lora_kohya.safetensors"), kohya)
+    lora_files.load_lora_file(os.path.join(out, "lora_kohya.safetensors"), kohya)
     assert torch.allclose(transformer_output(kohya), via_diffusers, atol=1e-5)
-    assert "Training arguments" in open(os.path.join(out, "README.md")).read()
+
+
+def test_model_card_snippet_loads_the_lora_with_the_tlcm_scheduler(two_stage_run):
+    """The card's Python snippet, up to the sampling call (at the model's full default size), runs as written."""
+    card = open(os.path.join(two_stage_run, "README.md")).read()
+    assert "Training arguments" in card
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "from utils.scheduling_flow_match_euler_tlcm import FlowMatchEulerTLCMScheduler" in snippet
+    setup = "\n".join(line for line in snippet.splitlines() if not line.startswith("image = "))
+    scope: dict = {}
+    exec(setup, scope)
+    assert type(scope["pipe"].scheduler).__name__ == "FlowMatchEulerTLCMScheduler"
+    assert "transformer" in scope["pipe"].get_list_adapters()
 
 
 def test_tlcm_lora_samples_in_flux_pipeline_with_the_tlcm_scheduler(toy_world, two_stage_run):
     from diffusers import FluxPipeline
 
-    from utils.tlcm_scheduler import FlowMatchEulerTLCMScheduler
+    from utils.scheduling_flow_match_euler_tlcm import FlowMatchEulerTLCMScheduler
 
     pipe = FluxPipeline.from_pretrained(os.path.join(toy_world, "models/flux"))
     pipe.scheduler = FlowMatchEulerTLCMScheduler.from_config(pipe.scheduler.config)
@@ -205,19 +335,23 @@ def test_tlcm_lora_samples_in_flux_pipeline_with_the_tlcm_scheduler(toy_world, t
     assert images.shape == (1, 32, 32, 3) and float(images.std()) > 0.01
 
 
-def test_killed_stage2_resumes_to_the_same_lora(toy_world, tmp_path):
-    """SIGKILL while stage 2 writes checkpoint-4; resume skips the finished stage 1 and ends bit-identical."""
+@pytest.mark.slow
+def test_killed_stage2_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch):
+    """SIGKILL (a real process, launched as a user would) while stage 2 writes checkpoint-4; the resume skips
+    the finished stage 1 and ends bit-identical."""
     args = ["--stage1_steps", "2", "--stage2_steps", "5", "--checkpointing_steps", "2", "--lr_scheduler", "cosine"]
     straight = str(tmp_path / "straight")
     run(base_args(toy_world, straight) + args)
 
     crashed = str(tmp_path / "crashed")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float sums as this process
     kill_while_saving("train_tlcm_flux.py", base_args(toy_world, crashed) + args,
                       os.path.join(crashed, "stage2", "checkpoint-4.partial"))
     assert not os.path.exists(os.path.join(crashed, "adapter_model.safetensors"))  # no final output yet
     assert sorted(d for d in os.listdir(os.path.join(crashed, "stage2")) if "." not in d) == ["checkpoint-2"]
 
-    run(base_args(toy_world, crashed) + args + ["--resume_from_checkpoint", "latest"])
+    resumed = run(base_args(toy_world, crashed) + args + ["--resume_from_checkpoint", "latest"])
+    assert "stage 1 already finished" in resumed.stdout
     a, b = adapter(straight), adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 import torch
-from helpers import kill_while_saving, run_script
+from helpers import kill_while_saving, run_recipe, toy_flux_flow
 
-from utils import dmd, lora
+from utils import dmd, lora, lora_files
 from utils.solvers import flow_renoise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,13 +139,13 @@ def test_fake_score_adapter_starts_at_the_base_learns_alone_and_stays_out_of_the
     assert torch.equal(transformer_call(model).detach(), student)
     assert all(p.requires_grad for p in student_params) and not any(p.requires_grad for p in fake_params)
 
-    lora.save_lora_outputs(model, str(tmp_path), "transformer", peft_dir=str(tmp_path))
+    lora_files.save_lora_outputs(model, str(tmp_path), "transformer", peft_dir=str(tmp_path))
     from safetensors.torch import load_file
 
-    for name in (lora.PEFT_WEIGHTS_NAME, lora.DIFFUSERS_WEIGHTS_NAME, lora.KOHYA_WEIGHTS_NAME):
+    for name in (lora_files.PEFT_WEIGHTS_NAME, lora_files.DIFFUSERS_WEIGHTS_NAME, lora_files.KOHYA_WEIGHTS_NAME):
         keys = load_file(os.path.join(tmp_path, name)).keys()
         assert keys and not any(FAKE in k for k in keys), name
-    assert len(load_file(os.path.join(tmp_path, lora.PEFT_WEIGHTS_NAME))) == 2 * len(lora.lora_scalings(model))
+    assert len(load_file(os.path.join(tmp_path, lora_files.PEFT_WEIGHTS_NAME))) == 2 * len(lora.lora_scalings(model))
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -154,7 +154,7 @@ def test_fake_score_adapter_starts_at_the_base_learns_alone_and_stays_out_of_the
 def adapter(folder: str) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(folder, lora.PEFT_WEIGHTS_NAME))
+    return load_file(os.path.join(folder, lora_files.PEFT_WEIGHTS_NAME))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def start_lora(toy_world, tmp_path_factory):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     os.makedirs(out)
-    lora.save_lora_outputs(model, out, "transformer", peft_dir=out)
+    lora_files.save_lora_outputs(model, out, "transformer", peft_dir=out)
     return out
 
 
@@ -181,14 +181,54 @@ def extras_args(world: str, out: str, init: str) -> list[str]:
             "--output_dir", out, "--resolution", "32", "--lora_rank", "4", "--train_batch_size", "2",
             "--stage", "extras", "--init_lora", init, "--dmd", "--gan", "--extras_steps", "5",
             "--extras_learning_rate", "1e-3", "--dmd_learning_rate", "1e-3", "--gan_learning_rate", "1e-3",
-            "--checkpointing_steps", "2", "--lr_warmup_steps", "0", "--validation_steps", "1000", "--report_to", "none"]
+            "--checkpointing_steps", "2", "--checkpoint_at_end", "--lr_warmup_steps", "0", "--validation_steps", "1000",
+            "--report_to", "none"]
+
+
+def student_vector(flow) -> torch.Tensor:
+    """The student's LoRA ("default" adapter) as one flat vector, a copy."""
+    return torch.cat([p.detach().flatten() for n, p in flow.base.named_parameters() if ".default." in n]).clone()
+
+
+class CallOrder:
+    """Spies on the recipe's extras_loss, fake_score_loss and disc_loss: the order of the calls, the sample each
+    got or returned, and the student's LoRA at the time of the call."""
+
+    def __init__(self, recipe) -> None:
+        self.recipe, self.calls = recipe, []
+        self.extras_loss, self.fake_score_loss = recipe.extras_loss, recipe.fake_score_loss
+        self.disc_loss = recipe.disc_loss
+
+    def patch(self, mp) -> None:
+        def extras(flow, *args, **kwargs):
+            before = student_vector(flow)
+            loss, x = self.extras_loss(flow, *args, **kwargs)
+            self.calls.append(("student", x, before))
+            return loss, x
+
+        def fake(flow, cond, x, gen):
+            self.calls.append(("fake_score", x, student_vector(flow)))
+            return self.fake_score_loss(flow, cond, x, gen)
+
+        def disc(flow, head, cond, x, gen):
+            self.calls.append(("head", x, student_vector(flow)))
+            return self.disc_loss(flow, head, cond, x, gen)
+        mp.setattr(self.recipe, "extras_loss", extras)
+        mp.setattr(self.recipe, "fake_score_loss", fake)
+        mp.setattr(self.recipe, "disc_loss", disc)
 
 
 @pytest.fixture(scope="module")
 def extras_run(toy_world, start_lora, tmp_path_factory):
+    """The extras stage with DMD and GAN, in this process, its loss calls watched: (output folder, CallOrder)."""
+    import train_tlcm_flux
+
     out = str(tmp_path_factory.mktemp("tlcm_extras") / "straight")
-    run_script("train_tlcm_flux.py", extras_args(toy_world, out, start_lora))
-    return out
+    order = CallOrder(train_tlcm_flux)
+    with pytest.MonkeyPatch.context() as mp:
+        order.patch(mp)
+        run_recipe("train_tlcm_flux.py", extras_args(toy_world, out, start_lora))
+    return out, order
 
 
 def test_dmd_gan_extras_train_the_student_lora_only(toy_world, start_lora, extras_run):
@@ -197,11 +237,12 @@ def test_dmd_gan_extras_train_the_student_lora_only(toy_world, start_lora, extra
 
     from utils import checkpoint
 
+    extras_run, _ = extras_run
     start, final = adapter(start_lora), adapter(extras_run)
     assert final.keys() == start.keys()  # the student's LoRA, nothing of the fake score
     assert any(not torch.equal(start[k], final[k]) for k in start)  # the extras moved it
     assert all(torch.equal(v, adapter(os.path.join(extras_run, "stageextras/lora"))[k]) for k, v in final.items())
-    for name in (lora.DIFFUSERS_WEIGHTS_NAME, lora.KOHYA_WEIGHTS_NAME):
+    for name in (lora_files.DIFFUSERS_WEIGHTS_NAME, lora_files.KOHYA_WEIGHTS_NAME):
         assert not any(FAKE in k for k in load_file(os.path.join(extras_run, name)))
     pipe = FluxPipeline.from_pretrained(os.path.join(toy_world, "models/flux"))
     pipe.load_lora_weights(extras_run)  # the diffusers file loads as before
@@ -216,20 +257,70 @@ def test_dmd_gan_extras_train_the_student_lora_only(toy_world, start_lora, extra
     assert len(custom[0]["params"]) == len(fake_b) * 2 and len(custom[1]["params"]) == 4  # fake A+B; head W, b x2
 
 
-def test_killed_extras_stage_resumes_bit_identical(toy_world, start_lora, extras_run, tmp_path):
-    """SIGKILL while the extras stage writes checkpoint-4; resuming from checkpoint-2 restores the fake score,
-    the head and their optimizers, so the student LoRA and the extras' states end bit-identical."""
+def test_fake_score_and_head_step_after_the_student_on_its_detached_one_step_sample(extras_run):
+    """Per micro-batch: the student's loss and update, then the fake score's, then the head's, both on the very
+    (detached) one-step sample the student's loss returned."""
+    _, order = extras_run
+    calls = order.calls
+    assert [name for name, _, _ in calls] == ["student", "fake_score", "head"] * 5  # --extras_steps 5, no accumulation
+    for (_, x, before), (_, x_fake, after_fake), (_, x_head, after_head) in zip(calls[::3], calls[1::3], calls[2::3]):
+        assert x is not None and not x.requires_grad and x_fake is x and x_head is x
+        assert not torch.equal(before, after_fake)  # the student had taken its step
+        assert torch.equal(after_fake, after_head)  # the fake score's step left the student alone
+
+
+@pytest.mark.slow
+def test_killed_extras_stage_resumes_bit_identical(toy_world, start_lora, extras_run, tmp_path, monkeypatch):
+    """SIGKILL (a real process) while the extras stage writes checkpoint-4; resuming from checkpoint-2 restores the
+    fake score, the head and their optimizers, so the student LoRA and the extras' states end bit-identical."""
+    extras_run, _ = extras_run
     crashed = str(tmp_path / "crashed")
     args = extras_args(toy_world, crashed, start_lora)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the same float sums as this process
     kill_while_saving("train_tlcm_flux.py", args, os.path.join(crashed, "stageextras", "checkpoint-4.partial"))
-    assert not os.path.exists(os.path.join(crashed, lora.PEFT_WEIGHTS_NAME))
-    run_script("train_tlcm_flux.py", args + ["--resume_from_checkpoint", "latest"])
+    assert not os.path.exists(os.path.join(crashed, lora_files.PEFT_WEIGHTS_NAME))
+    run_recipe("train_tlcm_flux.py", args + ["--resume_from_checkpoint", "latest"])
     a, b = adapter(extras_run), adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for i in (1, 2):
         sa, sb = (torch.load(os.path.join(run, "stageextras/checkpoint-5", f"custom_checkpoint_{i}.pkl"),
                              weights_only=False) for run in (extras_run, crashed))
         assert all(torch.equal(p, q) for p, q in zip(sa["params"], sb["params"]))
+
+
+def test_extras_losses_each_reach_only_their_own_parameters(toy_world, tmp_path):
+    """extras_loss: the student's LoRA (through the one-step sample x, returned detached); fake_score_loss: the
+    fake score only; disc_loss: the head only. The frozen base gets no gradient from any of them."""
+    import train_tlcm_flux as recipe
+
+    from utils.solvers import flow_x0
+
+    flow, cond, uncond = toy_flux_flow(toy_world, str(tmp_path / "out"), ["--dmd", "--gan"])
+    fake = dmd.add_fake_score(flow.base, 4, 8, lora.FLUX_LORA_TARGETS)
+    head = dmd.DiscriminatorHead(flow.base.config.num_attention_heads * flow.base.config.attention_head_dim, 16)
+    named = dict(flow.base.named_parameters())
+    student = [p for n, p in named.items() if ".default." in n]
+    frozen = [p for n, p in named.items() if "lora_" not in n]
+    groups = {"student": student, "fake score": fake, "head": list(head.parameters()), "base": frozen}
+
+    def reached(loss) -> set[str]:
+        for ps in groups.values():
+            for p in ps:
+                p.grad = None
+        loss.backward()
+        return {name for name, ps in groups.items() if any(p.grad is not None and p.grad.abs().sum() > 0 for p in ps)}
+
+    loss, x = recipe.extras_loss(flow, flow.base, cond, uncond, ["a", "b"], torch.Generator().manual_seed(0),
+                                 head=head)
+    assert x.shape == (2, 16, 64) and not x.requires_grad
+    # x is the one-step sample: the student's x0 prediction from the first noise draw at t = T
+    noise, top = flow.noise(2, torch.Generator().manual_seed(0)), flow.sigma(torch.full((2,), 1000.0))
+    with torch.no_grad():
+        assert torch.allclose(x, flow_x0(noise, flow.student(cond)(noise, top), top), atol=1e-5)
+    assert {"student"} <= reached(loss) <= {"student", "head"}  # AuxOptimizer.step clears the head's before its own
+    with dmd.adapter_active(flow.base):  # as the recipe calls it: the fake score's weights require grad only there
+        assert reached(recipe.fake_score_loss(flow, cond, x, torch.Generator().manual_seed(1))) == {"fake score"}
+    assert reached(recipe.disc_loss(flow, head, cond, x, torch.Generator().manual_seed(2))) == {"head"}
 
 
 def test_stage_all_with_an_extra_flag_runs_the_extras_stage(toy_world, tmp_path):
@@ -262,7 +353,7 @@ def test_negative_weights_and_learning_rates_are_one_line_errors(tmp_path, capsy
 
 def test_stage_extras_without_an_extra_names_all_three_flags(toy_world, tmp_path):
     out = str(tmp_path / "out")
-    proc = run_script("train_tlcm_flux.py", ["--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
+    proc = run_recipe("train_tlcm_flux.py", ["--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
                                              "--prompts_file", os.path.join(toy_world, "data/train/metadata.jsonl"),
                                              "--output_dir", out, "--stage", "extras"], check=False)
     lines = proc.stderr.strip().splitlines()

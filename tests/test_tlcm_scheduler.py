@@ -1,8 +1,9 @@
-"""utils.tlcm_scheduler: the FLUX TLCM scheduler (schedule, step closed forms, FluxPipeline), the SDXL
-milestone subsets, LCMScheduler with TLCM timesteps, and the SDXL TLCM scheduler."""
+"""The schedulers: FlowMatchEulerTLCMScheduler (schedule, step closed forms, FluxPipeline), the SDXL
+milestone subsets, LCMScheduler from a teacher config and with TLCM timesteps, and TLCMScheduler."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -18,13 +19,13 @@ from diffusers import (
 )
 from PIL import Image
 
-from utils.tlcm_scheduler import (
-    FlowMatchEulerTLCMScheduler,
-    FlowMatchEulerTLCMSchedulerOutput,
+from utils.scheduling_flow_match_euler_tlcm import FlowMatchEulerTLCMScheduler, FlowMatchEulerTLCMSchedulerOutput
+from utils.scheduling_lcm import lcm_scheduler
+from utils.scheduling_tlcm import (
     TLCMScheduler,
     TLCMSchedulerOutput,
+    ddpm_milestones,
     lcm_original_inference_steps,
-    milestones,
     tlcm_lcm_scheduler,
     tlcm_timesteps,
 )
@@ -55,9 +56,10 @@ def _pair(shape=(2, 16, 64), seed=0) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("n", range(2, 9))
 def test_sigmas_match_shifted_formula(n: int) -> None:
+    """Given FluxPipeline's sigmas linspace(1, 1/n, n): the exponential shift of each, then 0."""
     for mu in (0.5, 0.8, 1.15):
         sched = _flux_scheduler()
-        sched.set_timesteps(n, mu=mu)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
         want = []
         for i in range(n):
             s = 1.0 - i * (1.0 - 1.0 / n) / (n - 1)  # linspace(1, 1/n, n)
@@ -66,14 +68,23 @@ def test_sigmas_match_shifted_formula(n: int) -> None:
         assert sched.sigmas.dtype == torch.float32 and len(sched) == 1000
         assert np.allclose(sched.sigmas.numpy(), want, rtol=1e-6, atol=1e-7)
         assert np.allclose(sched.timesteps.numpy(), np.array(want[:-1]) * 1000, rtol=1e-6)
-        # FluxPipeline passes the unshifted linspace as sigmas: same schedule
-        other = _flux_scheduler()
-        other.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
-        assert torch.allclose(other.sigmas, sched.sigmas) and torch.allclose(other.timesteps, sched.timesteps)
-    static = FlowMatchEulerTLCMScheduler(shift=3.0)
-    static.set_timesteps(n)
-    base = np.linspace(1.0, 1.0 / n, n)
-    assert np.allclose(static.sigmas.numpy(), list(3 * base / (1 + 2 * base)) + [0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_without_sigmas_the_schedule_is_diffusers_flow_match_eulers(n: int) -> None:
+    """set_timesteps(n[, mu]) alone: linspace(1, 1/T, n) shifted (dynamic), or diffusers' static-shift
+    schedule, exactly as FlowMatchEulerDiscreteScheduler gives them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for config, kw in (({"use_dynamic_shifting": True}, {"mu": 0.8}), ({"shift": 3.0}, {}), ({}, {})):
+        ours, theirs = FlowMatchEulerTLCMScheduler(**config), FlowMatchEulerDiscreteScheduler(**config)
+        ours.set_timesteps(n, **kw)
+        theirs.set_timesteps(n, **kw)
+        assert torch.allclose(ours.sigmas, theirs.sigmas, atol=1e-6), (config, ours.sigmas, theirs.sigmas)
+        assert torch.allclose(ours.timesteps, theirs.timesteps, atol=1e-3)
+    dynamic = FlowMatchEulerTLCMScheduler(use_dynamic_shifting=True)
+    dynamic.set_timesteps(n, mu=0.0)  # mu = 0 shifts nothing: the unshifted linspace(1, 1/T, n)
+    assert np.allclose(dynamic.sigmas[:-1].numpy(), np.linspace(1.0, 1e-3, n), atol=1e-6)
 
 
 def test_dynamic_shifting_needs_mu_and_unsupported_options_are_refused() -> None:
@@ -237,15 +248,15 @@ def test_drives_flux_img2img(toy_world: str) -> None:
 
 
 def test_milestones_and_published_subsets() -> None:
-    assert milestones(1000, 8) == [0, 124, 249, 374, 499, 624, 749, 874, 999]
-    assert milestones(1000, 4) == [0, 249, 499, 749, 999]
-    assert milestones(100, 3) == [0, 33, 66, 99]
+    assert ddpm_milestones(1000, 8) == [0, 124, 249, 374, 499, 624, 749, 874, 999]
+    assert ddpm_milestones(1000, 4) == [0, 249, 499, 749, 999]
+    assert ddpm_milestones(100, 3) == [0, 33, 66, 99]
     published = {1: [999], 2: [999, 499], 3: [999, 499, 124], 4: [999, 749, 499, 124],
                  5: [999, 749, 499, 249, 124], 6: [999, 749, 499, 374, 249, 124],
                  7: [999, 749, 624, 499, 374, 249, 124], 8: [999, 874, 749, 624, 499, 374, 249, 124]}
     subsets = {1: [0, 8], 2: [0, 4, 8], 3: [0, 4, 7, 8], 4: [0, 2, 4, 7, 8], 5: [0, 2, 4, 6, 7, 8],
                6: [0, 2, 4, 5, 6, 7, 8], 7: [0, 2, 3, 4, 5, 6, 7, 8], 8: list(range(9))}
-    desc = milestones(1000, 8)[::-1]
+    desc = ddpm_milestones(1000, 8)[::-1]
     for n, want in published.items():
         assert tlcm_timesteps(n) == want == [desc[i] for i in subsets[n]][:-1]
     assert tlcm_timesteps(4, 1000, 4) == [999, 749, 499, 249] and tlcm_timesteps(1, 1000, 4) == [999]
@@ -259,7 +270,23 @@ def test_lcm_grid_contains_the_milestones() -> None:
     for T, M in ((1000, 8), (1000, 4), (1000, 3), (500, 8)):
         n = lcm_original_inference_steps(T, M)
         k = T // n
-        assert set(milestones(T, M)[1:]) <= {j * k - 1 for j in range(1, n + 1)}
+        assert set(ddpm_milestones(T, M)[1:]) <= {j * k - 1 for j in range(1, n + 1)}
+
+
+def test_lcm_scheduler_from_a_teacher_config(toy_world: str) -> None:
+    with open(os.path.join(_model(toy_world, "sdxl"), "scheduler", "scheduler_config.json")) as f:
+        teacher = json.load(f)
+    sched = lcm_scheduler(teacher, 50, 10.0)
+    assert isinstance(sched, LCMScheduler)
+    assert sched.config.original_inference_steps == 50 and sched.config.timestep_scaling == 10.0
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert sched.config[key] == teacher[key]
+    assert "interpolation_type" not in sched.config  # the Euler teacher's own options are not carried over
+    sched.set_timesteps(4)
+    assert sched.timesteps.tolist() == [999, 759, 499, 259]  # on the 50-step skip grid (k = 20)
+    kept = lcm_scheduler({**teacher, "timestep_scaling": 5.0}, 8)
+    assert kept.config.timestep_scaling == 5.0 and kept.config.original_inference_steps == 8
+    assert tlcm_lcm_scheduler(teacher).config.original_inference_steps == lcm_original_inference_steps(1000, 8)
 
 
 def test_sdxl_lcm_and_tlcm_schedulers_sample_the_milestones(toy_world: str) -> None:

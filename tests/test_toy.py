@@ -80,7 +80,7 @@ def test_pipelines_load_from_folder_and_sample(toy_world, name):
 
 
 def test_judge_reads_real_images(toy_world):
-    """The quality bar of the README: >= 98% on held-out real images (both labels right)."""
+    """The quality bar of docs/toy_world.md: >= 98% on held-out real images (both labels right)."""
     from utils.evaluate import load_real_images, read_labels
     from utils.toy.judge import ToyJudge, judge_images, prompt_accuracy
 
@@ -112,15 +112,14 @@ def test_build_is_idempotent(toy_world):
 
 
 def test_evaluate_cli_writes_metrics_and_grid(toy_world, tmp_path):
-    import subprocess
-    import sys
+    from helpers import run_command
 
     out = tmp_path / "eval"
-    cmd = [sys.executable, "-m", "utils.evaluate", "--pipeline", os.path.join(toy_world, "models/sd"),
-           "--scheduler", "ddim", "--steps", "1", "2", "--guidance_scale", "3", "--teacher",
-           os.path.join(toy_world, "models/sd"), "--teacher_steps", "2", "--judge", os.path.join(toy_world, "judge"),
-           "--real_images", os.path.join(toy_world, "data/test"), "--output_dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    argv = ["-m", "utils.evaluate", "--pipeline", os.path.join(toy_world, "models/sd"),
+            "--scheduler", "ddim", "--steps", "1", "2", "--guidance_scale", "3", "--teacher",
+            os.path.join(toy_world, "models/sd"), "--teacher_steps", "2", "--judge", os.path.join(toy_world, "judge"),
+            "--real_images", os.path.join(toy_world, "data/test"), "--output_dir", str(out)]
+    proc = run_command(argv)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.load(open(out / "metrics.json"))
     assert [r["steps"] for r in rows] == [2, 1, 2]
@@ -130,16 +129,14 @@ def test_evaluate_cli_writes_metrics_and_grid(toy_world, tmp_path):
     assert all(0 <= r["prompt_accuracy"] <= 1 for r in rows)
     assert (out / "grid.png").exists() and (out / "metrics.md").read_text().count("|") > 10
 
-    bad = subprocess.run([*cmd[:4], "/nonexistent/pipe", *cmd[5:]], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    bad = run_command([*argv[:3], "/nonexistent/pipe", *argv[4:]])
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "--pipeline" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_clip_metrics_on_a_local_clip_model(toy_world, tmp_path):
     """CLIP score / CLIP FD (the real-model metrics) with a small CLIP folder, here a random one."""
-    import subprocess
-    import sys
-
+    from helpers import run_command
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from utils.evaluate import ClipScorer, load_real_images
@@ -171,11 +168,9 @@ def test_clip_metrics_on_a_local_clip_model(toy_world, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a small blue square on a black background\na large green cross on a gray background\n")
     out = tmp_path / "eval"
-    proc = subprocess.run(
-        [sys.executable, "-m", "utils.evaluate", "--pipeline", os.path.join(toy_world, "models/sd"), "--steps", "2",
-         "--judge", "none", "--clip_model", folder, "--prompts_file", str(prompts_file),
-         "--real_images", os.path.join(toy_world, "data/test"), "--output_dir", str(out)],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = run_command(["-m", "utils.evaluate", "--pipeline", os.path.join(toy_world, "models/sd"), "--steps", "2",
+                        "--judge", "none", "--clip_model", folder, "--prompts_file", str(prompts_file),
+                        "--real_images", os.path.join(toy_world, "data/test"), "--output_dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.load(open(out / "metrics.json"))
     assert row["prompt_accuracy"] is None and 0 <= row["clip_score"] <= 100 and row["clip_fd"] > 0

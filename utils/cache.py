@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from . import files
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ def files_fingerprint(path: str) -> list:
     if not os.path.isdir(path):
         return [path]  # a hub id: its revision goes into the key separately
     entries = []
-    for root, dirs, files in os.walk(path):
+    for root, dirs, names in os.walk(path):
         dirs.sort()
-        for name in sorted(files):
+        for name in sorted(names):
             full = os.path.join(root, name)
             st = os.stat(full)
             entries.append([os.path.relpath(full, path), st.st_size, st.st_mtime_ns])
@@ -66,17 +67,12 @@ def cache_file(cache_dir: str | None, kind: str, key: dict) -> str:
 
 
 def _save_atomic(tensors: dict[str, Tensor], metadata: dict, path: str) -> None:
-    """safetensors to a temporary name, then renamed: readers see the whole file or none."""
+    """safetensors through a temporary name: readers see the whole file or none."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    with files.atomic_write(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"json": json.dumps(metadata)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load(path: str) -> tuple[dict[str, Tensor], dict]:

@@ -37,16 +37,20 @@ generator=torch.Generator().manual_seed(seed))``) built identically in both runs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
+from utils import files
 from utils.errors import UserError
 
 if TYPE_CHECKING:  # accelerate is heavy to import; only the annotations need it
     from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.json"
 FAULT_ENV = "DISTILL_FAULT_DURING_SAVE"
@@ -86,32 +90,6 @@ def _remove(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _fsync_tree(path: str) -> None:
-    """Flush every file under path and the directories themselves, so the rename never outruns the data."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    """Flush a directory entry (best effort: some platforms cannot open directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fault_delay() -> float:
     """Seconds to stall between writing and renaming, from DISTILL_FAULT_DURING_SAVE (0 when unset)."""
     raw = os.environ.get(FAULT_ENV, "").strip()
@@ -130,14 +108,6 @@ def _state_json(global_step: int, state: dict) -> str:
         raise ValueError(f"checkpoint state is missing {missing}")
     payload = {**state, "global_step": int(global_step)}
     return json.dumps(payload, indent=2, sort_keys=True)
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write a small text file and flush it to disk."""
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _prune(output_dir: str, keep: str, total_limit: int) -> None:
@@ -168,6 +138,9 @@ def save_checkpoint(
     and may hold any other JSON-serialisable values. With ``total_limit`` set, the oldest complete
     checkpoints are deleted until at most that many remain; the new one is never deleted.
 
+    A failed write (an OSError: a full disk, a quota) removes the half-written folder and raises a UserError
+    naming output_dir; the previous checkpoint stays the latest.
+
     Testing aid: if the environment variable ``DISTILL_FAULT_DURING_SAVE`` holds a number of
     seconds, every process sleeps that long after ``save_state`` and before the rename, so a test
     can kill the process while the checkpoint is still ``.partial``.
@@ -183,22 +156,30 @@ def save_checkpoint(
     partial = final + _PARTIAL
     writer = _is_writer(accelerator)
 
-    if writer:
-        os.makedirs(output_dir, exist_ok=True)
-        # A stale .partial of this step is from a crashed save; never mix its files with ours.
+    try:
+        if writer:
+            os.makedirs(output_dir, exist_ok=True)
+            # A stale .partial of this step is from a crashed save; never mix its files with ours.
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        accelerator.wait_for_everyone()  # nobody writes before the clean directory exists
+        accelerator.save_state(partial)
+        if delay:
+            time.sleep(delay)
+        accelerator.wait_for_everyone()  # every process's files (RNG states) are in before the rename
+        if writer:
+            with files.atomic_write(os.path.join(partial, STATE_FILE)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+    except OSError as exc:  # a full disk, a quota, a lost mount: the half-written checkpoint goes, the last one stays
         shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    accelerator.wait_for_everyone()  # nobody writes before the clean directory exists
-    accelerator.save_state(partial)
-    if delay:
-        time.sleep(delay)
-    accelerator.wait_for_everyone()  # every process's files (RNG states) are in before the rename
+        latest = list_checkpoints(output_dir)
+        kept = f"{latest[-1]} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+        raise UserError(f"cannot write checkpoint-{int(global_step)} in {output_dir}: {exc.strerror or exc}; "
+                        f"{kept} (--output_dir)") from None
 
     if writer:
-        _write_text(os.path.join(partial, STATE_FILE), text)
-        _fsync_tree(partial)
-        _install(partial, final)
-        _fsync_dir(output_dir)
+        # an existing checkpoint of this step waits as .old (which list_checkpoints ignores) while ours goes in
+        files.install(partial, final, aside=final + _OLD)
         _clean_leftovers(output_dir)
         if total_limit is not None:
             _prune(output_dir, final, total_limit)
@@ -206,17 +187,14 @@ def save_checkpoint(
     return final
 
 
-def _install(partial: str, final: str) -> None:
-    """Rename the finished .partial into place, moving aside an existing checkpoint of the same step."""
-    if not os.path.exists(final):
-        os.replace(partial, final)
-        return
-    # os.replace cannot overwrite a non-empty directory; .old is ignored by list_checkpoints.
-    old = final + _OLD
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+def remove_checkpoints(output_dir: str) -> int:
+    """Delete every checkpoint folder in output_dir, complete or not (.partial/.old/.deleting); returns how many."""
+    if not os.path.isdir(output_dir):
+        return 0
+    names = [n for n in os.listdir(output_dir) if _step_of(os.path.splitext(n)[0]) is not None]
+    for name in names:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    return len(names)
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -250,14 +228,62 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str |
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: str) -> dict:
-    """Restore everything save_checkpoint saved into the prepared/registered objects; returns the training state."""
+def load_checkpoint(accelerator: Accelerator, path: str, run: str | None = None) -> dict:
+    """Restore everything save_checkpoint saved into the prepared/registered objects; returns the training state.
+
+    Every problem is a UserError naming --resume_from_checkpoint: an unreadable (truncated) or missing file, a
+    checkpoint saved by another run (`run`: the name this one's state must carry, e.g. TrainLoop's) or of other
+    shapes. Missing or unreadable random states only warn: the resume is then not an exact continuation.
+    """
+    flag = "(--resume_from_checkpoint)"
     if not _is_complete(path):
-        raise UserError(f"not a complete checkpoint: {path} (--resume_from_checkpoint)")
-    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
-        state = json.load(handle)
-    accelerator.load_state(path)
+        raise UserError(f"not a complete checkpoint: {path} {flag}")
+    try:
+        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}/{STATE_FILE} cannot be read ({exc}) {flag}") from None
+    saved_by = state.get("run")
+    if run is not None and saved_by is not None and saved_by != run:
+        raise UserError(f"{path} is a checkpoint of another run ({saved_by}), not of this one ({run}) {flag}")
+    _warn_unless_random_states(path, accelerator.process_index)
+    try:
+        accelerator.load_state(path)
+    except FileNotFoundError as exc:
+        missing = os.path.basename(str(exc.filename)) if exc.filename else str(exc)
+        raise UserError(f"{path} is an incomplete checkpoint: {missing} is missing {flag}") from None
+    except Exception as exc:  # safetensors, torch.load and load_state_dict fail in many classes
+        raise UserError(f"{path}: {_load_problem(exc)} {flag}") from None
     return state
+
+
+def _warn_unless_random_states(path: str, process_index: int) -> None:
+    """Warn when this process's random states are missing or unreadable (accelerate skips them without a word)."""
+    import torch
+
+    name = f"random_states_{process_index}.pkl"
+    try:
+        torch.load(os.path.join(path, name), weights_only=False)
+        return
+    except FileNotFoundError:
+        problem = "is missing"
+    except Exception:  # a truncated pickle fails in many classes
+        problem = "cannot be read"
+    logger.warning(f"{path}: {name} {problem}, so the random state of the run is not restored: resuming, but the "
+                   "resumed run is not an exact continuation")
+
+
+def _load_problem(exc: BaseException) -> str:
+    """What a failed accelerator.load_state says about the checkpoint, in a line."""
+    text = str(exc)
+    mismatch = next((line.strip() for line in text.splitlines() if line.strip().startswith("size mismatch")), None)
+    if mismatch:
+        return (f"its weights have other shapes than this run's model (another --lora_rank, --lora_target_modules "
+                f"or teacher?), e.g. {mismatch}")
+    if "Missing key" in text or "Unexpected key" in text or "parameter group" in text:
+        return "it holds another model than this run's (another recipe, --lora_target_modules or teacher?)"
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    return f"cannot be read (truncated or corrupt?): {first}"
 
 
 def skip_batches_for_resume(accelerator: Accelerator, dataloader: Any, batches_in_epoch: int) -> Any:
@@ -278,22 +304,43 @@ def check_checkpoint(path: str, flag: str = "checkpoint") -> None:
 
 
 def read_model_state(path: str, index: int = 0) -> dict:
-    """State dict of the index-th prepared model of a checkpoint (accelerate's model[_i].safetensors / .bin)."""
+    """State dict of the index-th prepared model of a checkpoint, whole: accelerate's model[_i].safetensors / .bin,
+    FSDP's shards (pytorch_model_fsdp_<i>/) or DeepSpeed's partitions (pytorch_model[_i]/, fp32 master weights)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     suffix = f"_{index}" if index else ""
     safe, pickled = os.path.join(path, f"model{suffix}.safetensors"), os.path.join(path, f"pytorch_model{suffix}.bin")
+    shards, zero = os.path.join(path, f"pytorch_model_fsdp_{index}"), os.path.join(path, f"pytorch_model{suffix}")
     try:
         if os.path.isfile(safe):
             return load_file(safe)
         if os.path.isfile(pickled):
             return torch.load(pickled, map_location="cpu", weights_only=True)
+        if os.path.isdir(shards):
+            return _read_fsdp_shards(shards)
+        if os.path.isdir(zero):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return get_fp32_state_dict_from_zero_checkpoint(path, tag=os.path.basename(zero))
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: cannot read the model weights (truncated or corrupt?): {first}") from None
     raise UserError(f"{path} holds no model{suffix}.safetensors or pytorch_model{suffix}.bin (not an accelerate checkpoint?)")
+
+
+def _read_fsdp_shards(folder: str) -> dict:
+    """The whole state dict of an FSDP sharded checkpoint folder (torch.distributed.checkpoint), in this process."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, os.path.join(tmp, "whole.pt"))
+        state = torch.load(os.path.join(tmp, "whole.pt"), map_location="cpu", weights_only=True)
+    return state["model"] if set(state) == {"model"} else state  # accelerate nests the weights under "model"
 
 
 def read_registered_states(path: str) -> list:

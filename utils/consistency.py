@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from utils.solvers import Coef, broadcast_like
+from utils.solvers import Coef, broadcast_like, ddim_timesteps
 
 
 def scalings_for_boundary_conditions(
@@ -47,3 +48,20 @@ def guidance_scale_embedding(
     if embedding_dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+@dataclass
+class LCMSchedule:
+    """The teacher's DDPM noise schedule and the skip grid of latent consistency distillation."""
+
+    alphas_cumprod: Tensor  # a_t, t = 0..T-1
+    grid: Tensor  # tau_i = i k - 1, i = 1..N (solvers.ddim_timesteps)
+    k: int  # the grid's spacing T // N
+    prediction_type: str  # the teacher's: epsilon, v_prediction or sample
+
+    @classmethod
+    def of_teacher(cls, alphas_cumprod: Tensor, num_ddim_timesteps: int, prediction_type: str) -> LCMSchedule:
+        """The N-point skip grid over the teacher's T = len(alphas_cumprod) timesteps, on its device."""
+        T = len(alphas_cumprod)
+        return cls(alphas_cumprod, ddim_timesteps(T, num_ddim_timesteps).to(alphas_cumprod.device),
+                   T // num_ddim_timesteps, prediction_type)

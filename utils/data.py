@@ -183,11 +183,46 @@ def _without_image_decoding(table: Any, image_column: str) -> Any:
 def _load_hf(flag: str, value: str, *args: Any, **kwargs: Any) -> Any:
     """`datasets.load_dataset`, with "cannot find/read it" turned into a one-line UserError."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     try:
         return datasets.load_dataset(*args, **kwargs)
-    except (OSError, ValueError) as exc:  # FileNotFoundError, DatasetNotFoundError, ConnectionError, ...
-        raise UserError(f"cannot load dataset {value!r} ({flag}): {exc}") from exc
+    except (OSError, ValueError, DatasetGenerationError) as exc:  # FileNotFoundError, DatasetNotFoundError, ...
+        cause = exc
+        while cause.__cause__ is not None:  # a generation error wraps what went wrong (bad text, a bad row)
+            cause = cause.__cause__
+        message = f"{exc}: {cause}" if cause is not exc else str(exc)
+        raise UserError(f"cannot load dataset {value!r} ({flag}): {' '.join(message.split())}") from exc
+
+
+def decode_utf8(raw: bytes, path: str, flag: str) -> str:
+    """The text of a file's bytes; UserError naming the line and the byte if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save it as UTF-8 "
+                        f"({flag})") from None
+
+
+def _check_metadata_text(folder: str) -> None:
+    """The imagefolder's metadata files are UTF-8 (else `datasets` fails with a traceback and no file name)."""
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            if name in ("metadata.jsonl", "metadata.csv"):
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    decode_utf8(f.read(), path, "--train_data_dir")
+
+
+def _check_image_files(table: Any, image_column: str, train_data_dir: str) -> None:
+    """Every image file the metadata names exists (else each would be skipped as if undecodable)."""
+    cells = _without_image_decoding(table, image_column)[image_column]
+    missing = [c["path"] for c in cells if isinstance(c, dict) and not c.get("bytes") and c.get("path")
+               and not os.path.exists(c["path"])]
+    if missing:
+        raise UserError(f"{len(missing)} image file(s) named in the metadata of {train_data_dir!r} are missing, "
+                        f"e.g. {missing[0]} (--train_data_dir)")
 
 
 def _train_split(loaded: Any, flag: str, value: str) -> Any:
@@ -217,8 +252,11 @@ def _load_table(dataset_name: str | None, train_data_dir: str | None, cache_dir:
         return _train_split(loaded, "--dataset_name", dataset_name), "--dataset_name", dataset_name
     assert train_data_dir is not None
     data_dir = os.path.expanduser(train_data_dir)
+    if os.path.isfile(data_dir):
+        raise UserError(f"training data folder {train_data_dir!r} is a file, not a folder (--train_data_dir)")
     if not os.path.isdir(data_dir):
         raise UserError(f"training data folder {train_data_dir!r} does not exist (--train_data_dir)")
+    _check_metadata_text(data_dir)
     loaded = _load_hf("--train_data_dir", train_data_dir, "imagefolder", data_dir=data_dir, cache_dir=cache_dir)
     return _train_split(loaded, "--train_data_dir", train_data_dir), "--train_data_dir", train_data_dir
 
@@ -380,6 +418,8 @@ def load_image_caption_dataset(
     if max_train_samples is not None:
         # the first N of a seeded shuffle: a random but reproducible subset
         table = table.shuffle(seed=seed).select(range(min(max_train_samples, len(table))))
+    if flag == "--train_data_dir":
+        _check_image_files(table, image_column, value)
     return ImageCaptionDataset(table, image_column, caption_column, transform)
 
 
@@ -464,12 +504,13 @@ def _prompts_from_file(path: str, caption_column: str) -> list[str]:
         raise UserError(f"prompts file {path!r} must end in {', '.join(PROMPT_FILE_TYPES)} (--prompts_file)")
     if not os.path.isfile(os.path.expanduser(path)):
         raise UserError(f"prompts file {path!r} does not exist (--prompts_file)")
-    with open(os.path.expanduser(path), encoding="utf-8", newline="" if ext == ".csv" else None) as f:
-        if ext == ".txt":
-            return f.read().splitlines()
-        if ext == ".jsonl":
-            return _jsonl_prompts(f, path, caption_column)
-        return _csv_prompts(f, path, caption_column)
+    with open(os.path.expanduser(path), "rb") as f:
+        text = decode_utf8(f.read(), path, "--prompts_file")
+    if ext == ".txt":
+        return text.splitlines()
+    if ext == ".jsonl":
+        return _jsonl_prompts(io.StringIO(text), path, caption_column)
+    return _csv_prompts(io.StringIO(text, newline=""), path, caption_column)
 
 
 def _jsonl_prompts(lines: Iterator[str], path: str, caption_column: str) -> list[str]:
@@ -537,3 +578,4 @@ def make_prompt_dataloader(prompts: Sequence[str], batch_size: int, seed: int = 
     """A shuffled, seeded DataLoader of prompt batches (same order on resume, like the image loaders)."""
     return DataLoader(PromptDataset(prompts, batch_size), batch_size=batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(seed), collate_fn=collate_prompts, drop_last=True)
+

@@ -1,13 +1,13 @@
 """TLCM's distribution-matching (DMD) and adversarial extras: their losses, the discriminator head, their optimizers.
 
-DMD (TLCM.md, "optional extras"): a fake score model (in train_tlcm_flux.py a second LoRA on the same
+DMD (docs/tlcm.md, the extras): a fake score model (in train_tlcm_flux.py a second LoRA on the same
 transformer) learns the student's samples with the ordinary flow-matching loss; the student's gradient
 at its sample x is the difference of the fake and the real (teacher) x0 predictions at a re-noised
 copy of x. It is applied through a surrogate loss whose gradient in x is exactly that direction.
 The per-sample normalisation by mean|x - real x0| is DMD's (Yin et al. 2024); its use here is our choice.
 
-GAN: features of the frozen teacher (the input of its final norm layer) at a re-noised sample feed a
-small trainable head (ours); non-saturating logistic losses (ours).
+GAN: features of the frozen teacher (FLUX: the input of its final norm layer; a UNet: its mid-block output)
+at a re-noised sample feed a small trainable head (ours); non-saturating logistic losses (ours).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sharding import is_sharded, shard_like, whole, whole_copy, write_whole
 
 
 def dmd_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor, eps: float = 1e-6) -> Tensor:
@@ -83,20 +85,27 @@ def add_fake_score(model: nn.Module, rank: int, alpha: float, targets: list[str]
         warnings.simplefilter("ignore", UserWarning)
         lora.add_lora(model, rank, alpha, targets, dropout, adapter_name)
     model.set_adapter("default")  # PEFT: only the active adapter's weights require grad
-    params = [p for n, p in model.named_parameters() if f".{adapter_name}." in n]
+    params = fake_score_parameters(model, adapter_name)
     for p in params:  # fp32 like the student's adapter (the frozen base may be fp16/bf16)
         p.data = p.data.float()
     return params
 
 
+def fake_score_parameters(model: nn.Module, adapter_name: str = FAKE_SCORE) -> list[nn.Parameter]:
+    """The fake score adapter's weights in `model` (after an engine swapped in sharded ones, the new objects)."""
+    return [p for n, p in model.named_parameters() if f".{adapter_name}." in n]
+
+
 @contextmanager
 def adapter_active(model: nn.Module, adapter_name: str = FAKE_SCORE) -> Iterator[None]:
-    """Only `adapter_name` acts (and requires grad) inside the block; "default" is active again afterwards."""
+    """Only `adapter_name` acts (and requires grad) inside the block; the adapters active before are active again
+    afterwards. A loss built inside must also be back-propagated inside: outside, its weights require no grad."""
+    previous = model.active_adapters()
     model.set_adapter(adapter_name)
     try:
         yield
     finally:
-        model.set_adapter("default")
+        model.set_adapter(previous)
 
 
 @contextmanager
@@ -110,10 +119,21 @@ def captured_input(module: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
+@contextmanager
+def captured_output(module: nn.Module) -> Iterator[list[Tensor]]:
+    """A list that receives the output of each forward call of `module` inside the block."""
+    seen: list[Tensor] = []
+    handle = module.register_forward_hook(lambda _mod, _args, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 class AuxOptimizer:
     """An extra trainable piece (fake-score LoRA, discriminator head) with its own AdamW and constant learning rate.
 
-    Stepped inside the student's loss: `step(loss)` back-propagates into these parameters only (their .grad
+    Stepped after the student's update: `step(loss)` back-propagates into these parameters only (their .grad
     is cleared before and after, so nothing leaks into or out of the student's update), averages the
     gradients over processes, skips a non-finite update, clips and steps. `state_dict` holds the weights
     and the optimizer state, so accelerator.register_for_checkpointing makes it resumable.
@@ -125,6 +145,12 @@ class AuxOptimizer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
         self.max_grad_norm = max_grad_norm
 
+    def retarget(self, params: Iterable[nn.Parameter]) -> None:
+        """Train these parameter objects instead (FSDP2 replaces a prepared model's); a fresh optimizer state."""
+        self.params = list(params)
+        self.optimizer.param_groups[0]["params"] = self.params
+        self.optimizer.state.clear()
+
     def step(self, loss: Tensor) -> bool:
         """One update from `loss`; returns False when it was skipped (non-finite loss or gradient)."""
         for p in self.params:
@@ -134,9 +160,13 @@ class AuxOptimizer:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for g in grads:
-                dist.all_reduce(g)
-                g /= dist.get_world_size()
-        finite = bool(torch.isfinite(loss.detach())) and all(bool(torch.isfinite(g).all()) for g in grads)
+                if not is_sharded(g):  # FSDP2 has averaged a sharded parameter's gradient over processes already
+                    dist.all_reduce(g)
+                    g /= dist.get_world_size()
+        finite = bool(torch.isfinite(loss.detach()))
+        for g in grads:
+            with whole(g) as full:
+                finite = finite and bool(torch.isfinite(full).all())
         if finite:
             for p, g in zip(self.params, grads):
                 p.grad = g
@@ -148,13 +178,18 @@ class AuxOptimizer:
         return finite
 
     def state_dict(self) -> dict:
-        return {"params": [p.detach().cpu().clone() for p in self.params], "optimizer": self.optimizer.state_dict()}
+        """Weights and optimizer state as whole tensors (gathered when sharded: every process calls this)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: whole_copy(v) for k, v in st.items()} for i, st in optimizer["state"].items()}
+        return {"params": [whole_copy(p) for p in self.params], "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["params"]) != len(self.params):
             raise ValueError(f"the checkpoint holds {len(state['params'])} tensors of this extra, "
                              f"the model {len(self.params)}")
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"]):
-                p.copy_(saved.to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
+        for p, saved in zip(self.params, state["params"]):
+            write_whole(p, saved)
+        optimizer = dict(state["optimizer"])  # the moments follow their parameter's sharding
+        optimizer["state"] = {i: {k: shard_like(v, self.params[int(i)]) for k, v in st.items()}
+                              for i, st in optimizer["state"].items()}
+        self.optimizer.load_state_dict(optimizer)

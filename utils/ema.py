@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .sharding import is_sharded, owner, settle, whole, write_whole
+
 
 def _params(x: Iterable[Tensor] | nn.Module) -> list[Tensor]:
     """The parameters of a module, or the tensors of an iterable, as a list."""
@@ -16,29 +18,62 @@ def _params(x: Iterable[Tensor] | nn.Module) -> list[Tensor]:
 
 @torch.no_grad()
 def ema_update(target: Iterable[Tensor] | nn.Module, source: Iterable[Tensor] | nn.Module, decay: float) -> None:
-    """In place, no grad: theta_ema <- decay theta_ema + (1 - decay) theta."""
+    """In place, no grad: theta_ema <- decay theta_ema + (1 - decay) theta.
+
+    The target is whole; a source sharded across processes (FSDP2, ZeRO-3) is read whole, one tensor at a time.
+    """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
     tgt, src = _params(target), _params(source)
     if len(tgt) != len(src):
         raise ValueError(f"EMA target has {len(tgt)} tensors, source has {len(src)}")
-    for t, s in zip(tgt, src):
-        if t.shape != s.shape:
-            raise ValueError(f"EMA shape mismatch: target {tuple(t.shape)} vs source {tuple(s.shape)}")
-        t.mul_(decay).add_(s.to(device=t.device, dtype=t.dtype), alpha=1.0 - decay)
+    for t, shard in zip(tgt, src):
+        with whole(shard) as s:
+            if t.shape != s.shape:
+                raise ValueError(f"EMA shape mismatch: target {tuple(t.shape)} vs source {tuple(s.shape)}")
+            t.mul_(decay).add_(s.to(device=t.device, dtype=t.dtype), alpha=1.0 - decay)
 
 
 class EMAParams:
-    """An EMA shadow of some parameters (e.g. only the LoRA's), checkpointable, swappable into the model."""
+    """An EMA shadow of some parameters (e.g. only the LoRA's), checkpointable, swappable into the model.
 
-    def __init__(self, params: Iterable[Tensor], decay: float) -> None:
-        self.params = list(params)
+    The shadow is whole on every process, also when the parameters are sharded (FSDP2, ZeRO-3): then
+    building, updating and swapping are collectives, called by every process. Swapping into sharded
+    parameters needs `model`, the module holding them: FSDP2 computes with gathered copies it keeps on
+    the model between forwards (the root module's), so a swap writes what the model holds at that moment.
+    """
+
+    def __init__(self, params: Iterable[Tensor], decay: float, model: nn.Module | None = None) -> None:
         self.decay = decay
-        self.shadow = [p.detach().clone() for p in self.params]
+        self.model = model
+        self.reset(params)
+
+    def reset(self, params: Iterable[Tensor] | None = None) -> None:
+        """shadow <- params (a new start, e.g. of a training stage); `params` replaces the followed parameters
+        (FSDP2 puts new, sharded, objects in a prepared model: give them while the model holds them)."""
+        if params is not None:
+            self.params = list(params)
+            names = {}
+            if self.model is not None:
+                settle(self.model)  # the names of the kept (sharded) parameters, not of gathered copies
+                names = {id(p): name for name, p in self.model.named_parameters()}
+            self.names = [names.get(id(p)) for p in self.params]
+        self.shadow = []
+        for p in self.params:
+            with whole(p) as full:
+                self.shadow.append(full.clone())
 
     def update(self) -> None:
         """shadow <- decay shadow + (1 - decay) params."""
         ema_update(self.shadow, self.params, self.decay)
+
+    def _held(self) -> list[Tensor]:
+        """The tensors the model computes with now: the parameters, or FSDP2's gathered copies of them."""
+        if self.model is None:
+            if any(is_sharded(p) for p in self.params):
+                raise ValueError("swapping EMA weights into sharded parameters needs EMAParams(..., model)")
+            return self.params
+        return [getattr(*owner(self.model, name)) if name else p for p, name in zip(self.params, self.names)]
 
     @contextmanager
     def swapped(self):
@@ -46,16 +81,16 @@ class EMAParams:
 
         Copies in place, so use it before the step's student forward (autograd saves the weights).
         """
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
+        held, saved = self._held(), []
+        for p, s in zip(held, self.shadow):
+            with whole(p) as full:
+                saved.append(full.clone())
+            write_whole(p, s)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
+            for p, s in zip(held, saved):
+                write_whole(p, s)
 
     def state_dict(self) -> dict:
         return {"shadow": [s.clone() for s in self.shadow], "decay": self.decay}

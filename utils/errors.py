@@ -11,10 +11,10 @@ class UserError(Exception):
     """A problem with the user's input (a flag, a path, a file), reported as one line."""
 
 
-def fail(message: str) -> NoReturn:
-    """Print `error: message` to stderr and exit with status 2 (argparse's code for bad usage)."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: message` to stderr and exit with status `code` (2, argparse's code for bad usage, unless told)."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 @contextmanager

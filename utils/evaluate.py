@@ -12,7 +12,8 @@ For each step count it samples every evaluation prompt from fixed seeds and repo
   - with --teacher: RMSE to the teacher's sample from the same noise (fidelity);
   - milliseconds per image (sampling only, VAE decode included).
 Real models use --prompts_file (one prompt per line) and --judge none. It writes `metrics.json`,
-`metrics.md` and a grid PNG (rows = step counts, columns = prompts).
+`metrics.md` and `grid.png` (a row per model and step count, labelled with its sampler, steps and
+CFG; a column per prompt, the first 12, labelled with the prompt).
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import fail, user_errors
-from .toy import data as toy_data
-from .toy.judge import ToyJudge, frechet_distance, judge_images, prompt_accuracy
+from .grids import save_grid, to_uint8
+from .samplers import SAMPLERS, check_sampler, set_sampler, uses_milestones
+
+if TYPE_CHECKING:
+    from .toy.judge import ToyJudge
 
 
 @dataclass
@@ -42,6 +47,13 @@ class Result:
     teacher_rmse: float | None = None  # pixel RMSE to the reference (teacher, 50 steps) from the same noise
     clip_score: float | None = None
     clip_fd: float | None = None
+    guidance_scale: float | None = None
+
+
+def row_labels(results: list[Result]) -> list[str]:
+    """Grid row labels naming what each row of images is: "<label>, <steps> steps, CFG <scale>"."""
+    return [f"{r.label}, {r.steps} step{'s' * (r.steps != 1)}"
+            + ("" if r.guidance_scale is None else f", CFG {r.guidance_scale:g}") for r in results]
 
 
 class ClipScorer:
@@ -75,35 +87,10 @@ class ClipScorer:
         return 100.0 * cos.clamp(min=0).mean().item()
 
 
-# scheduler names accepted by --scheduler, and the diffusers class (+ overrides) each means
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "tlcm": ("FlowMatchEulerTLCMScheduler", {}),  # ours: utils/tlcm_scheduler.py (FLUX)
-    "tlcm-implied": ("FlowMatchEulerTLCMScheduler", {"renoise": "implied"}),
-    "tlcm-sdxl": ("TLCMScheduler", {}),  # the released SDXL sampler on the milestone subsets
-}
-
-
-def set_scheduler(pipe, name: str | None) -> str:
-    """Swap the pipeline's scheduler for SCHEDULERS[name] on the same noise schedule; returns its class name."""
-    if name in (None, "default"):
-        return type(pipe.scheduler).__name__
-    import diffusers
-
-    from . import tlcm_scheduler
-
-    cls_name, overrides = SCHEDULERS[name]
-    cls = getattr(tlcm_scheduler, cls_name, None) or getattr(diffusers, cls_name)
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
-    return cls_name
-
-
 def eval_prompts(per_combo: int = 1) -> list[tuple[str, int, int]]:
     """Fixed prompts covering every shape x colour (backgrounds and sizes cycled): (caption, shape, colour)."""
+    from .toy import data as toy_data
+
     prompts, k = [], 0
     for _ in range(per_combo):
         for shape in toy_data.SHAPES:
@@ -181,22 +168,6 @@ def read_labels(folder: str) -> torch.Tensor:
         return torch.tensor([[row["shape"], row["colour"]] for row in map(json.loads, f)])
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-
-
-def save_grid(rows: list[torch.Tensor], path: str, columns: int = 12, scale: int = 2) -> None:
-    """One row of images per entry of `rows` (the first `columns` images of each)."""
-    tiles = [to_uint8(r[:columns]) for r in rows]
-    h, w = tiles[0].shape[1:3]
-    grid = np.full((len(tiles) * (h + 2), columns * (w + 2), 3), 255, np.uint8)
-    for i, row in enumerate(tiles):
-        for j, img in enumerate(row):
-            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = img
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
-
-
 def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge | None = None,
              real_feats: torch.Tensor | None = None, label: str = "", per_combo: int = 1, seed: int = 0,
              reference: torch.Tensor | None = None, prompts: list[str] | None = None, clip: ClipScorer | None = None,
@@ -209,6 +180,8 @@ def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge
     """
     labelled = eval_prompts(per_combo) if prompts is None else None
     texts = [p[0] for p in labelled] if labelled else list(prompts)
+    if judge is not None or clip_real_feats is not None:  # the toy judge's module (and FD) only when needed
+        from .toy.judge import frechet_distance, judge_images, prompt_accuracy
     results, images = [], []
     for steps in steps_list:
         imgs, sec = sample(pipe, texts, steps, guidance_scale, seed)
@@ -220,7 +193,7 @@ def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge
                                       torch.tensor([p[2] for p in labelled]))
             fd = None if real_feats is None else frechet_distance(feats, real_feats)
         rmse = None if reference is None else (imgs - reference).pow(2).mean().sqrt().item()
-        result = Result(label, steps, acc, fd, sec, rmse)
+        result = Result(label, steps, acc, fd, sec, rmse, guidance_scale=guidance_scale)
         if clip is not None:
             result.clip_score = clip.score(imgs, texts)
             if clip_real_feats is not None:
@@ -270,15 +243,16 @@ def check_output_dir(path: str) -> None:
 
 
 def main() -> None:
-    from .training import Parser
+    from .flags import Parser
 
     parser = Parser(prog="python -m utils.evaluate", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="diffusers pipeline folder (or hub id) to sample")
     parser.add_argument("--lora", default=None,
                         help="a LoRA (folder or file with pytorch_lora_weights.safetensors) to load into --pipeline")
-    parser.add_argument("--scheduler", default="default", choices=["default", *SCHEDULERS],
-                        help="sampler to use on the pipeline's noise schedule (default: the pipeline's own)")
+    parser.add_argument("--scheduler", default="default", choices=["default", *SAMPLERS],
+                        help="sampler to use on the pipeline's noise schedule, one of utils/samplers.py "
+                             "(default: the pipeline's own)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (default: %(default)s)")
     parser.add_argument("--guidance_scale", type=float, default=7.5,
                         help="CFG scale, diffusers convention (for an LCM student: w + 1)")
@@ -312,26 +286,34 @@ def main() -> None:
 
     from .data import load_prompts
     from .errors import UserError
-    from .models import pipeline_index
+    from .models import detect_architecture, pipeline_index
 
     for library in (diffusers, transformers):  # stderr is for errors: no per-file loading bars or notes
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     with user_errors():
         pipeline_index(args.pipeline, flag="--pipeline")
+        if args.scheduler != "default":  # a sampler for another model family, or steps it has no timesteps for
+            arch = detect_architecture(args.pipeline, flag="--pipeline")
+            check_sampler(args.scheduler, arch)
+            if uses_milestones(args.scheduler, arch) and max(args.steps) > 8:
+                fail(f"--scheduler {args.scheduler} takes --steps 1..8 (the published milestone subsets), "
+                     f"got {args.steps}")
         if args.teacher:
             pipeline_index(args.teacher, flag="--teacher")
         prompts = load_prompts(prompts_file=args.prompts_file) if args.prompts_file else None
         if args.lora:  # read and check against the pipeline's denoiser (no weights loaded) before any sampling
-            from . import lora
+            from . import lora_files
 
             try:
-                lora.read_lora(args.lora, lora.denoiser_skeleton(args.pipeline, flag="--pipeline")[0])
+                lora_files.read_lora(args.lora, lora_files.denoiser_skeleton(args.pipeline, flag="--pipeline")[0])
             except UserError as exc:
                 raise UserError(f"{exc} (--lora)") from None
     real = load_real_images(args.real_images) if (use_judge or args.clip_model) else None
     ev = dict(per_combo=args.per_combo, seed=args.seed, prompts=prompts)
     if use_judge:
+        from .toy.judge import ToyJudge, judge_images
+
         ev["judge"] = ToyJudge.from_pretrained(args.judge)
         ev["real_feats"] = judge_images(ev["judge"], real)[2]
     if args.clip_model:
@@ -355,12 +337,13 @@ def main() -> None:
             pipe.load_lora_weights(args.lora)
         except (OSError, ValueError) as exc:
             fail(f"--lora {args.lora} could not be loaded: {str(exc).strip().splitlines()[0]}")
-    sampler = set_scheduler(pipe, args.scheduler)
+    sampler = set_sampler(pipe, args.scheduler)
     name = os.path.basename(os.path.normpath(args.lora or args.pipeline))
     label = f"{name} ({sampler})"
     res, images = evaluate(pipe, args.steps, args.guidance_scale, label=label, reference=reference, **ev)
     print(write_report(results + res, args.output_dir))
-    save_grid(rows + images, os.path.join(args.output_dir, "grid.png"))
+    texts = prompts or [p[0] for p in eval_prompts(args.per_combo)]
+    save_grid(rows + images, os.path.join(args.output_dir, "grid.png"), row_labels(results + res), texts)
     print(f"metrics.json, metrics.md and grid.png written to {args.output_dir}/")
 
 

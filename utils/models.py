@@ -14,8 +14,10 @@ Bad input (a missing folder, a folder that is not a pipeline, the wrong architec
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +28,10 @@ from torch import Tensor
 from transformers import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
                           T5TokenizerFast)
 
+from . import sharding
 from .errors import UserError
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("sd", "sdxl", "flux")
 
@@ -104,7 +109,7 @@ def component_class(index: dict[str, Any], name: str) -> str | None:
     return None
 
 
-def _load_config(cls: Any, path: str, subfolder: str, revision: str | None, flag: str | None = None) -> dict:
+def load_config(cls: Any, path: str, subfolder: str, revision: str | None, flag: str | None = None) -> dict:
     """cls.load_config(path, subfolder=...) as a dict, with library errors turned into a UserError."""
     try:
         return dict(cls.load_config(path, subfolder=subfolder, revision=revision))
@@ -112,7 +117,7 @@ def _load_config(cls: Any, path: str, subfolder: str, revision: str | None, flag
         raise _unloadable(path, exc, f"the {subfolder} config", flag) from exc
 
 
-def _from_pretrained(cls: Any, path: str, flag: str | None = None, **kwargs: Any) -> Any:
+def load_pretrained(cls: Any, path: str, flag: str | None = None, **kwargs: Any) -> Any:
     """cls.from_pretrained(path, **kwargs), with library errors turned into a UserError."""
     try:
         return cls.from_pretrained(path, **kwargs)
@@ -138,7 +143,7 @@ def detect_architecture(path: str, revision: str | None = None, flag: str | None
                         f" FluxTransformer2DModel, SD/SDXL's UNet2DConditionModel){where}")
     if subfolder == "transformer":
         return "flux"
-    config = _load_config(UNet2DConditionModel, path, "unet", revision, flag)
+    config = load_config(UNet2DConditionModel, path, "unet", revision, flag)
     # SDXL conditions on pooled text embeddings + size/crop ids; SSD-1B keeps that and drops blocks.
     return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd"
 
@@ -172,9 +177,9 @@ def load_vae(path: str, vae_path: str | None = None, revision: str | None = None
                             f" ({os.path.join(vae_path, 'vae')}) ({VAE_FLAG})")
         # revision/variant name versions of the teacher repo; a separate VAE repo (e.g. the fp16-fix VAE)
         # has its own, so they are not passed on.
-        return _from_pretrained(AutoencoderKL, vae_path, VAE_FLAG, torch_dtype=dtype)
+        return load_pretrained(AutoencoderKL, vae_path, VAE_FLAG, torch_dtype=dtype)
     _check_exists(path)
-    return _from_pretrained(AutoencoderKL, path, subfolder="vae", revision=revision, variant=variant,
+    return load_pretrained(AutoencoderKL, path, subfolder="vae", revision=revision, variant=variant,
                             torch_dtype=dtype)
 
 
@@ -185,7 +190,7 @@ def load_denoiser(path: str, revision: str | None = None, variant: str | None = 
         cls, subfolder = FluxTransformer2DModel, "transformer"
     else:
         cls, subfolder = UNet2DConditionModel, "unet"
-    return _from_pretrained(cls, path, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype)
+    return load_pretrained(cls, path, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype)
 
 
 def _transformers_class(index: dict[str, Any], name: str, default: type) -> type:
@@ -206,11 +211,11 @@ def load_text_encoders(path: str, arch: str | None = None, revision: str | None 
             raise UserError(f"{path} has no {name}, which a {arch} pipeline needs")
     # Tokenizers use fixed classes: the fast ones read tokenizer.json or convert vocab files, while the
     # class names in model_index.json differ between transformers versions (T5Tokenizer vs T5TokenizerFast).
-    tokenizers = [_from_pretrained(cls, path, subfolder=name, revision=revision) for name, cls in TOKENIZERS[arch]]
+    tokenizers = [load_pretrained(cls, path, subfolder=name, revision=revision) for name, cls in TOKENIZERS[arch]]
     encoders = []
     for name, default in TEXT_ENCODERS[arch]:
         cls = _transformers_class(index, name, default)
-        encoder = _from_pretrained(cls, path, subfolder=name, revision=revision, variant=variant, dtype=dtype)
+        encoder = load_pretrained(cls, path, subfolder=name, revision=revision, variant=variant, dtype=dtype)
         encoders.append(encoder.eval().requires_grad_(False))
     return tokenizers, encoders
 
@@ -220,7 +225,7 @@ def load_noise_scheduler_config(path: str, revision: str | None = None) -> dict:
     _check_exists(path)
     # load_config only reads scheduler_config.json; any scheduler class reads the same file, whatever
     # class the file itself names, so this works for DDIM, Euler and flow-matching schedulers alike.
-    return _load_config(DDPMScheduler, path, "scheduler", revision)
+    return load_config(DDPMScheduler, path, "scheduler", revision)
 
 
 # ----------------------------------------------------------------------------- prompt encoding
@@ -274,6 +279,49 @@ def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int]
     if len(values) != 6:
         raise ValueError(f"sdxl_time_ids takes three pairs, got {original_size}, {crop_top_left}, {target_size}")
     return torch.tensor([values], dtype=dtype).repeat(batch_size, 1)
+
+
+@dataclass
+class Conditioning:
+    """What a UNet is conditioned on: prompt embeddings and, for SDXL, its added_cond_kwargs (text_embeds =
+    the pooled embeddings, time_ids = the micro-conditioning); `added` is empty for SD 1.x/2.x."""
+
+    embeds: Tensor
+    added: dict
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """Both batches in one (e.g. cond + uncond for one CFG forward)."""
+        return Conditioning(torch.cat([self.embeds, other.embeds]),
+                            {k: torch.cat([v, other.added[k]]) for k, v in self.added.items()})
+
+    def expand_as(self, other: Conditioning) -> Conditioning:
+        """This (batch of one) repeated to `other`'s batch; keys this one lacks are taken from `other`."""
+        return Conditioning(self.embeds.expand_as(other.embeds),
+                            {k: self.added[k].expand_as(v) if k in self.added else v for k, v in other.added.items()})
+
+    def unet_kwargs(self, dtype: torch.dtype) -> dict:
+        """encoder_hidden_states and added_cond_kwargs of a UNet2DConditionModel call, in `dtype`."""
+        return {"encoder_hidden_states": self.embeds.to(dtype),
+                "added_cond_kwargs": {k: v.to(dtype) for k, v in self.added.items()} or None}
+
+
+def unet_conditioning(text: Sequence[Tensor], batch: dict | None = None, resolution: int | None = None,
+                      fixed_size: bool = False) -> Conditioning:
+    """Conditioning from Teacher.encode's (embeds,) or (embeds, pooled); SDXL's time ids per image: its
+    original size and crop from `batch`, target = resolution (fixed_size or no batch: (r, r, 0, 0, r, r);
+    no resolution: none, for a branch that takes each image's own later, see Conditioning.expand_as)."""
+    embeds, *pooled = text
+    if not pooled:
+        return Conditioning(embeds, {})
+    if resolution is None:
+        return Conditioning(embeds, {"text_embeds": pooled[0]})
+    r, n = resolution, embeds.shape[0]
+    if fixed_size or batch is None:
+        time_ids = sdxl_time_ids((r, r), (0, 0), (r, r), n)
+    else:
+        time_ids = torch.cat([sdxl_time_ids(tuple(o), tuple(c), (r, r))
+                              for o, c in zip(batch["original_sizes"], batch["crop_top_lefts"])])
+    return Conditioning(embeds, {"text_embeds": pooled[0], "time_ids": time_ids.to(embeds.device)})
 
 
 def flux_max_sequence_length(tokenizer_2: Any) -> int:
@@ -365,3 +413,96 @@ def latent_image_ids(height: int, width: int, device: torch.device | str | None 
     cols = torch.arange(width // 2).repeat(height // 2)
     ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).to(torch.float32)
     return ids.to(device=device, dtype=dtype)
+
+
+def enable_xformers(model: Any, requested: bool) -> None:
+    """Use xformers attention if asked and possible; otherwise say why and keep PyTorch SDPA."""
+    if not requested:
+        return
+    if not torch.cuda.is_available():
+        logger.warning("--enable_xformers_memory_efficient_attention: no CUDA device; using PyTorch SDPA attention")
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        logger.warning("--enable_xformers_memory_efficient_attention: xformers is not installed; using PyTorch SDPA")
+        return
+    model.enable_xformers_memory_efficient_attention()
+
+
+def prepare_denoiser(model: torch.nn.Module, args: Any) -> None:
+    """In place, after every adapter is added: --enable_xformers_memory_efficient_attention,
+    --merged_lora_forward, --channels_last and --torch_compile (Module.compile keeps the state-dict keys)."""
+    from . import merged_lora
+
+    enable_xformers(model, args.enable_xformers_memory_efficient_attention)
+    if getattr(args, "merged_lora_forward", False):
+        merged_lora.enable(model)
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if getattr(args, "torch_compile", False):
+        model.compile(dynamic=False)  # a few fixed shapes per run: no symbolic-shape guards
+
+
+def load_frozen_vae(args: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """The (possibly separate) VAE, frozen, on `device`; --resolution checked against its downsampling."""
+    vae = load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
+                   args.variant).requires_grad_(False).eval()
+    factor = vae_scale_factor(vae.config)
+    if args.resolution % factor:
+        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    # the VAE stays fp32 when its config asks for it (SD-family VAEs overflow in fp16)
+    return vae.to(device, torch.float32 if vae.config.get("force_upcast", False) else dtype)
+
+
+@dataclass
+class Teacher:
+    """A teacher pipeline's parts: the frozen VAE and text encoders (on the run's device, in its mixed-precision
+    dtype unless the VAE must stay fp32), the denoiser as loaded (fp32, CPU: the recipe decides its copies),
+    and the noise schedule (alphas_cumprod and prediction_type for a DDPM teacher, None for flow matching)."""
+
+    arch: str  # "sd", "sdxl" or "flux"
+    scheduler_config: dict
+    vae: Any
+    tokenizers: list
+    text_encoders: list
+    denoiser: Any
+    dtype: torch.dtype  # the mixed-precision dtype of frozen models
+    alphas_cumprod: Tensor | None = None
+    prediction_type: str | None = None
+
+    def encode(self, prompts: str | Sequence[str]) -> tuple[Tensor, ...]:
+        """(embeds,) for SD, (embeds, pooled) for SDXL, (embeds, pooled, text_ids) for FLUX."""
+        return tuple(encode_prompts(self.arch, prompts, self.tokenizers, self.text_encoders).values())
+
+
+def teacher_alphas_cumprod(scheduler_config: dict) -> Tensor:
+    """a_t of the teacher's DDPM schedule, clamped to >= 2^-24: a zero-terminal-SNR schedule
+    (rescale_betas_zero_snr) has a_T = 0, where an eps-prediction's x0 = (x - sigma eps) / alpha divides by
+    zero; diffusers' samplers clamp it the same way."""
+    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.clamp(min=2.0**-24)
+
+
+def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> Teacher:
+    """The teacher of --pretrained_teacher_model (one of `archs`) with --pretrained_vae_model_name_or_path,
+    --revision and --variant; --resolution checked against the VAE's downsampling."""
+    from .solvers import PREDICTION_TYPES
+
+    path, device = args.pretrained_teacher_model, accelerator.device
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    arch = require_architecture(path, archs, revision=args.revision)
+    config = load_noise_scheduler_config(path, args.revision)
+    alphas_cumprod = prediction_type = None
+    if arch != "flux":
+        prediction_type = config.get("prediction_type", "epsilon")
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"teacher's scheduler has prediction_type {prediction_type!r}; supported: "
+                            f"{', '.join(PREDICTION_TYPES)} (--pretrained_teacher_model)")
+        alphas_cumprod = teacher_alphas_cumprod(config).to(device)
+    with sharding.loaded_whole(accelerator):  # ZeRO-3 would split every model as it loads; prepare() does
+        vae = load_frozen_vae(args, device, dtype)
+        tokenizers, encoders = load_text_encoders(path, arch, args.revision, args.variant)
+        for encoder in encoders:
+            encoder.to(device, dtype)
+        denoiser = load_denoiser(path, args.revision, args.variant).requires_grad_(False)
+    return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type)

@@ -21,7 +21,7 @@ Scorer = Callable[[Tensor, Sequence[str]], Tensor]
 
 
 def hinge_reward_loss(score_pos: Tensor, score_neg: Tensor, s0: float) -> Tensor:
-    """mean(max(s0 - s(x0, c), 0) + max(s(x0, c_neg), 0)) (TLCM.md, reward extra)."""
+    """mean(max(s0 - s(x0, c), 0) + max(s(x0, c_neg), 0)) (the TLCM reward extra, docs/tlcm.md)."""
     return (torch.relu(s0 - score_pos) + torch.relu(score_neg)).mean()
 
 

@@ -1,4 +1,4 @@
-"""ODE solvers and parameterisation conversions (DESIGN.md section 3; TLCM.md "FLUX form").
+"""ODE solvers, parameterisation conversions and the FLUX sigma schedule.
 
 DDPM notation: a_t = alphas_cumprod[t], alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t),
 x_t = alpha_t x0 + sigma_t eps.  Flow matching (FLUX): x_t = (1 - sigma) x0 + sigma eps,
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIME_SHIFT_TYPES = ("exponential", "linear")  # the resolution shifts of diffusers' flow-matching schedulers
 
 Coef = Tensor | float
 
@@ -97,9 +98,33 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_s: Coef, sigma_s: Coef) -> Tensor:
     return broadcast_like(alpha_s, x0) * x0 + broadcast_like(sigma_s, x0) * eps
 
 
+def ddim_jump(z: Tensor, model_output: Tensor, alpha_t: Coef, sigma_t: Coef, alpha_s: Coef, sigma_s: Coef,
+              prediction_type: str) -> Tensor:
+    """DDIM(z, x0, t, s) = alpha_s x0 + sigma_s (z - alpha_t x0) / sigma_t, with x0 the model output's at (z, t)."""
+    x0, eps = x0_eps_from_model_output(model_output, z, alpha_t, sigma_t, prediction_type)
+    return ddim_step(x0, eps, alpha_s, sigma_s)
+
+
 def cfg(cond: Tensor, uncond: Tensor, w: Coef) -> Tensor:
     """Classifier-free guidance, LCM convention: p = p_c + w (p_c - p_u) (classic scale w + 1)."""
     return cond + broadcast_like(w, cond) * (cond - uncond)
+
+
+def ddim_cfg_step(
+    out_cond: Tensor,
+    out_uncond: Tensor,
+    x_t: Tensor,
+    w: Coef,
+    alpha_t: Coef,
+    sigma_t: Coef,
+    alpha_s: Coef,
+    sigma_s: Coef,
+    prediction_type: str,
+) -> Tensor:
+    """x_s = alpha_s cfg(x0_c, x0_u, w) + sigma_s cfg(eps_c, eps_u, w): the guided DDIM step t -> s."""
+    x0_c, eps_c = x0_eps_from_model_output(out_cond, x_t, alpha_t, sigma_t, prediction_type)
+    x0_u, eps_u = x0_eps_from_model_output(out_uncond, x_t, alpha_t, sigma_t, prediction_type)
+    return ddim_step(cfg(x0_c, x0_u, w), cfg(eps_c, eps_u, w), alpha_s, sigma_s)
 
 
 # --- Flow matching (FLUX) ----------------------------------------------------------------------
@@ -148,12 +173,50 @@ def time_shift(sigma: Coef, mu: float) -> Coef:
     return torch.where(positive, e_mu / (e_mu + (1.0 / safe - 1.0)), torch.zeros_like(sigma))
 
 
-def flux_sigmas(
-    num_steps: int, image_seq_len: int, *, dtype: torch.dtype = torch.float32, **shift_kwargs: float
-) -> Tensor:
-    """sigmas = time_shift(linspace(1, 1/N, N), flux_mu(L)) followed by 0: N + 1 values (FluxPipeline's)."""
+def linear_time_shift(sigma: Tensor, mu: float) -> Tensor:
+    """sigma' = mu / (mu + (1/sigma - 1)) for sigma in (0, 1]; sigma = 0 -> 0."""
+    positive = sigma > 0
+    safe = torch.where(positive, sigma, torch.ones_like(sigma))
+    return torch.where(positive, mu / (mu + (1.0 / safe - 1.0)), torch.zeros_like(sigma))
+
+
+def static_shift(sigma: Coef, shift: float) -> Coef:
+    """sigma' = s sigma / (1 + (s - 1) sigma), the fixed shift s (= time_shift(sigma, log s))."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flux_shift(sigma: Tensor, mu: float | None, shift: float = 1.0, time_shift_type: str = "exponential") -> Tensor:
+    """sigma' = time_shift(sigma, mu) (or linear_time_shift) given mu, else static_shift(sigma, shift)."""
+    if time_shift_type not in TIME_SHIFT_TYPES:
+        raise ValueError(f"time_shift_type must be one of {', '.join(TIME_SHIFT_TYPES)}; got {time_shift_type!r}")
+    if mu is None:
+        return static_shift(sigma, shift)
+    if time_shift_type == "linear":
+        return linear_time_shift(sigma, mu)
+    return time_shift(sigma, mu)
+
+
+def stretch_to_terminal(sigmas: Tensor, terminal: float) -> Tensor:
+    """sigma' = 1 - (1 - sigma) (1 - s_term) / (1 - sigma_last): the schedule's last sigma becomes s_term."""
+    return 1.0 - (1.0 - sigmas) * (1.0 - terminal) / (1.0 - sigmas[-1])
+
+
+def uniform_sigmas(num_steps: int) -> Tensor:
+    """linspace(1, 1/N, N) in float64: the unshifted sigmas of an N-step schedule (uniform in t = T sigma)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    base = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    shifted = time_shift(base, flux_mu(image_seq_len, **shift_kwargs))
-    return torch.cat([shifted, shifted.new_zeros(1)]).to(dtype)
+    return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+
+
+def flux_sigmas(
+    sigmas: Tensor,
+    mu: float | None,
+    shift: float = 1.0,
+    time_shift_type: str = "exponential",
+    shift_terminal: float | None = None,
+) -> Tensor:
+    """FLUX's N + 1 sampling sigmas: flux_shift(sigmas), stretch_to_terminal if shift_terminal, then 0."""
+    shifted = flux_shift(sigmas, mu, shift, time_shift_type)
+    if shift_terminal:
+        shifted = stretch_to_terminal(shifted, shift_terminal)
+    return torch.cat([shifted, shifted.new_zeros(1)])

@@ -18,11 +18,11 @@ Each folder is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Callable
 
 import torch
 
+from .. import files
 from . import data
 from .train import WEIGHTS, weights_dir
 
@@ -33,14 +33,11 @@ _w = weights_dir  # short name: every component below is read from the committed
 
 
 def _atomic(out: str, write: Callable[[str], None], force: bool = False) -> bool:
-    """Run write(tmp) and rename tmp to out; skip if out exists. Returns True if it wrote."""
+    """Run write(tmp) and install tmp as out; skip if out exists. Returns True if it wrote."""
     if os.path.isdir(out) and not force:
         return False
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with files.atomic_write(out.rstrip("/")) as tmp:
+        write(tmp)
     return True
 
 
@@ -128,8 +125,8 @@ def weights_fingerprint() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for root, _, files in sorted(os.walk(WEIGHTS)):
-        for name in sorted(files):
+    for root, _, names in sorted(os.walk(WEIGHTS)):
+        for name in sorted(names):
             path = os.path.join(root, name)
             digest.update(os.path.relpath(path, WEIGHTS).encode())
             with open(path, "rb") as f:

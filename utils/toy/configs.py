@@ -1,6 +1,6 @@
 """Configs of the toy world's tiny models, all ordinary diffusers / transformers classes.
 
-Sizes were chosen by measurement on 2 CPU cores (see README): 32x32 px images, a x4 VAE
+Sizes were chosen by measurement on 2 CPU cores (docs/toy_world.md): 32x32 px images, a x4 VAE
 (8x8 latents), text encoders of width 32-64 over a 16-token context.
 """
 

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .. import files
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
     "red": (220, 30, 30),
@@ -120,15 +122,14 @@ def write_imagefolder(out_dir: str, n: int, seed: int, resolution: int = 32, des
     """An HF `imagefolder`: PNGs plus metadata.jsonl with `file_name`, `text` and label columns."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tmp = os.path.join(out_dir, "metadata.jsonl.tmp")
-    with open(tmp, "w") as meta:
+    # metadata.jsonl goes in last: its presence means the folder is complete
+    with files.atomic_write(os.path.join(out_dir, "metadata.jsonl")) as tmp, open(tmp, "w") as meta:
         for i in tqdm(range(n), desc=desc or f"imagefolder {out_dir}", leave=False):
             scene = random_scene(rng)
             name = f"{i:06d}.png"
             render(scene, resolution).save(os.path.join(out_dir, name))
             row = {"file_name": name, "text": scene.caption, "shape": scene.labels[0], "colour": scene.labels[1]}
             meta.write(json.dumps(row) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "metadata.jsonl"))  # written last: its presence means complete
 
 
 def write_webdataset(out_dir: str, n: int, seed: int, resolution: int = 32, shard_size: int = 1000) -> None:
@@ -137,7 +138,7 @@ def write_webdataset(out_dir: str, n: int, seed: int, resolution: int = 32, shar
     rng = np.random.default_rng(seed)
     for shard in tqdm(range((n + shard_size - 1) // shard_size), desc=f"webdataset {out_dir}", leave=False):
         path = os.path.join(out_dir, f"shard-{shard:06d}.tar")
-        with tarfile.open(path + ".tmp", "w") as tar:
+        with files.atomic_write(path) as tmp, tarfile.open(tmp, "w") as tar:
             for i in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
                 scene = random_scene(rng)
                 buf = io.BytesIO()
@@ -147,4 +148,3 @@ def write_webdataset(out_dir: str, n: int, seed: int, resolution: int = 32, shar
                     info = tarfile.TarInfo(f"{i:08d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
-        os.replace(path + ".tmp", path)

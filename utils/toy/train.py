@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import files
 from . import configs
 from .data import sample_batch
 
@@ -43,15 +44,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def save_fp16(model, name: str) -> None:
     """Save a diffusers/transformers model in fp16 under weights/NAME (a tmp dir renamed when complete)."""
-    out = os.path.join(WEIGHTS, name)
-    tmp = out + ".tmp"
-    model.to(torch.float16).save_pretrained(tmp)
+    with files.atomic_write(os.path.join(WEIGHTS, name)) as tmp:
+        model.to(torch.float16).save_pretrained(tmp)
     model.to(torch.float32)
-    if os.path.isdir(out):
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 100) -> float:
@@ -386,22 +381,22 @@ def train_judge(steps: int, batch: int, lr: float, seed: int) -> None:
 
 # -------------------------------------------------------------------------------- latent LPIPS
 def train_latent_lpips(name: str, steps: int, batch: int, lr: float, seed: int, references: int) -> None:
-    """A latent LPIPS for one toy VAE from synthetic 2AFC judgments (see utils/latent_lpips.py).
+    """A latent LPIPS for one toy VAE from synthetic 2AFC judgments (see utils/toy/latent_lpips_train.py).
 
     Reference images are drawn like every other component's (the seed-0 stream, i.e. the scenes
     of the train split); the held-out agreement is measured on scenes from another seed.
     """
     from diffusers import AutoencoderKL
 
-    from .. import latent_lpips
     from .judge import ToyJudge
+    from .latent_lpips_train import train_latent_lpips as fit_latent_lpips
 
     vae = load_weights(AutoencoderKL, "vae_flux" if name == "latent_lpips_flux" else "vae_sd")
     judge = load_weights(ToyJudge, "judge")
     train_images = to_tensor(sample_batch(2000, np.random.default_rng(seed))[1])
     val_images = to_tensor(sample_batch(500, np.random.default_rng(seed + 7919))[1])
-    net, report = latent_lpips.train_latent_lpips(vae, judge, train_images, val_images, steps=steps,
-                                                  batch_size=batch, lr=lr, num_references=references, seed=seed)
+    net, report = fit_latent_lpips(vae, judge, train_images, val_images, steps=steps, batch_size=batch, lr=lr,
+                                   num_references=references, seed=seed)
     print(f"{name}: {report}")
     net.metadata = dict(report, vae=name.replace("latent_lpips", "vae"))
     save_fp16(net, name)

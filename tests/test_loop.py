@@ -1,4 +1,4 @@
-"""utils.training.apply_gradients under fp16 loss scaling (simulated on CPU with a real GradScaler)."""
+"""utils.loop: apply_gradients under fp16 loss scaling (simulated on CPU with a real GradScaler), --scale_lr."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def test_fp16_overflow_lowers_the_loss_scale_and_training_recovers():
     drops, and later steps update the weights (skipping it ourselves would keep the scale, and overflow, forever)."""
     from accelerate import Accelerator
 
-    from utils.training import apply_gradients
+    from utils.loop import apply_gradients
 
     accelerator = Accelerator(cpu=True)
     # what Accelerator(mixed_precision="fp16") sets up on a GPU: native AMP (fp16 autocast) with a grad scaler
@@ -40,7 +40,7 @@ def test_fp16_overflow_lowers_the_loss_scale_and_training_recovers():
 def test_scale_lr_multiplies_by_the_samples_per_optimizer_step():
     import argparse
 
-    from utils.training import make_optimizer
+    from utils.loop import make_optimizer
 
     args = argparse.Namespace(learning_rate=1e-4, scale_lr=True, train_batch_size=4, gradient_accumulation_steps=2,
                               adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8,

@@ -1,0 +1,479 @@
+"""TLCM: two-stage, data-free latent consistency distillation of an SDXL (SSD-1B, SD 1.x) UNet into one LoRA.
+
+    accelerate launch train_tlcm_sdxl.py --pretrained_teacher_model <SDXL hub id or folder> \
+        --prompts_file prompts.txt --output_dir out/ --stage all
+
+The method as published for SDXL (TLCM, arXiv 2406.05768; docs/tlcm.md) on an eps- (or v-) prediction DDPM
+teacher: integer timesteps, a_t = alphas_cumprod[t], M + 1 milestones floor(i (T - 1) / M) (M = 8: 0, 124,
+249, ..., 874, 999). No image is read: every latent comes from the teacher or the student. One UNet is in
+memory: the student is it with the LoRA enabled, the teacher is it with the LoRA disabled, guided by CFG in
+one batched cond + uncond pass with --guidance_scale w: eps = eps_u + w (eps_c - eps_u) (the paper's w,
+diffusers' guidance_scale). The student's x0 is f(z, t) = (z - sqrt(1 - a_t) eps) / sqrt(a_t) (no
+c_skip/c_out) and its jump to a lower time s is g(z, t) = DDIM(z, f, t, s) =
+sqrt(a_s) f + sqrt(1 - a_s) (z - sqrt(a_t) f) / sqrt(1 - a_t)  (utils/tlcm.py).
+  stage 1, DSCD (sub-segment consistency): pick a segment s and t_m in it on the --skip grid; z_{t_m} =
+      M - s equal CFG-teacher DDIM steps from pure noise; z_{t_n} = one teacher DDIM step of --skip; the
+      student jumps each to the segment's lower milestone; loss d(g(z_{t_m}, t_m), stopgrad g(z_{t_n}, t_n)).
+  stage 2, DCD (global consistency): the student samples its own x0 in q steps (the released sampler: x0
+      prediction, fresh re-noising, on the milestone subsets); noise it to a milestone t_m; the teacher runs
+      p DDIM sub-steps to the milestone below; loss d(f(z_{t_m}), stopgrad f(z_{t_n})).
+  extras (optional, after stage 2), as in train_tlcm_flux.py: a reward hinge loss on decoded student
+      samples; DMD (a second, "fake_score" LoRA learns the student's one-step samples with the diffusion
+      loss; the student follows fake - real x0); GAN (the frozen teacher's mid-block output + a small head;
+      real = the q-step sample, fake = the one-step one).
+Conditioning: SDXL's two text encoders (penultimate states concatenated, encoder 2's pooled embeds) and
+time ids (r, r, 0, 0, r, r) for --resolution r (no image: original size = target size, no crop); SD 1.x
+its one encoder. The architecture is read from the teacher's UNet config.
+
+Output (each stage in <output_dir>/stage<k>/lora, the last one also in <output_dir>): a PEFT adapter folder
+(`get_peft_model(unet, LoraConfig(r=64, ...))` + `load_adapter(out)`), the diffusers file
+`pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(out)`), `lora_kohya.safetensors` and a model
+card. Sample with utils.scheduling_tlcm.TLCMScheduler or diffusers' LCMScheduler, 2-8 steps, guidance 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from contextlib import ExitStack, nullcontext
+
+import torch
+
+from utils import cache, data, dmd, flags, loop, lora, models, outputs, sharding, tlcm
+from utils.ema import EMAParams
+from utils.errors import UserError, fail, user_errors
+from utils.files import atomic_write
+from utils.grids import log_image_grid
+from utils.lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
+from utils.losses import consistency_loss, l2_loss
+from utils.model_card import write_model_card
+from utils.scheduling_tlcm import TLCMScheduler, ddpm_milestones, lcm_original_inference_steps, tlcm_timesteps
+from utils.solvers import alpha_sigma, cfg, ddim_step, model_output_from_x0_eps
+
+logger = logging.getLogger("train_tlcm_sdxl")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = flags.Parser(description=__doc__.split("\n\n")[0])
+    m = flags.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline (eps- or v-prediction): hub id or local "
+                                       "diffusers folder")
+    flags.add_lora_args(m, "lcm", '"lcm" (the released TLCM SDXL list: attention, projections, feed-forward, resnet '
+                                  'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
+                                  'or a comma list')
+    m.add_argument("--guidance_scale", type=float, default=8.0,
+                   help="the teacher's CFG scale w, eps = eps_u + w (eps_c - eps_u): the paper's w and diffusers' "
+                        "guidance_scale (not LCM's w + 1); the student learns the guided teacher and samples "
+                        "without CFG (default: 8, the paper's)")
+    m.add_argument("--uncond", default=None, choices=["zeros", "empty"],
+                   help="the teacher's unconditional input: all-zero embeddings or the empty prompt (default: what "
+                        "the teacher's pipeline uses for an empty negative prompt: zeros for SDXL, the empty "
+                        "prompt for SD 1.x)")
+    flags.add_tlcm_args(parser)
+    flags.add_training_args(parser, image_recipe=False, per_stage=True)
+    parser.set_defaults(train_batch_size=8)
+    args = parser.parse_args(argv)
+    flags.check_tlcm_args(args, "train_tlcm_sdxl.py")
+    if args.skip != int(args.skip):
+        fail(f"--skip {args.skip}: a DDPM teacher has integer timesteps, so it must be a whole number")
+    try:  # the student's own sample runs the released sampler, defined on the milestone subsets only
+        tlcm_timesteps(args.stage2_student_steps, 1000, args.num_segments)
+    except ValueError as exc:
+        fail(f"--stage2_student_steps {args.stage2_student_steps}: {exc}")
+    return flags.check(args, lora_presets=("lcm", "diffusers"))
+
+
+class UNetDiffusion:
+    """The UNet as a DDPM denoiser: its output (eps, v or x0) at integer timesteps, student and CFG teacher."""
+
+    def __init__(self, base, teacher: models.Teacher, latent_side: int, args: argparse.Namespace, device,
+                 autocast=nullcontext) -> None:
+        self.base, self.args, self.device, self.autocast, self.dtype = base, args, device, autocast, teacher.dtype
+        self.alphas_cumprod, self.prediction_type = teacher.alphas_cumprod.to(device), teacher.prediction_type
+        self.T, self.latent_side, self.channels = len(self.alphas_cumprod), latent_side, base.config.in_channels
+        self.milestones = torch.tensor(ddpm_milestones(self.T, args.num_segments), dtype=torch.float64)
+        self.sampler = TLCMScheduler.from_config(teacher.scheduler_config, num_segments=args.num_segments)
+        r = args.resolution  # data-free: original size = target size = the resolution, no crop
+        self.time_ids = models.sdxl_time_ids((r, r), (0, 0), (r, r)).to(device) if teacher.arch == "sdxl" else None
+
+    def noise(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn((n, self.channels, self.latent_side, self.latent_side), device=self.device, generator=gen)
+
+    def output(self, model, z: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        added = None
+        if self.time_ids is not None:
+            added = {"text_embeds": cond["pooled"].to(self.dtype),
+                     "time_ids": self.time_ids.expand(z.shape[0], -1).to(self.dtype)}
+        with self.autocast():
+            out = model(z.to(self.dtype), t, encoder_hidden_states=cond["embeds"].to(self.dtype),
+                        added_cond_kwargs=added).sample
+        return out.float()
+
+    def teacher(self, cond: dict, uncond: dict):
+        """The LoRA-free UNet's output at (z, t), CFG-guided in one batched cond + uncond pass."""
+        def out(z, t):
+            with torch.no_grad(), lora.adapters_disabled(self.base):
+                both = {k: torch.cat([v, uncond[k].expand_as(v)]) for k, v in cond.items()}
+                o_c, o_u = self.output(self.base, torch.cat([z, z]), torch.cat([t, t]), both).chunk(2)
+                return cfg(o_c, o_u, self.args.guidance_scale - 1.0)  # cfg() uses w = scale - 1
+        return out
+
+    def student(self, cond: dict, model=None):
+        """The output at (z, t) of the model with its LoRA: `model` (the prepared one, with grad) or the bare base."""
+        return lambda z, t: self.output(model if model is not None else self.base, z, t, cond)
+
+    def x0(self, z: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return tlcm.ddpm_x0(z, out, t, self.alphas_cumprod, self.prediction_type)
+
+    def renoise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ddim_step(x0, eps, *alpha_sigma(self.alphas_cumprod, t))
+
+    @torch.no_grad()
+    def sample(self, denoiser, noise: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
+        """x0 of the released sampler (TLCMScheduler: x0, fresh re-noising) on the milestone subset of `steps`."""
+        self.sampler.set_timesteps(steps, device=self.device)
+        z = noise
+        for t in self.sampler.timesteps:
+            z = self.sampler.step(denoiser(z, t.expand(z.shape[0])), t, z, generator=gen, return_dict=False)[0]
+        return z
+
+
+def stage1_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, distance, gen: torch.Generator,
+                ema: EMAParams | None = None) -> torch.Tensor:
+    """DSCD: both ends DDIM-jump to the segment's lower milestone with the student's x0 and implied noise."""
+    args, n, M = diff.args, cond["embeds"].shape[0], diff.args.num_segments
+    ac, pred = diff.alphas_cumprod, diff.prediction_type
+    segment = int(torch.randint(0, M, (1,), generator=gen, device=gen.device))
+    t_m, t_n, t_low = (t.long() for t in tlcm.stage1_times(segment, n, args.skip, diff.T, M, gen, diff.device,
+                                                           diff.milestones))
+    with torch.no_grad():
+        teacher = diff.teacher(cond, uncond)
+        z_m = tlcm.ddpm_data_free_latents(teacher, diff.noise(n, gen), t_m, M - segment, ac, pred)
+        z_n = tlcm.ddpm_solve(teacher, z_m, t_m, t_n, 1, ac, pred)
+        with ema.swapped() if ema is not None else nullcontext():
+            target = tlcm.ddpm_jump(z_n, diff.student(cond)(z_n, t_n), t_n, t_low, ac, pred)
+    prediction = tlcm.ddpm_jump(z_m, diff.student(cond, unet)(z_m, t_m), t_m, t_low, ac, pred)
+    return distance(prediction, target, gen)
+
+
+def stage2_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, distance, gen: torch.Generator,
+                ema: EMAParams | None = None) -> torch.Tensor:
+    """DCD: x0-space consistency between neighbouring milestones, on the student's own samples."""
+    args, n = diff.args, cond["embeds"].shape[0]
+    with torch.no_grad():
+        x0_hat = diff.sample(diff.student(cond), diff.noise(n, gen), args.stage2_student_steps, gen)
+        t_m, t_n = (t.long() for t in tlcm.stage2_times(n, diff.T, args.num_segments, gen, diff.device,
+                                                        diff.milestones))
+        z_m = diff.renoise(x0_hat, diff.noise(n, gen), t_m)
+        z_n = tlcm.ddpm_solve(diff.teacher(cond, uncond), z_m, t_m, t_n, args.stage2_teacher_substeps,
+                              diff.alphas_cumprod, diff.prediction_type)
+        with ema.swapped() if ema is not None else nullcontext():
+            target = diff.x0(z_n, diff.student(cond)(z_n, t_n), t_n)
+    prediction = diff.x0(z_m, diff.student(cond, unet)(z_m, t_m), t_m)
+    return distance(prediction, target, gen)
+
+
+def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: list[str], gen: torch.Generator,
+                vae=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(reward hinge on the decoded x0 of the own sample at a milestone + DMD + GAN on the one-step sample x,
+    x detached for the fake score's and the head's own updates, or None without DMD and GAN)."""
+    from utils.rewards import hinge_reward_loss
+
+    args, n = diff.args, len(captions)
+    total = torch.zeros((), device=diff.device)
+    if scorer is not None:
+        with torch.no_grad():
+            x0_hat = diff.sample(diff.student(cond), diff.noise(n, gen), args.stage2_student_steps, gen)
+            t_m = tlcm.stage2_times(n, diff.T, args.num_segments, gen, diff.device, diff.milestones)[0].long()
+            z_m = diff.renoise(x0_hat, diff.noise(n, gen), t_m)
+        images = models.decode_latents(vae, diff.x0(z_m, diff.student(cond, unet)(z_m, t_m), t_m))
+        shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
+        total = total + args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
+                                                               args.reward_s0)
+    if not (args.dmd or args.gan):
+        return total, None
+    noise, top = diff.noise(n, gen), torch.full((n,), diff.T - 1, device=diff.device)
+    x = diff.x0(noise, diff.student(cond, unet)(noise, top), top)  # the one-step sample, with grad
+    if args.dmd:  # the student follows g = normalised (fake x0 - real x0) at x re-noised
+        z, t, _ = renoised(diff, x.detach(), gen)
+        with torch.no_grad(), dmd.adapter_active(diff.base):
+            fake_x0 = diff.x0(z, diff.output(diff.base, z, t, cond), t)
+        real_x0 = diff.x0(z, diff.teacher(cond, uncond)(z, t), t)
+        total = total + args.dmd_weight * dmd.dmd_surrogate(x, dmd.dmd_grad(x.detach(), real_x0, fake_x0))
+    if args.gan:
+        total = total + args.gan_weight * dmd.gan_generator_loss(disc_logits(diff, head, x, cond, gen, grad=True))
+    return total, x.detach()
+
+
+def renoised(diff: UNetDiffusion, x: torch.Tensor, gen: torch.Generator):
+    """(x re-noised to t, t, the noise) with integer t ~ U[0.02 T, 0.98 T]."""
+    t = dmd.uniform_times(x.shape[0], diff.T, gen, diff.device).round().long()
+    eps = diff.noise(x.shape[0], gen)
+    return diff.renoise(x, eps, t), t, eps
+
+
+def fake_score_loss(diff: UNetDiffusion, cond: dict, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The DMD fake score's diffusion loss (the teacher's parameterisation) on the student's detached samples x;
+    call it, and back-propagate it, inside dmd.adapter_active (only there do the fake score's weights require grad)."""
+    z, t, eps = renoised(diff, x, gen)
+    target = model_output_from_x0_eps(x, eps, *alpha_sigma(diff.alphas_cumprod, t), diff.prediction_type)
+    return l2_loss(diff.output(diff.base, z, t, cond), target)
+
+
+def disc_logits(diff: UNetDiffusion, head, x: torch.Tensor, cond: dict, gen: torch.Generator,
+                grad: bool) -> torch.Tensor:
+    """The head on the frozen teacher's mid-block output at a re-noised x, its pixels as tokens."""
+    z, t, _ = renoised(diff, x, gen)
+    with torch.set_grad_enabled(grad), lora.adapters_disabled(diff.base), \
+            dmd.captured_output(diff.base.mid_block) as seen:
+        diff.output(diff.base, z, t, cond)
+    return head(seen[-1].flatten(2).transpose(1, 2))
+
+
+def disc_loss(diff: UNetDiffusion, head, cond: dict, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The head's loss: real = the student's q-step sample, fake = its (detached) one-step sample x."""
+    real = diff.sample(diff.student(cond), diff.noise(x.shape[0], gen), diff.args.stage2_student_steps, gen)
+    return dmd.gan_discriminator_loss(disc_logits(diff, head, real, cond, gen, False),
+                                      disc_logits(diff, head, x, cond, gen, False))
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = loop.make_accelerator(args)
+    if sharding.splits_weights(accelerator):  # its stage loops are not yet collective-safe, unlike the FLUX recipe's
+        fail(f"train_tlcm_sdxl.py does not run under {sharding.engine(accelerator)} yet (its weights split across "
+             "processes): use DDP or DeepSpeed ZeRO-1/2 (docs/distributed.md)")
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    prompts = data.load_prompts(args.prompts_file, args.dataset_name, args.caption_column, args.max_train_samples)
+
+    # ---- models: frozen VAE (validation, reward) and text encoders; one UNet = teacher + LoRA student
+    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
+    vae, encoders, device, dtype = teacher.vae, teacher.text_encoders, accelerator.device, teacher.dtype
+    latent_side = args.resolution // models.vae_scale_factor(vae.config)
+    base = teacher.denoiser.to(device, dtype)
+    if args.gan and base.mid_block is None:
+        fail(f"--gan reads the UNet's mid-block output, and {args.pretrained_teacher_model} has no mid block")
+    lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    if args.dmd:  # the fake score: a second adapter, equal to the base at the start; never saved with the LoRA
+        fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets)
+    if args.gradient_checkpointing:
+        base.enable_gradient_checkpointing()
+    models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
+    params = [p for p in base.parameters() if p.requires_grad]
+    diff = UNetDiffusion(base, teacher, latent_side, args, device, accelerator.autocast)
+
+    # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
+    rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
+    accelerator.register_for_checkpointing(rng)
+    ema = EMAParams(params, args.ema_decay) if args.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    aux = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+               max_grad_norm=args.max_grad_norm)  # the extras' own optimizers, checkpointed with their weights
+    fake_opt = head = disc_opt = None
+    if args.dmd:
+        fake_opt = dmd.AuxOptimizer(fake_params, args.dmd_learning_rate, **aux)
+        accelerator.register_for_checkpointing(fake_opt)
+    if args.gan:
+        head = dmd.DiscriminatorHead(base.config.block_out_channels[-1], seed=args.seed)
+        disc_opt = dmd.AuxOptimizer(head.to(device).parameters(), args.gan_learning_rate, **aux)
+        accelerator.register_for_checkpointing(disc_opt)
+    scorer = None
+    if args.reward_model:
+        from utils.rewards import load_reward_model
+
+        scorer = load_reward_model(args.reward_model, device)
+
+    # ---- prompts: encoded on the fly, or once per distinct prompt (--cache_text_embeddings)
+    text_cache = None
+
+    @torch.no_grad()
+    def encode(captions):
+        out = teacher.encode(captions) if text_cache is None else text_cache.lookup(captions, device, encoders[-1].dtype)
+        return dict(zip(("embeds", "pooled"), out))
+
+    if args.cache_text_embeddings:
+        text_cache = cache.cached_text_embeddings(args, prompts, teacher.encode, encoders, accelerator)
+    uncond = encode([""])
+    if unconditional_input(args, teacher.arch) == "zeros":
+        uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
+    distance = make_distance(args, base.config.in_channels, device)
+
+    # ---- the stages: each is one training with its own steps, learning rate, optimizer and checkpoints
+    steps = {"1": args.stage1_steps, "2": args.stage2_steps, "extras": args.extras_steps}
+    lrs = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate, "extras": args.extras_learning_rate}
+    for i, stage in enumerate(args.stages):
+        stage_dir = os.path.join(args.output_dir, f"stage{stage}")
+        done_lora = os.path.join(stage_dir, "lora")
+        if os.path.isfile(os.path.join(done_lora, PEFT_WEIGHTS_NAME)):
+            logger.info(f"stage {stage} already finished in {stage_dir}: loading its LoRA")
+            load_into_adapter(base, os.path.join(done_lora, PEFT_WEIGHTS_NAME))
+            if ema is not None:
+                ema.shadow = [p.detach().clone() for p in params]
+            continue
+        start_stage(args, stage, i, base)
+        if ema is not None:
+            ema.shadow = [p.detach().clone() for p in params]
+        outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it
+        # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
+        rng.generator.manual_seed(args.seed * 1000 + accelerator.process_index
+                                  + 7919 * (1 + list(flags.TLCM_STAGES).index(stage)))
+        optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
+        lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
+                                              accelerator.num_processes)
+        loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
+        unet, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
+        train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_sdxl_stage{stage}", lr_scheduler,
+                               output_dir=stage_dir, resume=stage_resume(args, stage_dir))
+        for batch in train:
+            cond = encode(batch["captions"])
+            with accelerator.accumulate(unet):
+                x = None
+                if stage == "1":
+                    loss = stage1_loss(diff, unet, cond, uncond, distance, rng.generator, ema)
+                elif stage == "2":
+                    loss = stage2_loss(diff, unet, cond, uncond, distance, rng.generator, ema)
+                else:
+                    loss, x = extras_loss(diff, unet, cond, uncond, batch["captions"], rng.generator, vae, scorer,
+                                          head)
+                updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+            if x is not None:  # the extras' own updates, one per micro-batch, after the student's
+                if fake_opt is not None:
+                    with dmd.adapter_active(base):
+                        fake_opt.step(fake_score_loss(diff, cond, x, rng.generator))
+                if disc_opt is not None:
+                    disc_opt.step(disc_loss(diff, head, cond, x, rng.generator))
+            if not train.step_done(loss, updated):
+                continue
+            if ema is not None:
+                ema.update()
+            if train.checkpoint_due:
+                train.save_checkpoint()
+            if train.validation_due:
+                validate(diff, encode, vae, train.validation_prompts, train.global_step, accelerator, f"stage{stage}")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_lora(base, done_lora)
+        accelerator.free_memory()  # the next stage prepares its own optimizer, schedule and loader
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = os.path.join(args.output_dir, f"stage{args.stages[-1]}", "lora")
+        with ExitStack() as stack:  # the top-level files change only once all are written
+            for name in os.listdir(final):
+                shutil.copy2(os.path.join(final, name),
+                             stack.enter_context(atomic_write(os.path.join(args.output_dir, name))))
+        write_card(args, teacher.arch)
+        outputs.push_to_hub(args)  # --push_to_hub
+    accelerator.end_training()
+
+
+def unconditional_input(args: argparse.Namespace, arch: str) -> str:
+    """--uncond, else what the teacher's pipeline does with an empty negative prompt (SDXL: zeros, if its
+    force_zeros_for_empty_prompt says so; SD 1.x: the empty prompt)."""
+    if args.uncond is not None:
+        return args.uncond
+    index = models.pipeline_index(args.pretrained_teacher_model, args.revision)
+    return "zeros" if arch == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty"
+
+
+def start_stage(args: argparse.Namespace, stage: str, index: int, base) -> None:
+    """Load the LoRA a stage starts from: --init_lora for the first stage run, else the previous stage's."""
+    init = args.init_lora if index == 0 else None
+    if init is None and index == 0 and stage != "1":
+        previous = os.path.join(args.output_dir, "stage1" if stage == "2" else "stage2", "lora")
+        init = previous if os.path.isdir(previous) else None
+        if init is None:
+            fail(f"--stage {stage} needs a LoRA to start from: --init_lora, or {previous} from the stage before")
+    if init is not None:
+        path = os.path.join(init, PEFT_WEIGHTS_NAME) if os.path.isdir(init) else init
+        try:
+            load_into_adapter(base, path)
+        except UserError as exc:
+            fail(f"{exc} ({'--init_lora' if init == args.init_lora else 'the previous stage: --init_lora'})")
+        logger.info(f"stage {stage} starts from the LoRA {init}")
+
+
+def stage_resume(args: argparse.Namespace, stage_dir: str) -> str | None:
+    """--resume_from_checkpoint for one stage: "latest" resumes each stage's latest; a named one only its stage."""
+    if args.resume_from_checkpoint in (None, "latest"):
+        return args.resume_from_checkpoint
+    from utils.checkpoint import resolve_resume
+
+    named = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    return named if os.path.abspath(named).startswith(os.path.abspath(stage_dir) + os.sep) else None
+
+
+def make_distance(args: argparse.Namespace, channels: int, device):
+    """d(a, b) on latents: L2, pseudo-Huber, or (ensembled) latent LPIPS."""
+    if args.loss_type != "lpips":
+        return lambda a, b, gen=None: consistency_loss(a, b, args.loss_type, args.huber_c)
+    from utils.latent_lpips import EnsembledLatentLPIPS, LatentLPIPS
+
+    net = LatentLPIPS.from_pretrained(args.latent_lpips_path, in_channels=channels, flag="--latent_lpips_path")
+    net = net.to(device).requires_grad_(False)
+    metric = EnsembledLatentLPIPS(net, args.lpips_augmentations) if args.lpips_augmentations > 0 else net
+
+    def d(a, b, gen=None):
+        if args.lpips_augmentations > 0:  # the augmentations draw on the CPU
+            return metric(a.float(), b.float(),
+                          generator=gen if gen is not None and gen.device.type == "cpu" else None).mean()
+        return metric(a.float(), b.float()).mean()
+    return d
+
+
+@torch.no_grad()
+@torch.random.fork_rng()  # sampling must not move the training RNG
+def validate(diff: UNetDiffusion, encode, vae, prompts: list[str], step: int, accelerator, tag: str) -> None:
+    """TLCM-sampler samples at 2/3/4/8 steps, one row each, from the same noise; a labelled grid."""
+    cond, rows, labels = encode(prompts), [], []
+    for steps in (2, 3, 4, 8):
+        gen = torch.Generator(diff.device).manual_seed(diff.args.seed)
+        x0 = diff.sample(diff.student(cond), diff.noise(len(prompts), gen), steps, gen)
+        rows.append(models.decode_latents(vae, x0).float().cpu())
+        labels.append(f"TLCM {tag}, {steps} steps")
+    path = log_image_grid(accelerator, rows, labels, step, diff.args.output_dir, tag)
+    logger.info(f"validation grid -> {path}")
+
+
+def save_lora(unet, out_dir: str) -> None:
+    """PEFT folder + diffusers file + kohya file, written to a temporary folder and renamed when complete."""
+    with staged_output(out_dir, overwrite=True) as partial:
+        os.makedirs(partial)
+        save_lora_outputs(unet, partial, "unet", peft_dir=partial)
+
+
+def write_card(args: argparse.Namespace, arch: str) -> None:
+    pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
+    M = args.num_segments
+    n = 4 if M == 8 else M  # the published subsets are for 8 segments; otherwise only 1 or M steps exist
+    write_model_card(args.output_dir, "TLCM LoRA (two-stage data-free consistency distillation)", args, f"""
+Distilled from `{args.pretrained_teacher_model}` with `train_tlcm_sdxl.py` (stages {', '.join(args.stages)};
+rank {args.lora_rank}; teacher CFG {args.guidance_scale:g}, distilled in). No image was used: prompts only.
+
+```python
+from diffusers import LCMScheduler, {pipeline}
+from utils.scheduling_tlcm import TLCMScheduler, tlcm_timesteps
+pipe = {pipeline}.from_pretrained("{args.pretrained_teacher_model}")
+pipe.load_lora_weights("{args.output_dir}")
+pipe.scheduler = TLCMScheduler.from_config(pipe.scheduler.config, num_segments={M})
+image = pipe("a prompt", num_inference_steps={n}, guidance_scale=0).images[0]
+# or diffusers' LCMScheduler on the same timesteps (its grid of {lcm_original_inference_steps(1000, M)} points holds the milestones)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={lcm_original_inference_steps(1000, M)})
+image = pipe("a prompt", timesteps=tlcm_timesteps({n}, num_segments={M}), guidance_scale=0).images[0]
+```
+Samplers: TLCMScheduler (this project's `utils/`: predict x0, re-noise it with fresh noise, on the
+milestone timesteps, {n} steps: {tlcm_timesteps(n, num_segments=M)}) or diffusers' LCMScheduler on the same
+timesteps; {"2-8" if M == 8 else f"1 or {M}"} steps, guidance_scale 0 (no CFG).
+PEFT: `get_peft_model(pipe.unet, LoraConfig(r={args.lora_rank}, target_modules=...))` then
+`load_adapter("{args.output_dir}", adapter_name="default")`; ComfyUI / A1111: `lora_kohya.safetensors`.
+Or: `python inference.py --base_model_path {args.pretrained_teacher_model} --lora_path {args.output_dir} --infer-steps 4`
+(add `--scheduler tlcm` for the TLCM sampler; the default is LCMScheduler).
+""")
+
+
+if __name__ == "__main__":
+    with user_errors():  # bad input anywhere ends as one line, exit code 2
+        main(parse_args())

@@ -1,0 +1,299 @@
+"""The output folder of a training run: never an input, never an earlier run's unless asked, one run at a time,
+tidied when the run ends early, and published to the hub at the end (--push_to_hub).
+
+A run's life: `check_not_an_input` and `make_output_dir` (flags.check_training_args, before any model is loaded);
+`claim` (loop.make_accelerator: the folder's lock, the earlier-run rule, --overwrite_output_dir); the recipe's
+work; `push_to_hub`; `release` (at exit, or after an in-process run): the lock dropped, the signal handlers
+restored, and the folders the run created but left empty removed.
+
+SIGTERM or SIGINT outside the training loop ends the run at once with one line (a SystemExit, so `release` still
+runs); inside it, loop.TrainLoop stops after the current step and keeps a checkpoint of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+from typing import Any
+
+from . import checkpoint, files
+from .errors import UserError, fail, user_errors
+
+logger = logging.getLogger(__name__)
+
+LOCK_FILE = ".run.lock"  # {"pid", "host"} of the run writing to the folder
+FINAL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")  # what the recipes write when a run is done
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# where a run reads (local paths only: a hub id names no folder of this machine)
+INPUT_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "train_data_dir", "dataset_name",
+               "train_shards_path_or_url", "prompts_file", "init_lora", "latent_lpips_path", "reward_model")
+# never uploaded: resumable state (large, and of no use on the hub) and the lock
+HUB_IGNORE = ["checkpoint-*", "*/checkpoint-*", LOCK_FILE]
+
+_created: list[str] = []  # folders this process created, parents first; removed again if left empty
+_locks: list[str] = []  # lock files this process holds
+_handlers: dict[int, Any] = {}  # the signal handlers found before ours, restored by release()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _local_path(value: str) -> str | None:
+    """The real path of an input that is a local file or folder (of a shard pattern: its fixed folder), else None."""
+    if "://" in value or value.startswith("pipe:"):
+        return None
+    path = os.path.expanduser(value)
+    wild = min((i for i in (path.find(c) for c in "*?[{") if i >= 0), default=-1)
+    if wild >= 0:  # a shard pattern: the folder its fixed part names
+        path = os.path.dirname(path[:wild])
+    return os.path.realpath(path) if path and os.path.exists(path) else None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` lies strictly inside `folder` (both real paths)."""
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _earlier_stage_lora(args: argparse.Namespace, out: str, path: str) -> bool:
+    """Whether `path` is in the folder of a TLCM stage this run does not train (`out/stage<k>`, left as it is)."""
+    stages = getattr(args, "stages", None)
+    return stages is not None and any(_inside(path, os.path.join(out, f"stage{k}")) for k in ("1", "2", "extras")
+                                      if k not in stages)
+
+
+def check_not_an_input(args: argparse.Namespace) -> None:
+    """Refuse an --output_dir that is, contains or lies inside a local input of the run (teacher, VAE, data, prompts,
+    init LoRA, latent LPIPS net, reward model): the run would write over or among the user's files."""
+    out = os.path.realpath(os.path.expanduser(args.output_dir))
+    for name in INPUT_FLAGS:
+        value = getattr(args, name, None)
+        path = _local_path(str(value)) if value else None
+        if path is None or (name == "init_lora" and _earlier_stage_lora(args, out, path)):
+            continue
+        if path == out:
+            fail(f"--output_dir {args.output_dir} is the --{name} input: the run would write over it; "
+                 "choose another --output_dir")
+        if _inside(path, out):
+            fail(f"--output_dir {args.output_dir} contains the --{name} input {value}: choose a folder of its own")
+        if _inside(out, path):
+            fail(f"--output_dir {args.output_dir} lies inside the --{name} input {value}: choose a folder outside it")
+
+
+# ----------------------------------------------------------------------------- creating, claiming, releasing
+
+
+def make_output_dir(path: str, flag: str = "--output_dir") -> None:
+    """Create `path` (and missing parents), checked writable; what it creates is removed by `release` if left empty."""
+    missing, head = [], os.path.abspath(path)
+    while not os.path.exists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    if missing:  # a stop signal from now on must still remove them
+        _install(stop_now)
+    _created.extend(reversed(missing))
+    try:
+        os.makedirs(path, exist_ok=True)
+        # a name of this process's own: the processes of a multi-process run probe at the same time
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as exc:
+        fail(f"{flag} {path} is not writable ({exc.strerror})")
+
+
+def claim(args: argparse.Namespace, accelerator: Any) -> None:
+    """Start a run in args.output_dir: stop signals end it with one line; the main process takes the folder's lock,
+    refuses an earlier run's folder unless --resume_from_checkpoint or --overwrite_output_dir says what to do with
+    it, and for --overwrite_output_dir deletes that run's checkpoints."""
+    _install(stop_now)
+    make_output_dir(args.output_dir)  # done already where flags.check ran; not every caller runs it
+    if accelerator.is_main_process:
+        with user_errors():
+            lock(args.output_dir)
+            what = earlier_run(args)
+            if what and not args.overwrite_output_dir and args.resume_from_checkpoint is None:
+                raise UserError(f"--output_dir {args.output_dir} already holds {what}: continue it with "
+                                "--resume_from_checkpoint latest, or start over with --overwrite_output_dir")
+            if what and args.resume_from_checkpoint is not None and nothing_to_resume(args):
+                raise UserError(f"--output_dir {args.output_dir} already holds {what} and no checkpoint to resume "
+                                "from (--resume_from_checkpoint); start over with --overwrite_output_dir")
+        if args.overwrite_output_dir:
+            clear_earlier_run(args)
+    accelerator.wait_for_everyone()  # no process looks at the folder before the earlier run's state is gone
+
+
+def release() -> None:
+    """End of a run (at exit, or after an in-process one): drop its locks, restore the signal handlers found before,
+    and remove the folders it created and left empty (deepest first)."""
+    while _locks:
+        path = _locks.pop()
+        if lock_owner(path) == _me():
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in _handlers.items():
+            signal.signal(signum, handler)
+        _handlers.clear()
+    while _created:
+        try:
+            os.rmdir(_created.pop())  # only ever removes an empty folder
+        except OSError:
+            pass
+
+
+atexit.register(release)
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def _install(handler) -> None:
+    """Handle SIGTERM and SIGINT with `handler` (main thread only), remembering the handlers found first."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in STOP_SIGNALS:
+        previous = signal.signal(signum, handler)
+        _handlers.setdefault(signum, previous)
+
+
+def stop_now(signum: int, frame: Any = None) -> None:
+    """A stop signal outside a training step: end at once (exit 128 + signal), one line; `release` tidies up."""
+    fail(f"stopped by {signal.Signals(signum).name}; finished checkpoints and outputs are kept", 128 + signum)
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def _me() -> dict:
+    """This process, as a lock file names its owner."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def lock_owner(path: str) -> dict | None:
+    """The {"pid", "host"} a lock file names, or None if it is gone or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            owner = json.load(f)
+        return {"pid": int(owner["pid"]), "host": str(owner["host"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _is_gone(owner: dict) -> bool:
+    """Whether the lock's owner is known to have ended: a process of this host that no longer exists."""
+    if owner["host"] != socket.gethostname():
+        return False  # another machine's process cannot be looked at from here
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def lock(output_dir: str) -> None:
+    """Take `output_dir`'s lock for this process; a stale one (its run ended without removing it) is taken over."""
+    path = os.path.join(output_dir, LOCK_FILE)
+    for _attempt in range(3):
+        try:
+            with files.atomic_write(path, overwrite=False) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                json.dump(_me(), f)
+        except FileExistsError:
+            owner = lock_owner(path)
+            if owner is None or owner == _me() or _is_gone(owner):
+                try:
+                    os.remove(path)  # ours from an earlier in-process run, or of a run that crashed
+                except FileNotFoundError:
+                    pass
+                continue
+            raise UserError(f"--output_dir {output_dir} is in use by another run (pid {owner['pid']} on "
+                            f"{owner['host']}); wait for it to end, or delete {path} if that run is gone") from None
+        if path not in _locks:
+            _locks.append(path)
+        return
+    raise UserError(f"--output_dir {output_dir} is in use by another run (its lock {path} keeps changing)")
+
+
+# ----------------------------------------------------------------------------- earlier runs
+
+
+def _run_folders(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(checkpoint folder, folder of the final files) of each part of the run: one, or one per TLCM stage."""
+    stages = getattr(args, "stages", None)
+    if stages is None:
+        return [(args.output_dir, args.output_dir)]
+    return [(os.path.join(args.output_dir, f"stage{k}"), os.path.join(args.output_dir, f"stage{k}", "lora"))
+            for k in stages]
+
+
+def _final_file(folder: str) -> str | None:
+    """The name of the first of FINAL_FILES in folder, or None."""
+    return next((name for name in FINAL_FILES if os.path.isfile(os.path.join(folder, name))), None)
+
+
+def earlier_run(args: argparse.Namespace) -> str | None:
+    """What a new run in args.output_dir would replace or mix with: a finished run (the final files of every part it
+    trains are there), or an unfinished run's checkpoints; None if neither."""
+    parts = _run_folders(args)
+    finals = [_final_file(final) for _, final in parts]
+    if all(finals):
+        return f"a finished run ({os.path.relpath(os.path.join(parts[-1][1], finals[-1]), args.output_dir)})"
+    for (folder, _), final in zip(parts, finals):
+        found = checkpoint.list_checkpoints(folder)
+        if not final and found:
+            return f"checkpoints of an unfinished run ({os.path.relpath(found[-1], args.output_dir)})"
+    return None
+
+
+def nothing_to_resume(args: argparse.Namespace) -> bool:
+    """Whether --resume_from_checkpoint latest finds no checkpoint in any part of the run."""
+    return args.resume_from_checkpoint == "latest" and not any(
+        checkpoint.list_checkpoints(folder) for folder, _ in _run_folders(args))
+
+
+def clear_earlier_run(args: argparse.Namespace) -> None:
+    """--overwrite_output_dir: delete the earlier run's state that a resume would pick up (its checkpoints; a TLCM
+    stage's whole folder, so the stage is trained again); its final files are replaced when this run ends."""
+    stages = getattr(args, "stages", None)
+    if stages is None:
+        removed = checkpoint.remove_checkpoints(args.output_dir)
+    else:
+        folders = [os.path.join(args.output_dir, f"stage{k}") for k in stages]
+        removed = sum(os.path.isdir(f) for f in folders)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    if removed:
+        logger.warning(f"--overwrite_output_dir: deleted {removed} checkpoint or stage folder(s) of the earlier run "
+                       f"in {args.output_dir}")
+
+
+# ----------------------------------------------------------------------------- the hub
+
+
+def push_to_hub(args: argparse.Namespace) -> None:
+    """--push_to_hub: create the hub repo --hub_model_id (default: the output folder's name) if needed and upload the
+    output folder to it, checkpoints left out. Call it on the main process, once the outputs are written."""
+    if not args.push_to_hub:
+        return
+    import huggingface_hub
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        repo_id = huggingface_hub.create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+        huggingface_hub.upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training",
+                                      token=args.hub_token, ignore_patterns=HUB_IGNORE)
+    except Exception as exc:  # HTTP, authentication and connection errors come in many classes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"uploading {args.output_dir} to the hub repo {name} failed: {first} (--push_to_hub); "
+                        "the outputs are kept") from None
+    logger.info(f"pushed {args.output_dir} to the hub: {repo_id}")

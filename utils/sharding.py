@@ -1,0 +1,179 @@
+"""Weights split across processes (accelerate's FSDP2, DeepSpeed ZeRO-3) and whole views of them.
+
+Under these engines a prepared model's parameter holds only this process's part: an FSDP2 parameter is
+a DTensor sharded over the processes, a ZeRO-3 parameter an empty tensor whose part lives in
+`ds_tensor`. The recipes are the same under every engine; where a step needs whole tensors (the EMA
+of a student, saving a LoRA) it goes through this module, which leaves plain tensors (one process,
+DDP, ZeRO-1/2) as they are. Reading or writing a split tensor whole is a collective: all processes do
+it, in the same order.
+
+The EMA copies of the recipes are kept whole on every process (a full-UNet target must be whole to
+run; a LoRA's EMA is small), so reading a sharded source whole is all an update needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import Tensor, nn
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    """Whether t is a DTensor (an FSDP2 shard); False where torch.distributed is not built."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _is_zero3(t: Tensor) -> bool:
+    """Whether t is a parameter partitioned by DeepSpeed ZeRO-3 (it carries a ZeRO id)."""
+    return hasattr(t, "ds_id")
+
+
+def _gathered(params: list[Tensor], modifier_rank: int | None = None):
+    """DeepSpeed's block in which these ZeRO-3 parameters are whole (with modifier_rank: written back from that
+    process); no block without any."""
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether t holds only this process's part of a parameter."""
+    return _is_dtensor(t) or _is_zero3(t)
+
+
+def engine(accelerator) -> str:
+    """The run's engine as accelerate set it up: "single", "ddp", "fsdp1", "fsdp2", or "zero0".."zero3" (DeepSpeed)."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == "DEEPSPEED":
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def splits_weights(accelerator) -> bool:
+    """Whether the run shards model weights (FSDP, DeepSpeed ZeRO-3): then every forward is a collective."""
+    return engine(accelerator) in ("fsdp1", "fsdp2", "zero3")
+
+
+def same_everywhere(value: int) -> int:
+    """Process 0's value on every process (a broadcast); the value itself outside a distributed run."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def staging_device(accelerator) -> torch.device:
+    """Where a model waits for accelerator.prepare(): the run's device, or the CPU when prepare() splits the model
+    (FSDP, ZeRO-3), which then moves each process's part: moved whole to every GPU first, the model would need
+    the very memory the split saves."""
+    return torch.device("cpu") if splits_weights(accelerator) else accelerator.device
+
+
+@contextmanager
+def loaded_whole(accelerator) -> Iterator[None]:
+    """A block whose model loading keeps every model whole. Under DeepSpeed, accelerate registers its config
+    with transformers, which then splits each model as it loads (zero.Init at ZeRO-3), the frozen ones too:
+    never prepared, they would stay empty. (accelerate's zero3_init_context_manager leaves it registered.)"""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+@contextmanager
+def whole(t: Tensor) -> Iterator[Tensor]:
+    """t's whole value, to read inside the block: gathered when t is a shard, t itself otherwise."""
+    if _is_dtensor(t):
+        yield t.detach().full_tensor()
+        return
+    with _gathered([t] if _is_zero3(t) else []):
+        yield t.detach()
+
+
+def whole_copy(value):
+    """A CPU copy of a tensor's whole value (gathered when sharded); a value that is no tensor as it is."""
+    if not isinstance(value, Tensor):
+        return value
+    with whole(value) as full:
+        return full.cpu().clone()
+
+
+def shard_like(value, like: Tensor):
+    """A whole tensor (the same on every process) cut into this process's part as FSDP2 shards `like`
+    (nothing is sent); any other value, or one of another shape, as it is."""
+    if not (isinstance(value, Tensor) and _is_dtensor(like) and value.shape == like.shape):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+@torch.no_grad()
+def write_whole(t: Tensor, value: Tensor) -> None:
+    """t <- value, value being the whole tensor (the same on every process); each process keeps its part."""
+    value = value.to(dtype=t.dtype)
+    if _is_dtensor(t):
+        t.to_local().copy_(shard_like(value, t).to_local())
+        return
+    with _gathered([t] if _is_zero3(t) else [], modifier_rank=0):  # every process holds value: take process 0's
+        t.data.copy_(value.to(t.device))
+
+
+def settle(model: nn.Module) -> None:
+    """Have `model` hold its sharded parameters again: FSDP2 keeps gathered copies on it between forwards (the
+    root module's, by accelerate's choice). Only where no backward is pending (it frees what one would need)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(the module holding parameter `name` of model, the parameter's attribute name)."""
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+@contextmanager
+def whole_parameters(model: nn.Module, select: Callable[[str], bool] = lambda name: True) -> Iterator[None]:
+    """Inside the block the selected parameters of `model` (by name) are whole tensors on every process.
+
+    For reading (e.g. the usual writers saving a LoRA): the shards are put back afterwards and a change
+    made inside is lost. Selecting few parameters (a LoRA's) gathers only those.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if select(n)]
+    swapped = []
+    for name, p in named:
+        if _is_dtensor(p):
+            module, attr = owner(model, name)
+            setattr(module, attr, nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad))
+            swapped.append((module, attr, p))
+    try:
+        with _gathered([p for _, p in named if _is_zero3(p)]):
+            yield
+    finally:
+        for module, attr, p in swapped:
+            setattr(module, attr, p)
