@@ -36,17 +36,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 
 import torch
 
-from utils import cache, data, dmd, flags, loop, lora, models, outputs, sharding, tlcm
+from utils import cache, data, dmd, flags, loop, lora, models, outputs, sharding, tlcm, tlcm_stages
 from utils.ema import EMAParams
-from utils.errors import UserError, fail, user_errors
-from utils.files import atomic_write
+from utils.errors import fail, user_errors
 from utils.grids import log_image_grid
-from utils.lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
+from utils.lora_files import PEFT_WEIGHTS_NAME, load_into_adapter
 from utils.losses import consistency_loss, l2_loss
 from utils.model_card import write_model_card
 from utils.scheduling_tlcm import TLCMScheduler, ddpm_milestones, lcm_original_inference_steps, tlcm_timesteps
@@ -313,7 +311,7 @@ def main(args: argparse.Namespace) -> None:
             if ema is not None:
                 ema.shadow = [p.detach().clone() for p in params]
             continue
-        start_stage(args, stage, i, base)
+        tlcm_stages.start_lora(args, stage, i, base)
         if ema is not None:
             ema.shadow = [p.detach().clone() for p in params]
         outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it
@@ -326,7 +324,7 @@ def main(args: argparse.Namespace) -> None:
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         unet, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
         train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_sdxl_stage{stage}", lr_scheduler,
-                               output_dir=stage_dir, resume=stage_resume(args, stage_dir))
+                               output_dir=stage_dir, resume=tlcm_stages.stage_resume(args, stage_dir))
         for batch in train:
             cond = encode(batch["captions"])
             with accelerator.accumulate(unet):
@@ -355,16 +353,12 @@ def main(args: argparse.Namespace) -> None:
                 validate(diff, encode, vae, train.validation_prompts, train.global_step, accelerator, f"stage{stage}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_lora(base, done_lora)
+            tlcm_stages.save_stage_lora(base, done_lora, "unet")
         accelerator.free_memory()  # the next stage prepares its own optimizer, schedule and loader
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = os.path.join(args.output_dir, f"stage{args.stages[-1]}", "lora")
-        with ExitStack() as stack:  # the top-level files change only once all are written
-            for name in os.listdir(final):
-                shutil.copy2(os.path.join(final, name),
-                             stack.enter_context(atomic_write(os.path.join(args.output_dir, name))))
+        tlcm_stages.publish_last_stage(args.output_dir, args.stages[-1])
         write_card(args, teacher.arch)
         outputs.push_to_hub(args)  # --push_to_hub
     accelerator.end_training()
@@ -377,33 +371,6 @@ def unconditional_input(args: argparse.Namespace, arch: str) -> str:
         return args.uncond
     index = models.pipeline_index(args.pretrained_teacher_model, args.revision)
     return "zeros" if arch == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty"
-
-
-def start_stage(args: argparse.Namespace, stage: str, index: int, base) -> None:
-    """Load the LoRA a stage starts from: --init_lora for the first stage run, else the previous stage's."""
-    init = args.init_lora if index == 0 else None
-    if init is None and index == 0 and stage != "1":
-        previous = os.path.join(args.output_dir, "stage1" if stage == "2" else "stage2", "lora")
-        init = previous if os.path.isdir(previous) else None
-        if init is None:
-            fail(f"--stage {stage} needs a LoRA to start from: --init_lora, or {previous} from the stage before")
-    if init is not None:
-        path = os.path.join(init, PEFT_WEIGHTS_NAME) if os.path.isdir(init) else init
-        try:
-            load_into_adapter(base, path)
-        except UserError as exc:
-            fail(f"{exc} ({'--init_lora' if init == args.init_lora else 'the previous stage: --init_lora'})")
-        logger.info(f"stage {stage} starts from the LoRA {init}")
-
-
-def stage_resume(args: argparse.Namespace, stage_dir: str) -> str | None:
-    """--resume_from_checkpoint for one stage: "latest" resumes each stage's latest; a named one only its stage."""
-    if args.resume_from_checkpoint in (None, "latest"):
-        return args.resume_from_checkpoint
-    from utils.checkpoint import resolve_resume
-
-    named = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    return named if os.path.abspath(named).startswith(os.path.abspath(stage_dir) + os.sep) else None
 
 
 def make_distance(args: argparse.Namespace, channels: int, device):
@@ -436,13 +403,6 @@ def validate(diff: UNetDiffusion, encode, vae, prompts: list[str], step: int, ac
         labels.append(f"TLCM {tag}, {steps} steps")
     path = log_image_grid(accelerator, rows, labels, step, diff.args.output_dir, tag)
     logger.info(f"validation grid -> {path}")
-
-
-def save_lora(unet, out_dir: str) -> None:
-    """PEFT folder + diffusers file + kohya file, written to a temporary folder and renamed when complete."""
-    with staged_output(out_dir, overwrite=True) as partial:
-        os.makedirs(partial)
-        save_lora_outputs(unet, partial, "unet", peft_dir=partial)
 
 
 def write_card(args: argparse.Namespace, arch: str) -> None:

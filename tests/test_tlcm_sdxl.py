@@ -267,11 +267,11 @@ def test_peft_and_diffusers_loading_give_the_in_memory_students_images(toy_world
     from helpers import unet_output
     from peft import LoraConfig, get_peft_model
 
-    from utils import lora_files
+    from utils import lora_files, tlcm_stages
 
     recipe, diff, _, _ = toy_diffusion(toy_world, str(tmp_path / "unused"))
     out = str(tmp_path / "lora")
-    recipe.save_lora(diff.base, out)
+    tlcm_stages.save_stage_lora(diff.base, out, "unet")
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "lora_kohya.safetensors",
                                        "pytorch_lora_weights.safetensors"]
     in_memory = pipeline_images(toy_world, unet=diff.base.eval())

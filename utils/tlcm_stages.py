@@ -1,0 +1,59 @@
+"""The stage bookkeeping the two TLCM recipes share: which LoRA a stage starts from, which checkpoint it
+resumes, how a finished stage's LoRA is written, and the last stage's files on top of the output folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from contextlib import ExitStack
+
+from torch import nn
+
+from .checkpoint import resolve_resume
+from .errors import UserError, fail
+from .files import atomic_write
+from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
+
+logger = logging.getLogger(__name__)
+
+
+def start_lora(args: argparse.Namespace, stage: str, index: int, base: nn.Module) -> None:
+    """Load the LoRA a stage starts from: --init_lora for the first stage run, else the previous stage's."""
+    init = args.init_lora if index == 0 else None
+    if init is None and index == 0 and stage != "1":
+        previous = os.path.join(args.output_dir, "stage1" if stage == "2" else "stage2", "lora")
+        init = previous if os.path.isdir(previous) else None
+        if init is None:
+            fail(f"--stage {stage} needs a LoRA to start from: --init_lora, or {previous} from the stage before")
+    if init is not None:
+        path = os.path.join(init, PEFT_WEIGHTS_NAME) if os.path.isdir(init) else init
+        try:
+            load_into_adapter(base, path)
+        except UserError as exc:
+            fail(f"{exc} ({'--init_lora' if init == args.init_lora else 'the previous stage: --init_lora'})")
+        logger.info(f"stage {stage} starts from the LoRA {init}")
+
+
+def stage_resume(args: argparse.Namespace, stage_dir: str) -> str | None:
+    """--resume_from_checkpoint for one stage: "latest" resumes each stage's latest; a named one only its stage."""
+    if args.resume_from_checkpoint in (None, "latest"):
+        return args.resume_from_checkpoint
+    named = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    return named if os.path.abspath(named).startswith(os.path.abspath(stage_dir) + os.sep) else None
+
+
+def save_stage_lora(model: nn.Module, out_dir: str, component: str) -> None:
+    """PEFT folder + diffusers file + kohya file, written to a temporary folder and renamed when complete."""
+    with staged_output(out_dir, overwrite=True) as partial:
+        os.makedirs(partial)
+        save_lora_outputs(model, partial, component, peft_dir=partial)
+
+
+def publish_last_stage(output_dir: str, stage: str) -> None:
+    """Copy <output_dir>/stage<stage>/lora's files to <output_dir>; they change only once all are written."""
+    final = os.path.join(output_dir, f"stage{stage}", "lora")
+    with ExitStack() as stack:
+        for name in os.listdir(final):
+            shutil.copy2(os.path.join(final, name), stack.enter_context(atomic_write(os.path.join(output_dir, name))))
