@@ -39,12 +39,11 @@ from contextlib import nullcontext
 
 import torch
 
-from utils import cache, data, dmd, flags, lora, loop, models, outputs, sharding, tlcm, tlcm_stages
+from utils import cache, data, dmd, flags, lora, loop, models, outputs, rewards, sharding, tlcm, tlcm_stages
 from utils.ema import EMAParams
 from utils.errors import fail, user_errors
 from utils.grids import log_image_grid
-from utils.lora_files import PEFT_WEIGHTS_NAME, load_into_adapter
-from utils.losses import consistency_loss
+from utils.losses import latent_distance
 from utils.model_card import write_model_card
 from utils.solvers import cfg, flow_renoise, flow_x0
 
@@ -161,8 +160,6 @@ def extras_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, captions:
                 vae=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(reward hinge on the decoded x0 of the own sample at a milestone + DMD + GAN on the one-step sample x,
     x detached for the fake score's and the head's own updates, or None without DMD and GAN)."""
-    from utils.rewards import hinge_reward_loss
-
     args, n = flow.args, len(captions)
     total = torch.zeros((), device=flow.device)
     if scorer is not None:
@@ -174,7 +171,7 @@ def extras_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, captions:
         x0 = flow_x0(z_m, flow.student(cond, transformer)(z_m, flow.sigma(t_m)), flow.sigma(t_m))
         images = decode(vae, x0, flow.latent_side)
         shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
-        total = total + args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
+        total = total + args.reward_weight * rewards.hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
                                                                args.reward_s0)
     if not (args.dmd or args.gan):
         return total, None
@@ -224,9 +221,7 @@ def disc_loss(flow: FluxFlow, head, cond: dict, x: torch.Tensor, gen: torch.Gene
 
 def main(args: argparse.Namespace) -> None:
     accelerator = loop.make_accelerator(args)
-    if (args.dmd or args.gan) and sharding.engine(accelerator) == "zero3":
-        fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the extras' losses pass through the split model "
-             "more than once per backward, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
+    tlcm_stages.check_engine(accelerator, args)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -241,8 +236,7 @@ def main(args: argparse.Namespace) -> None:
              f"{2 * args.resolution // latent_side}")
     base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    if args.dmd:  # the fake score: a second adapter, equal to the base at the start; never saved with the LoRA
-        fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets)
+    fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets) if args.dmd else None
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
@@ -253,25 +247,14 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
     ema = EMAParams(params, args.ema_decay, base) if args.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    aux = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-               max_grad_norm=args.max_grad_norm)  # the extras' own optimizers, checkpointed with their weights
-    fake_opt = head = disc_opt = None
-    if args.dmd:
-        fake_opt = dmd.AuxOptimizer(fake_params, args.dmd_learning_rate, **aux)
-        accelerator.register_for_checkpointing(fake_opt)
-    if args.gan:
-        head = dmd.DiscriminatorHead(base.config.num_attention_heads * base.config.attention_head_dim, seed=args.seed)
-        disc_opt = dmd.AuxOptimizer(head.to(device).parameters(), args.gan_learning_rate, **aux)
-        accelerator.register_for_checkpointing(disc_opt)
-    scorer = None
-    if args.reward_model:
-        from utils.rewards import load_reward_model
-
-        scorer = load_reward_model(args.reward_model, device)
+    # the extras' own optimizers (DMD fake score, GAN head), checkpointed with their weights
+    width = base.config.num_attention_heads * base.config.attention_head_dim
+    fake_opt, head, disc_opt = dmd.extras_optimizers(args, fake_params, width, device)
+    for state in (rng, ema, fake_opt, disc_opt):
+        if state is not None:
+            accelerator.register_for_checkpointing(state)
+    scorer = rewards.load_reward_model(args.reward_model, device) if args.reward_model else None
 
     # ---- prompts: encoded on the fly, or once per distinct prompt (--cache_text_embeddings)
     text_cache, text_ids = None, None
@@ -289,33 +272,29 @@ def main(args: argparse.Namespace) -> None:
         text_ids = uncond["text_ids"]  # zeros (L, 3): the same for every prompt
         text_cache = cache.cached_text_embeddings(
             args, prompts, lambda c: teacher.encode(c)[:2], encoders, accelerator)
-    distance = make_distance(args, base.config.in_channels // 4, latent_side, device)
+    distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
+                               base.config.in_channels // 4, args.lpips_augmentations,
+                               to_latents=lambda x: models.unpack_latents(x, latent_side, latent_side))
 
     # ---- the stages: each is one training with its own steps, learning rate, optimizer and checkpoints
     steps = {"1": args.stage1_steps, "2": args.stage2_steps, "extras": args.extras_steps}
     lrs = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate, "extras": args.extras_learning_rate}
     for i, stage in enumerate(args.stages):
         stage_dir = os.path.join(args.output_dir, f"stage{stage}")
-        done_lora = os.path.join(stage_dir, "lora")
-        if os.path.isfile(os.path.join(done_lora, PEFT_WEIGHTS_NAME)):
-            logger.info(f"stage {stage} already finished in {stage_dir}: loading its LoRA")
-            load_into_adapter(base, os.path.join(done_lora, PEFT_WEIGHTS_NAME))
+        if tlcm_stages.load_finished(base, stage_dir, stage):
             if ema is not None:
                 ema.reset()
             continue
         tlcm_stages.start_lora(args, stage, i, base)
         outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it
         # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
-        rng.generator.manual_seed(args.seed * 1000 + accelerator.process_index
-                                  + 7919 * (1 + list(flags.TLCM_STAGES).index(stage)))
+        rng.generator.manual_seed(tlcm_stages.stage_seed(args.seed, accelerator.process_index, stage))
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
         lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
                                               accelerator.num_processes)
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         transformer, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
-        sharding.settle(base)  # FSDP2 has put new (sharded) parameter objects in place: follow those
-        held = dict(base.named_parameters())
-        params = [held[name] for name in trained]
+        params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place
         if ema is not None:
             ema.reset(params)
         if fake_opt is not None:
@@ -352,7 +331,7 @@ def main(args: argparse.Namespace) -> None:
         accelerator.wait_for_everyone()
         with sharding.whole_parameters(base, lora.is_lora_weight):  # every process: a sharded LoRA is gathered
             if accelerator.is_main_process:
-                tlcm_stages.save_stage_lora(base, done_lora, "transformer")
+                tlcm_stages.save_stage_lora(base, os.path.join(stage_dir, "lora"), "transformer")
         accelerator.free_memory()  # the next stage prepares its own optimizer, schedule and loader
 
     accelerator.wait_for_everyone()
@@ -361,24 +340,6 @@ def main(args: argparse.Namespace) -> None:
         write_card(args)
         outputs.push_to_hub(args)  # --push_to_hub
     accelerator.end_training()
-
-
-def make_distance(args: argparse.Namespace, channels: int, latent_side: int, device):
-    """d(a, b) on packed latents: L2, pseudo-Huber, or (ensembled) latent LPIPS on the unpacked latents."""
-    if args.loss_type != "lpips":
-        return lambda a, b, gen=None: consistency_loss(a, b, args.loss_type, args.huber_c)
-    from utils.latent_lpips import EnsembledLatentLPIPS, LatentLPIPS
-
-    net = LatentLPIPS.from_pretrained(args.latent_lpips_path, in_channels=channels, flag="--latent_lpips_path")
-    net = net.to(device).requires_grad_(False)
-    metric = EnsembledLatentLPIPS(net, args.lpips_augmentations) if args.lpips_augmentations > 0 else net
-
-    def d(a, b, gen=None):
-        a, b = (models.unpack_latents(x.float(), latent_side, latent_side) for x in (a, b))
-        if args.lpips_augmentations > 0:  # the augmentations draw on the CPU
-            return metric(a, b, generator=gen if gen is not None and gen.device.type == "cpu" else None).mean()
-        return metric(a, b).mean()
-    return d
 
 
 def decode(vae, packed: torch.Tensor, latent_side: int) -> torch.Tensor:

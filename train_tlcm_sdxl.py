@@ -40,12 +40,11 @@ from contextlib import nullcontext
 
 import torch
 
-from utils import cache, data, dmd, flags, loop, lora, models, outputs, sharding, tlcm, tlcm_stages
+from utils import cache, data, dmd, flags, loop, lora, models, outputs, rewards, sharding, tlcm, tlcm_stages
 from utils.ema import EMAParams
 from utils.errors import fail, user_errors
 from utils.grids import log_image_grid
-from utils.lora_files import PEFT_WEIGHTS_NAME, load_into_adapter
-from utils.losses import consistency_loss, l2_loss
+from utils.losses import l2_loss, latent_distance
 from utils.model_card import write_model_card
 from utils.scheduling_tlcm import TLCMScheduler, ddpm_milestones, lcm_original_inference_steps, tlcm_timesteps
 from utils.solvers import alpha_sigma, cfg, ddim_step, model_output_from_x0_eps
@@ -72,13 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags.add_training_args(parser, image_recipe=False, per_stage=True)
     parser.set_defaults(train_batch_size=8)
     args = parser.parse_args(argv)
-    flags.check_tlcm_args(args, "train_tlcm_sdxl.py")
-    if args.skip != int(args.skip):
-        fail(f"--skip {args.skip}: a DDPM teacher has integer timesteps, so it must be a whole number")
-    try:  # the student's own sample runs the released sampler, defined on the milestone subsets only
-        tlcm_timesteps(args.stage2_student_steps, 1000, args.num_segments)
-    except ValueError as exc:
-        fail(f"--stage2_student_steps {args.stage2_student_steps}: {exc}")
+    flags.check_tlcm_args(args, "train_tlcm_sdxl.py", integer_timesteps=True)
     return flags.check(args, lora_presets=("lcm", "diffusers"))
 
 
@@ -86,8 +79,9 @@ class UNetDiffusion:
     """The UNet as a DDPM denoiser: its output (eps, v or x0) at integer timesteps, student and CFG teacher."""
 
     def __init__(self, base, teacher: models.Teacher, latent_side: int, args: argparse.Namespace, device,
-                 autocast=nullcontext) -> None:
+                 autocast=nullcontext, collective: bool = False) -> None:
         self.base, self.args, self.device, self.autocast, self.dtype = base, args, device, autocast, teacher.dtype
+        self.collective = collective  # sharded weights: a forward is a collective, every process must run as many
         self.alphas_cumprod, self.prediction_type = teacher.alphas_cumprod.to(device), teacher.prediction_type
         self.T, self.latent_side, self.channels = len(self.alphas_cumprod), latent_side, base.config.in_channels
         self.milestones = torch.tensor(ddpm_milestones(self.T, args.num_segments), dtype=torch.float64)
@@ -143,6 +137,8 @@ def stage1_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, distance, g
     args, n, M = diff.args, cond["embeds"].shape[0], diff.args.num_segments
     ac, pred = diff.alphas_cumprod, diff.prediction_type
     segment = int(torch.randint(0, M, (1,), generator=gen, device=gen.device))
+    if diff.collective:  # the segment sets the number of teacher steps: every process takes process 0's
+        segment = sharding.same_everywhere(segment)
     t_m, t_n, t_low = (t.long() for t in tlcm.stage1_times(segment, n, args.skip, diff.T, M, gen, diff.device,
                                                            diff.milestones))
     with torch.no_grad():
@@ -176,8 +172,6 @@ def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: l
                 vae=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(reward hinge on the decoded x0 of the own sample at a milestone + DMD + GAN on the one-step sample x,
     x detached for the fake score's and the head's own updates, or None without DMD and GAN)."""
-    from utils.rewards import hinge_reward_loss
-
     args, n = diff.args, len(captions)
     total = torch.zeros((), device=diff.device)
     if scorer is not None:
@@ -187,7 +181,7 @@ def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: l
             z_m = diff.renoise(x0_hat, diff.noise(n, gen), t_m)
         images = models.decode_latents(vae, diff.x0(z_m, diff.student(cond, unet)(z_m, t_m), t_m))
         shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
-        total = total + args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
+        total = total + args.reward_weight * rewards.hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
                                                                args.reward_s0)
     if not (args.dmd or args.gan):
         return total, None
@@ -238,9 +232,7 @@ def disc_loss(diff: UNetDiffusion, head, cond: dict, x: torch.Tensor, gen: torch
 
 def main(args: argparse.Namespace) -> None:
     accelerator = loop.make_accelerator(args)
-    if sharding.splits_weights(accelerator):  # its stage loops are not yet collective-safe, unlike the FLUX recipe's
-        fail(f"train_tlcm_sdxl.py does not run under {sharding.engine(accelerator)} yet (its weights split across "
-             "processes): use DDP or DeepSpeed ZeRO-1/2 (docs/distributed.md)")
+    tlcm_stages.check_engine(accelerator, args)
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -250,79 +242,66 @@ def main(args: argparse.Namespace) -> None:
     teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
     vae, encoders, device, dtype = teacher.vae, teacher.text_encoders, accelerator.device, teacher.dtype
     latent_side = args.resolution // models.vae_scale_factor(vae.config)
-    base = teacher.denoiser.to(device, dtype)
+    base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     if args.gan and base.mid_block is None:
         fail(f"--gan reads the UNet's mid-block output, and {args.pretrained_teacher_model} has no mid block")
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    if args.dmd:  # the fake score: a second adapter, equal to the base at the start; never saved with the LoRA
-        fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets)
+    fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets) if args.dmd else None
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
+    trained = [name for name, p in base.named_parameters() if p.requires_grad]
     params = [p for p in base.parameters() if p.requires_grad]
-    diff = UNetDiffusion(base, teacher, latent_side, args, device, accelerator.autocast)
+    diff = UNetDiffusion(base, teacher, latent_side, args, device, accelerator.autocast,
+                         collective=sharding.splits_weights(accelerator))
 
     # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
-    ema = EMAParams(params, args.ema_decay) if args.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    aux = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-               max_grad_norm=args.max_grad_norm)  # the extras' own optimizers, checkpointed with their weights
-    fake_opt = head = disc_opt = None
-    if args.dmd:
-        fake_opt = dmd.AuxOptimizer(fake_params, args.dmd_learning_rate, **aux)
-        accelerator.register_for_checkpointing(fake_opt)
-    if args.gan:
-        head = dmd.DiscriminatorHead(base.config.block_out_channels[-1], seed=args.seed)
-        disc_opt = dmd.AuxOptimizer(head.to(device).parameters(), args.gan_learning_rate, **aux)
-        accelerator.register_for_checkpointing(disc_opt)
-    scorer = None
-    if args.reward_model:
-        from utils.rewards import load_reward_model
-
-        scorer = load_reward_model(args.reward_model, device)
+    ema = EMAParams(params, args.ema_decay, base) if args.ema_decay > 0 else None
+    # the extras' own optimizers (DMD fake score, GAN head), checkpointed with their weights
+    fake_opt, head, disc_opt = dmd.extras_optimizers(args, fake_params, base.config.block_out_channels[-1], device)
+    for state in (rng, ema, fake_opt, disc_opt):
+        if state is not None:
+            accelerator.register_for_checkpointing(state)
+    scorer = rewards.load_reward_model(args.reward_model, device) if args.reward_model else None
 
     # ---- prompts: encoded on the fly, or once per distinct prompt (--cache_text_embeddings)
-    text_cache = None
+    text_cache = (cache.cached_text_embeddings(args, prompts, teacher.encode, encoders, accelerator)
+                  if args.cache_text_embeddings else None)
 
     @torch.no_grad()
     def encode(captions):
         out = teacher.encode(captions) if text_cache is None else text_cache.lookup(captions, device, encoders[-1].dtype)
         return dict(zip(("embeds", "pooled"), out))
-
-    if args.cache_text_embeddings:
-        text_cache = cache.cached_text_embeddings(args, prompts, teacher.encode, encoders, accelerator)
     uncond = encode([""])
     if unconditional_input(args, teacher.arch) == "zeros":
         uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
-    distance = make_distance(args, base.config.in_channels, device)
+    distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
+                               base.config.in_channels, args.lpips_augmentations)
 
     # ---- the stages: each is one training with its own steps, learning rate, optimizer and checkpoints
     steps = {"1": args.stage1_steps, "2": args.stage2_steps, "extras": args.extras_steps}
     lrs = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate, "extras": args.extras_learning_rate}
     for i, stage in enumerate(args.stages):
         stage_dir = os.path.join(args.output_dir, f"stage{stage}")
-        done_lora = os.path.join(stage_dir, "lora")
-        if os.path.isfile(os.path.join(done_lora, PEFT_WEIGHTS_NAME)):
-            logger.info(f"stage {stage} already finished in {stage_dir}: loading its LoRA")
-            load_into_adapter(base, os.path.join(done_lora, PEFT_WEIGHTS_NAME))
+        if tlcm_stages.load_finished(base, stage_dir, stage):
             if ema is not None:
-                ema.shadow = [p.detach().clone() for p in params]
+                ema.reset()
             continue
         tlcm_stages.start_lora(args, stage, i, base)
-        if ema is not None:
-            ema.shadow = [p.detach().clone() for p in params]
         outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it
         # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
-        rng.generator.manual_seed(args.seed * 1000 + accelerator.process_index
-                                  + 7919 * (1 + list(flags.TLCM_STAGES).index(stage)))
+        rng.generator.manual_seed(tlcm_stages.stage_seed(args.seed, accelerator.process_index, stage))
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
         lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
                                               accelerator.num_processes)
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         unet, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
+        params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place
+        if ema is not None:
+            ema.reset(params)
+        if fake_opt is not None:
+            fake_opt.retarget(dmd.fake_score_parameters(base))
         train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_sdxl_stage{stage}", lr_scheduler,
                                output_dir=stage_dir, resume=tlcm_stages.stage_resume(args, stage_dir))
         for batch in train:
@@ -352,8 +331,9 @@ def main(args: argparse.Namespace) -> None:
             if train.validation_due:
                 validate(diff, encode, vae, train.validation_prompts, train.global_step, accelerator, f"stage{stage}")
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            tlcm_stages.save_stage_lora(base, done_lora, "unet")
+        with sharding.whole_parameters(base, lora.is_lora_weight):  # every process: a sharded LoRA is gathered
+            if accelerator.is_main_process:
+                tlcm_stages.save_stage_lora(base, os.path.join(stage_dir, "lora"), "unet")
         accelerator.free_memory()  # the next stage prepares its own optimizer, schedule and loader
 
     accelerator.wait_for_everyone()
@@ -371,24 +351,6 @@ def unconditional_input(args: argparse.Namespace, arch: str) -> str:
         return args.uncond
     index = models.pipeline_index(args.pretrained_teacher_model, args.revision)
     return "zeros" if arch == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty"
-
-
-def make_distance(args: argparse.Namespace, channels: int, device):
-    """d(a, b) on latents: L2, pseudo-Huber, or (ensembled) latent LPIPS."""
-    if args.loss_type != "lpips":
-        return lambda a, b, gen=None: consistency_loss(a, b, args.loss_type, args.huber_c)
-    from utils.latent_lpips import EnsembledLatentLPIPS, LatentLPIPS
-
-    net = LatentLPIPS.from_pretrained(args.latent_lpips_path, in_channels=channels, flag="--latent_lpips_path")
-    net = net.to(device).requires_grad_(False)
-    metric = EnsembledLatentLPIPS(net, args.lpips_augmentations) if args.lpips_augmentations > 0 else net
-
-    def d(a, b, gen=None):
-        if args.lpips_augmentations > 0:  # the augmentations draw on the CPU
-            return metric(a.float(), b.float(),
-                          generator=gen if gen is not None and gen.device.type == "cpu" else None).mean()
-        return metric(a.float(), b.float()).mean()
-    return d
 
 
 @torch.no_grad()
@@ -424,9 +386,8 @@ image = pipe("a prompt", num_inference_steps={n}, guidance_scale=0).images[0]
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={lcm_original_inference_steps(1000, M)})
 image = pipe("a prompt", timesteps=tlcm_timesteps({n}, num_segments={M}), guidance_scale=0).images[0]
 ```
-Samplers: TLCMScheduler (this project's `utils/`: predict x0, re-noise it with fresh noise, on the
-milestone timesteps, {n} steps: {tlcm_timesteps(n, num_segments=M)}) or diffusers' LCMScheduler on the same
-timesteps; {"2-8" if M == 8 else f"1 or {M}"} steps, guidance_scale 0 (no CFG).
+Samplers: TLCMScheduler (this project's `utils/`: predict x0, re-noise it with fresh noise, on the milestone
+timesteps; {n} steps: {tlcm_timesteps(n, num_segments=M)}) or diffusers' LCMScheduler on the same timesteps; {"2-8" if M == 8 else f"1 or {M}"} steps, guidance_scale 0.
 PEFT: `get_peft_model(pipe.unet, LoraConfig(r={args.lora_rank}, target_modules=...))` then
 `load_adapter("{args.output_dir}", adapter_name="default")`; ComfyUI / A1111: `lora_kohya.safetensors`.
 Or: `python inference.py --base_model_path {args.pretrained_teacher_model} --lora_path {args.output_dir} --infer-steps 4`

@@ -97,6 +97,17 @@ def assert_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def assert_lora_moves_the_weights(pipeline_cls, teacher: str, lora_dir: str) -> None:
+    """The LoRA of lora_dir loads into the teacher's pipeline, fuses, and changes its denoiser's weights."""
+    pipe = pipeline_cls.from_pretrained(teacher)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    pipe.load_lora_weights(lora_dir)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay, under the base model's own names
+    assert max_diff(before, denoiser.state_dict()) > 0
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
@@ -308,12 +319,7 @@ def test_fsdp_tlcm_extras_match_ddp_and_resume_exactly(toy_world, start_lora, tm
     for i, key in ((1, "shadow"), (2, "params"), (3, "params")):
         assert all(torch.equal(a, b) for a, b in zip(last[0][i][key], again[i][key]))
 
-    pipe = FluxPipeline.from_pretrained(os.path.join(toy_world, "models/flux"))
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    pipe.load_lora_weights(straight)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    assert max_diff(before, pipe.transformer.state_dict()) > 0
+    assert_lora_moves_the_weights(FluxPipeline, os.path.join(toy_world, "models/flux"), straight)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed, 2 CPU processes
@@ -358,9 +364,69 @@ def test_deepspeed_zero3_lcm_lora_matches_ddp_and_resumes_exactly(toy_world, tmp
                      str(tmp_path / "batches_resumed"))
     assert_equal(lora_zero3, load_file(os.path.join(resumed, name)))
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(toy_world, "models/sdxl"))
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    pipe.load_lora_weights(straight)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    assert max_diff(before, pipe.unet.state_dict()) > 0
+    assert_lora_moves_the_weights(StableDiffusionXLPipeline, os.path.join(toy_world, "models/sdxl"), straight)
+
+
+# ----------------------------------------------------------------------------- TLCM on SDXL, both stages
+
+
+def tlcm_sdxl_args(world: str, extra: list[str] = ()) -> list[str]:
+    return ["--pretrained_teacher_model", os.path.join(world, "models/sdxl"),
+            "--prompts_file", os.path.join(world, "data/train/metadata.jsonl"), "--max_train_samples", "16",
+            "--resolution", "32", "--lora_rank", "4", "--train_batch_size", str(BATCH), "--guidance_scale", "5",
+            "--stage1_steps", "1", "--stage2_steps", "3", "--stage1_learning_rate", "1e-4",
+            "--stage2_learning_rate", "1e-4", "--ema_decay", "0.9", "--checkpointing_steps", "2",
+            "--validation_steps", "2", "--validation_prompts", "a red circle", "--report_to", "none", *extra]
+
+
+def check_tlcm_sdxl_run(world: str, config: str, extra: list[str], blocks: str | None, tmp_path) -> None:
+    """Stages 1 and 2 (and `extra`) under `config`: stage 1 draws one segment for all processes (it sets the number
+    of teacher steps, a collective under split weights), so DDP, which draws one per process, starts from this
+    run's stage 1 LoRA and must then train the same later stages; a copy resumed inside the last stage ends
+    bit-identical; the LoRA loads into the SDXL pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    script, args = "train_tlcm_sdxl.py", tlcm_sdxl_args(world, extra)
+    straight, ddp, log = str(tmp_path / "straight"), str(tmp_path / "ddp"), str(tmp_path / "batches")
+    launch(config, script, args + ["--output_dir", straight], log, blocks)
+    stages = sorted(d for d in os.listdir(straight) if d.startswith("stage"))
+    assert stages == ["stage1", "stage2"] + (["stageextras"] if "--dmd" in extra else [])
+    assert sorted(os.listdir(os.path.join(straight, "validation")))[-1] == f"{stages[-1]}-000002.png"
+    per_rank, begin = batches(log), 0
+    for steps in (1, 3, 3)[:len(stages)]:  # each stage's batches: the processes see disjoint prompts
+        check_disjoint({r: b[begin:begin + steps] for r, b in per_rank.items()}, steps)
+        begin += steps
+    assert all(len(b) == begin for b in per_rank.values())
+    check_streams(os.path.join(straight, stages[-1], "checkpoint-2"), 0)
+
+    shutil.copytree(os.path.join(straight, "stage1"), os.path.join(ddp, "stage1"))
+    output = launch(None, script, args + ["--output_dir", ddp], str(tmp_path / "batches_ddp"))
+    assert "stage 1 already finished" in output
+    name = "adapter_model.safetensors"
+    start = load_file(os.path.join(straight, "stage1", "lora", name))
+    for stage in stages[1:]:
+        per_stage = [load_file(os.path.join(run, stage, "lora", name)) for run in (straight, ddp)]
+        assert max_diff(per_stage[1], start) > 1e-4, stage  # trained
+        assert max_diff(*per_stage) < 1e-5, stage  # the same training, up to the order of float sums
+        start = per_stage[0]
+    lora_split = load_file(os.path.join(straight, name))
+
+    resumed = str(tmp_path / "resumed")
+    copies = stages[:-1] + [f"{stages[-1]}/checkpoint-2"]
+    resume_from_copy(config, script, args, straight, resumed, copies, str(tmp_path / "batches_resumed"), blocks)
+    assert_equal(lora_split, load_file(os.path.join(resumed, name)))
+
+    assert_lora_moves_the_weights(StableDiffusionXLPipeline, os.path.join(world, "models/sdxl"), straight)
+
+
+@pytest.mark.slow
+def test_fsdp_tlcm_sdxl_both_stages_and_extras_match_ddp_and_resume_exactly(toy_world, tmp_path):
+    check_tlcm_sdxl_run(toy_world, "fsdp", ["--stage", "all", "--dmd", "--gan", "--extras_steps", "3",
+                                            "--extras_learning_rate", "1e-4", "--dmd_learning_rate", "1e-4",
+                                            "--gan_learning_rate", "1e-4"], UNET_BLOCKS, tmp_path)
+
+
+@pytest.mark.slow
+@deepspeed_installed
+def test_deepspeed_zero3_tlcm_sdxl_both_stages_match_ddp_and_resume_exactly(toy_world, tmp_path):
+    check_tlcm_sdxl_run(toy_world, "deepspeed_zero3", [], None, tmp_path)

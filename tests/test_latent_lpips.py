@@ -4,12 +4,11 @@ committed toy nets' agreement with the toy world's reference distance on held-ou
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import run_command
 from utils.errors import UserError
 from utils.latent_lpips import EnsembledLatentLPIPS, LatentLPIPS, shift_indices, translate
 from utils.toy.latent_lpips_train import (
@@ -169,17 +168,17 @@ def test_committed_toy_nets_agree_with_the_reference(toy_world, name):
 
 
 def test_cli_trains_and_reports_errors(toy_world, tmp_path):
-    """A tiny end-to-end run of `python -m utils.toy.latent_lpips_train train` and a one-line error."""
+    """A tiny end-to-end run of `python -m utils.toy.latent_lpips_train train` and a one-line error (in this
+    process, as `python -m` runs it: tests/helpers.run_command)."""
     out = tmp_path / "net"
-    cmd = [sys.executable, "-m", "utils.toy.latent_lpips_train", "train",
+    cmd = ["-m", "utils.toy.latent_lpips_train", "train",
            "--vae", os.path.join(toy_world, "models/flux"), "--data", os.path.join(toy_world, "data/test"),
            "--judge", os.path.join(toy_world, "judge"),
            "--out", str(out), "--references", "20", "--val_references", "10", "--candidates", "3", "--steps", "3",
            "--batch", "4", "--channels", "8", "--convs", "1", "--pool", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = run_command(cmd)
+    assert run.returncode == 0, run.stderr[-2000:]
     net = LatentLPIPS.from_pretrained(str(out), in_channels=16)
     assert net.config["channels"] == [8] and "agreement" in net.metadata
-    bad = subprocess.run(cmd[:4] + ["--vae", str(tmp_path / "missing")] + cmd[6:], capture_output=True, text=True,
-                         cwd=ROOT)
+    bad = run_command(cmd[:3] + ["--vae", str(tmp_path / "missing")] + cmd[5:])
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1

@@ -80,6 +80,31 @@ def test_add_lora_changes_output_and_disable_restores_base(toy_world: str, name:
     assert torch.equal(_out(unet, x), ref)
 
 
+def test_adapter_switches_leave_the_flags_of_the_tensors_held_at_the_start(toy_world: str) -> None:
+    """FSDP2 swaps a module's sharded and gathered weight between the two ends of a switch: the LoRA weight held
+    at the start keeps its flag (it is the one FSDP2 copies onto the gathered weight), and the teacher still
+    runs without LoRA inside the block."""
+    from utils import dmd
+
+    unet = _adapted(toy_world, "sd")
+    dmd.add_fake_score(unet, RANK, 8, lora.LCM_LORA_TARGETS)  # a second adapter to switch to
+    x = _inputs(unet)
+    held = unet.get_submodule("mid_block.attentions.0.proj_in.lora_A.default")
+    sharded = held.weight
+    lora_out = _out(unet, x)
+    for switch in (lambda: lora.adapters_disabled(unet), lambda: dmd.adapter_active(unet)):
+        with switch():
+            gathered = torch.nn.Parameter(sharded.detach().clone())
+            held.weight = gathered  # as FSDP2 registers its gathered copy for a forward
+        assert sharded.requires_grad and held.weight is gathered
+        held.weight = sharded
+    with lora.adapters_disabled(unet):
+        assert not torch.allclose(_out(unet, x), lora_out, atol=1e-4)
+        held.weight = torch.nn.Parameter(sharded.detach().clone())
+    held.weight = sharded
+    assert sharded.requires_grad and torch.equal(_out(unet, x), lora_out)
+
+
 def test_add_lora_returns_config_with_targets(toy_world: str) -> None:
     unet = _unet(toy_world, "sd")
     cfg = lora.add_lora(unet, 8, 8, lora.DIFFUSERS_LORA_TARGETS)

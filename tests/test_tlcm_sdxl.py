@@ -229,7 +229,10 @@ def test_extras_losses_train_the_student_the_fake_score_and_the_head_apart(toy_w
 def test_latent_lpips_distance_on_unet_latents(toy_world, tmp_path):
     recipe, diff, _, _ = toy_diffusion(toy_world, str(tmp_path / "out"), [
         "--loss_type", "lpips", "--latent_lpips_path", os.path.join(toy_world, "latent_lpips/sd")])
-    d = recipe.make_distance(diff.args, 4, "cpu")
+    from utils.losses import latent_distance
+
+    a = diff.args
+    d = latent_distance(a.loss_type, a.huber_c, "cpu", a.latent_lpips_path, 4, a.lpips_augmentations)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True), torch.randn(2, 4, 8, 8, generator=g)
     same = d(b, b, torch.Generator().manual_seed(1))

@@ -100,12 +100,15 @@ def fake_score_parameters(model: nn.Module, adapter_name: str = FAKE_SCORE) -> l
 def adapter_active(model: nn.Module, adapter_name: str = FAKE_SCORE) -> Iterator[None]:
     """Only `adapter_name` acts (and requires grad) inside the block; the adapters active before are active again
     afterwards. A loss built inside must also be back-propagated inside: outside, its weights require no grad."""
+    from .lora import requires_grad_kept
+
     previous = model.active_adapters()
-    model.set_adapter(adapter_name)
-    try:
-        yield
-    finally:
-        model.set_adapter(previous)
+    with requires_grad_kept(model):
+        model.set_adapter(adapter_name)
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
 
 
 @contextmanager
@@ -193,3 +196,17 @@ class AuxOptimizer:
         optimizer["state"] = {i: {k: shard_like(v, self.params[int(i)]) for k, v in st.items()}
                               for i, st in optimizer["state"].items()}
         self.optimizer.load_state_dict(optimizer)
+
+
+def extras_optimizers(args, fake_params: list[nn.Parameter] | None, head_width: int, device: torch.device | str
+                      ) -> tuple[AuxOptimizer | None, DiscriminatorHead | None, AuxOptimizer | None]:
+    """(the DMD fake score's optimizer, the GAN head, its optimizer), each None when --dmd / --gan is off; the
+    optimizers take the run's Adam settings and the flags' own learning rates."""
+    aux = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+               max_grad_norm=args.max_grad_norm)
+    fake_opt = AuxOptimizer(fake_params, args.dmd_learning_rate, **aux) if args.dmd else None
+    head = disc_opt = None
+    if args.gan:
+        head = DiscriminatorHead(head_width, seed=args.seed).to(device)
+        disc_opt = AuxOptimizer(head.parameters(), args.gan_learning_rate, **aux)
+    return fake_opt, head, disc_opt

@@ -360,8 +360,9 @@ def add_tlcm_args(parser: argparse.ArgumentParser, resolution: int = 1024) -> No
                    help="the student's learning rate in the extras stage (loss: reward + DMD + GAN, weighted)")
 
 
-def check_tlcm_args(args: argparse.Namespace, script: str) -> None:
-    """Reject impossible TLCM settings; fill args.stages (the stages to run, in order)."""
+def check_tlcm_args(args: argparse.Namespace, script: str, integer_timesteps: bool = False) -> None:
+    """Reject impossible TLCM settings; fill args.stages (the stages to run, in order). integer_timesteps: a DDPM
+    teacher (whole --skip; its student samples with the released sampler, on the milestone subsets only)."""
     if args.learning_rate is not None or args.max_train_steps is not None:
         fail(f"{script} sets steps and learning rates per stage: use --stage1_steps/--stage2_steps/"
              "--extras_steps and --stage1_learning_rate/--stage2_learning_rate/--extras_learning_rate")
@@ -374,6 +375,15 @@ def check_tlcm_args(args: argparse.Namespace, script: str) -> None:
     for name in ("stage1_steps", "stage2_steps", "extras_steps", "stage2_student_steps", "stage2_teacher_substeps"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if integer_timesteps and args.skip != int(args.skip):
+        fail(f"--skip {args.skip}: a DDPM teacher has integer timesteps, so it must be a whole number")
+    if integer_timesteps:
+        from .scheduling_tlcm import tlcm_timesteps
+
+        try:
+            tlcm_timesteps(args.stage2_student_steps, 1000, args.num_segments)
+        except ValueError as exc:
+            fail(f"--stage2_student_steps {args.stage2_student_steps}: {exc}")
     if args.huber_c <= 0:
         fail(f"--huber_c must be positive, got {args.huber_c}")
     if args.loss_type == "lpips" and not args.latent_lpips_path:

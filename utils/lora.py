@@ -123,11 +123,29 @@ def infer_targets(modules: set[str] | list[str], model: nn.Module) -> list[str]:
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """The teacher of a LoRA recipe: the same model with its LoRA switched off for the duration of the block."""
-    model.disable_adapters()
+    with requires_grad_kept(model):
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+
+@contextmanager
+def requires_grad_kept(model: nn.Module) -> Iterator[None]:
+    """The LoRA weights' requires_grad flags as they are at the start, put back on the same tensors at the end.
+
+    PEFT's adapter switches set the flags on the tensors a module holds at that moment, and a split model (FSDP2)
+    swaps its sharded and gathered tensors in between (its root module keeps the gathered ones after a forward,
+    and copies the sharded one's flag onto them when it gathers again): a switch made on one and undone on the
+    other would leave a LoRA weight frozen.
+    """
+    flags = [(p, p.requires_grad) for name, p in model.named_parameters() if is_lora_weight(name)]
     try:
         yield
     finally:
-        model.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def is_lora_weight(name: str) -> bool:

@@ -162,8 +162,10 @@ def whole_parameters(model: nn.Module, select: Callable[[str], bool] = lambda na
     """Inside the block the selected parameters of `model` (by name) are whole tensors on every process.
 
     For reading (e.g. the usual writers saving a LoRA): the shards are put back afterwards and a change
-    made inside is lost. Selecting few parameters (a LoRA's) gathers only those.
+    made inside is lost. Selecting few parameters (a LoRA's) gathers only those. No backward may be pending
+    (FSDP2's gathered copies are dropped first: see settle).
     """
+    settle(model)
     named = [(n, p) for n, p in model.named_parameters() if select(n)]
     swapped = []
     for name, p in named:
@@ -177,3 +179,19 @@ def whole_parameters(model: nn.Module, select: Callable[[str], bool] = lambda na
     finally:
         for module, attr, p in swapped:
             setattr(module, attr, p)
+
+
+def prepared_parameters(model: nn.Module, names: list[str], optimizer) -> list[nn.Parameter]:
+    """The parameters `names` of a prepared model as it now keeps them (FSDP2 puts new, sharded, objects in place),
+    with the model's fresh optimizer pointed at them: accelerate (1.15) maps a second prepare() of an FSDP2 model
+    (a later TLCM stage) to wrong objects, matching parameters by their shards' data pointers, some of which
+    coincide. Other engines' optimizers are left as they are (DeepSpeed's hold flat partitions of their own)."""
+    settle(model)
+    held = dict(model.named_parameters())
+    params = [held[name] for name in names]
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if any(_is_dtensor(p) for p in params) and isinstance(inner, torch.optim.Optimizer):
+        if len(inner.param_groups) != 1 or inner.state:
+            raise ValueError("prepared_parameters expects a fresh optimizer with one parameter group")
+        inner.param_groups[0]["params"] = params
+    return params

@@ -1,5 +1,6 @@
-"""The stage bookkeeping the two TLCM recipes share: which LoRA a stage starts from, which checkpoint it
-resumes, how a finished stage's LoRA is written, and the last stage's files on top of the output folder."""
+"""The stage bookkeeping the two TLCM recipes share: a stage finished earlier, its seed, which LoRA a stage
+starts from, which checkpoint it resumes, how a finished stage's LoRA is written, and the last stage's files
+on top of the output folder."""
 
 from __future__ import annotations
 
@@ -14,9 +15,33 @@ from torch import nn
 from .checkpoint import resolve_resume
 from .errors import UserError, fail
 from .files import atomic_write
+from .flags import TLCM_STAGES
+from .sharding import engine
 from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
 
 logger = logging.getLogger(__name__)
+
+
+def check_engine(accelerator, args: argparse.Namespace) -> None:
+    """One line for what the engine cannot run: --dmd / --gan under DeepSpeed ZeRO-3."""
+    if (args.dmd or args.gan) and engine(accelerator) == "zero3":
+        fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the extras' losses pass through the split model "
+             "more than once per backward, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
+
+
+def load_finished(base: nn.Module, stage_dir: str, stage: str) -> bool:
+    """Whether the stage finished in an earlier run (its LoRA is in <stage_dir>/lora); then that LoRA is loaded."""
+    done = os.path.join(stage_dir, "lora", PEFT_WEIGHTS_NAME)
+    if not os.path.isfile(done):
+        return False
+    logger.info(f"stage {stage} already finished in {stage_dir}: loading its LoRA")
+    load_into_adapter(base, done)
+    return True
+
+
+def stage_seed(seed: int, process_index: int, stage: str) -> int:
+    """The seed of a stage's random stream on one process: each stage and process its own."""
+    return seed * 1000 + process_index + 7919 * (1 + list(TLCM_STAGES).index(stage))
 
 
 def start_lora(args: argparse.Namespace, stage: str, index: int, base: nn.Module) -> None:

@@ -233,10 +233,27 @@ def train_unet_teacher(name: str, steps: int, batch: int, lr: float, seed: int, 
         save_fp16(enc, f"{name}_text_encoder" + (f"_{i + 1}" if sdxl and i else ""))
 
 
+def flux_ids(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX's image-token and text-token position ids for latents shaped like the cached posteriors' means."""
+    from diffusers import FluxPipeline
+
+    _, h, w = means.shape[1:]
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+    return img_ids, torch.zeros(configs.MAX_TOKENS, 3)
+
+
+def flux_latents(means: torch.Tensor, stds: torch.Tensor, idx: torch.Tensor, vae_config) -> torch.Tensor:
+    """Packed FLUX latents (z - shift) * scale, z drawn from the cached VAE posteriors of the images idx."""
+    from diffusers import FluxPipeline
+
+    z0 = ((means[idx] + stds[idx] * torch.randn_like(means[idx])) - vae_config.shift_factor) * vae_config.scaling_factor
+    return FluxPipeline._pack_latents(z0, len(idx), *means.shape[1:])
+
+
 def train_flux_teacher(steps: int, batch: int, lr: float, seed: int, bank_size: int = 20000,
                        p_uncond: float = 0.1) -> None:
     """FLUX-style flow-matching teacher (velocity v = eps - x0), T5 and CLIP encoders trained jointly."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     torch.manual_seed(seed)
@@ -249,18 +266,14 @@ def train_flux_teacher(steps: int, batch: int, lr: float, seed: int, bank_size: 
     captions, means, stds = latent_bank(vae, bank_size, seed + 1000)
     clip_ids, clip_empty = token_ids(clip_tok, captions), token_ids(clip_tok, [""])
     t5_ids, t5_empty = token_ids(t5_tok, captions), token_ids(t5_tok, [""])
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    c, h, w = means.shape[1:]
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
-    txt_ids = torch.zeros(configs.MAX_TOKENS, 3)
+    img_ids, txt_ids = flux_ids(means)
     params = list(transformer.parameters()) + list(clip.parameters()) + list(t5.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     bar = tqdm(range(steps), desc="flux")
     for step in bar:
         set_lr(opt, cosine_lr(step, steps, lr))
         idx = torch.from_numpy(rng.integers(0, len(captions), batch))
-        z0 = ((means[idx] + stds[idx] * torch.randn_like(means[idx])) - shift) * scale
-        x0 = FluxPipeline._pack_latents(z0, batch, c, h, w)
+        x0 = flux_latents(means, stds, idx, vae.config)
         drop = torch.from_numpy(rng.random(batch) < p_uncond)[:, None]
         pooled = clip(torch.where(drop, clip_empty, clip_ids[idx])).pooler_output
         text = t5(torch.where(drop, t5_empty, t5_ids[idx])).last_hidden_state
@@ -283,7 +296,7 @@ def train_flux_guidance(steps: int, batch: int, lr: float, seed: int, bank_size:
     Starts from the CFG teacher with a zero-initialised guidance embedder (so it starts equal to
     the unguided teacher) and learns v(x, g) = v_u + g (v_c - v_u) of the teacher in one pass.
     """
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     torch.manual_seed(seed)
@@ -305,17 +318,13 @@ def train_flux_guidance(steps: int, batch: int, lr: float, seed: int, bank_size:
         text_all = t5(token_ids(t5_tok, captions)).last_hidden_state
         pooled_u = clip(token_ids(clip_tok, [""])).pooler_output
         text_u = t5(token_ids(t5_tok, [""])).last_hidden_state
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    c, h, w = means.shape[1:]
-    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
-    txt_ids = torch.zeros(configs.MAX_TOKENS, 3)
+    img_ids, txt_ids = flux_ids(means)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="flux_guidance")
     for step in bar:
         set_lr(opt, cosine_lr(step, steps, lr))
         idx = torch.from_numpy(rng.integers(0, len(captions), batch))
-        z0 = ((means[idx] + stds[idx] * torch.randn_like(means[idx])) - shift) * scale
-        x0 = FluxPipeline._pack_latents(z0, batch, c, h, w)
+        x0 = flux_latents(means, stds, idx, vae.config)
         noise = torch.randn_like(x0)
         sigma = torch.sigmoid(torch.randn(batch))
         x_t = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
