@@ -159,6 +159,24 @@ def test_fsdp_and_deepspeed_code_paths_follow_accelerates_choice():
         assert TrainLoop.samples_here.fget(SimpleNamespace(accelerator=accelerator(*setting, main=False))) == split
 
 
+@pytest.mark.parametrize("extra", ["dmd", "gan"])
+def test_deepspeed_zero3_refuses_the_tlcm_extras_in_one_line(extra, capsys):
+    from utils import tlcm_stages
+
+    def accelerator(stage):
+        return SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2,
+                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    args = SimpleNamespace(dmd=extra == "dmd", gan=extra == "gan")
+    tlcm_stages.check_engine(accelerator(2), args)  # ZeRO-2 runs them
+    tlcm_stages.check_engine(accelerator(3), SimpleNamespace(dmd=False, gan=False))
+    with pytest.raises(SystemExit) as stopped:
+        tlcm_stages.check_engine(accelerator(3), args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("error: --dmd and --gan do not run under DeepSpeed ZeRO-3")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_deepspeed_settings_come_from_the_recipe_flags():
     from utils.loop import deepspeed_settings
 

@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def check_engine(accelerator, args: argparse.Namespace) -> None:
-    """One line for what the engine cannot run: --dmd / --gan under DeepSpeed ZeRO-3."""
+    """One line for what the engine cannot run: the extras --dmd and --gan under DeepSpeed ZeRO-3."""
     if (args.dmd or args.gan) and engine(accelerator) == "zero3":
-        fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the extras' losses pass through the split model "
-             "more than once per backward, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
+        fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the DMD fake score's own optimizer steps outside "
+             "DeepSpeed's engine, whose split weights hold no whole gradient; the GAN loss back-propagates through "
+             "the split teacher a second time, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
 
 
 def load_finished(base: nn.Module, stage_dir: str, stage: str) -> bool:
