@@ -340,19 +340,13 @@ def add_tlcm_args(parser: argparse.ArgumentParser, resolution: int = 1024) -> No
     e.add_argument("--reward_s0", type=float, default=2.0,
                    help="hinge threshold s0 of max(s0 - s(x0, c), 0) (the toy judge's score is a log-odds)")
     e.add_argument("--dmd", action="store_true",
-                   help="DMD on the one-step sample x: a second LoRA 'fake_score' (zero-init: = base) learns x "
-                        "with the teacher's own training loss (FLUX: flow matching; SDXL: its eps/v prediction), one "
-                        "update per student micro-batch after the student's; the student's gradient is "
-                        "g = fake x0 - real (guided teacher) x0 at x re-noised to t ~ U[0.02T, 0.98T], divided per "
-                        "sample by mean|x - real x0| (ours), applied as 0.5||x - stopgrad(x - g)||^2")
+                   help="distribution matching: a second LoRA learns the student's one-step samples with the teacher's "
+                        "own loss, and the student follows fake x0 - real (guided teacher) x0 (docs/tlcm.md, Extras)")
     e.add_argument("--dmd_weight", type=float, default=1.0, help="weight of the DMD loss (ours; default: 1)")
     e.add_argument("--dmd_learning_rate", type=float, default=1e-5, help="fake-score LoRA's AdamW lr (constant; 1e-5)")
     e.add_argument("--gan", action="store_true",
-                   help="adversarial loss: D = the frozen teacher (LoRA off; FLUX: input of its final norm, SDXL: "
-                        "its mid-block output) + a head (ours: per-token linear, SiLU, token mean, linear); real = "
-                        "the student's q-step sample, fake = its "
-                        "one-step sample, both re-noised to t ~ U[0.02T, 0.98T]; non-saturating logistic losses "
-                        "(ours); one head update per student micro-batch")
+                   help="adversarial loss: the frozen teacher's features (LoRA off) + a small trained head tell the "
+                        "student's q-step samples (real) from its one-step samples (fake) (docs/tlcm.md, Extras)")
     e.add_argument("--gan_weight", type=float, default=0.1, help="weight of the generator's GAN loss (ours; 0.1)")
     e.add_argument("--gan_learning_rate", type=float, default=1e-4, help="the head's AdamW lr (constant; ours; 1e-4)")
     e.add_argument("--extras_steps", type=int, default=500, help="optimizer steps of the extras stage")

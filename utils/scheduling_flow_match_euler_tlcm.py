@@ -182,18 +182,10 @@ class FlowMatchEulerTLCMScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
 
     # -- reverse step --
 
-    def step(
-        self,
-        model_output: Tensor,
-        timestep: float | Tensor,
-        sample: Tensor,
-        generator: Generators = None,
-        return_dict: bool = True,
-    ) -> FlowMatchEulerTLCMSchedulerOutput | tuple[Tensor, Tensor]:
+    def step(self, model_output: Tensor, timestep: float | Tensor, sample: Tensor, generator: Generators = None,
+             return_dict: bool = True) -> FlowMatchEulerTLCMSchedulerOutput | tuple[Tensor, Tensor]:
         """tlcm.sampler_step sigma_i -> sigma_{i+1}, with fresh noise or the implied eps = x_t + (1 - sigma_i) v."""
         i = self.current_step_index(timestep)
-        if i + 1 >= len(self.sigmas):
-            raise IndexError(f"step {i} is past the end of the schedule ({self.num_inference_steps} steps)")
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
 
         x_t = sample.to(torch.float32)
@@ -203,8 +195,4 @@ class FlowMatchEulerTLCMScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         prev, x0 = sampler_step(x_t, v, sigma, sigma_next,
                                 lambda: flow_eps(x_t, v, sigma) if implied else fresh_noise(x_t.shape, gen, x_t.device))
 
-        self._step_index = i + 1
-        prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
-        if not return_dict:
-            return prev, x0
-        return FlowMatchEulerTLCMSchedulerOutput(prev_sample=prev, denoised=x0)
+        return self.finish_step(i, prev, x0, sample, return_dict, FlowMatchEulerTLCMSchedulerOutput)

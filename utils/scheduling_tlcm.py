@@ -178,18 +178,10 @@ class TLCMScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
         out = ddim_step(original_samples.to(torch.float32), noise.to(torch.float32), alpha, sigma)
         return out.to(original_samples.dtype)
 
-    def step(
-        self,
-        model_output: Tensor,
-        timestep: int | Tensor,
-        sample: Tensor,
-        generator: Generators = None,
-        return_dict: bool = True,
-    ) -> TLCMSchedulerOutput | tuple[Tensor, Tensor]:
+    def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, generator: Generators = None,
+             return_dict: bool = True) -> TLCMSchedulerOutput | tuple[Tensor, Tensor]:
         """x0 from the model output at t_i; z_{i+1} = sqrt(a_s) x0 + sqrt(1 - a_s) eps', s = t_{i+1}; last: x0."""
         i = self.current_step_index(timestep)
-        if i >= len(self.timesteps):
-            raise IndexError(f"step {i} is past the end of the schedule ({self.num_inference_steps} steps)")
         # float64 coefficients: 1 - a_t is not rounded to fp32 before its square root
         alphas_cumprod = self.alphas_cumprod.double()
         alpha_t, sigma_t = alpha_sigma(alphas_cumprod, self.timesteps[i].cpu())
@@ -204,8 +196,4 @@ class TLCMScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             noise = eps if self.config.renoise == "implied" else fresh_noise(z.shape, generator, z.device)
             prev = ddim_step(x0, noise, alpha_s, sigma_s)
 
-        self._step_index = i + 1
-        prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
-        if not return_dict:
-            return prev, x0
-        return TLCMSchedulerOutput(prev_sample=prev, denoised=x0)
+        return self.finish_step(i, prev, x0, sample, return_dict, TLCMSchedulerOutput)

@@ -68,9 +68,20 @@ class StepIndexMixin:
         return int(self.config.num_train_timesteps)
 
     def current_step_index(self, timestep: float | Tensor) -> int:
-        """The index of this step: the begin index or timestep's index on the first call, then one per step."""
+        """The index of this step: the begin index or timestep's index on the first call, then one per step
+        (IndexError past the last step)."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
             self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        if self._step_index >= self.num_inference_steps:
+            raise IndexError(f"step {self._step_index} is past the end of the schedule ({self.num_inference_steps} steps)")
         return self._step_index
+
+    def finish_step(self, i: int, prev: Tensor, x0: Tensor, sample: Tensor, return_dict: bool, output_cls):
+        """After step i: the step index moves on; (prev, x0) in the sample's dtype, as output_cls(prev_sample=...,
+        denoised=...) or, without return_dict, a tuple."""
+        self._step_index = i + 1
+        prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
+        return output_cls(prev_sample=prev, denoised=x0) if return_dict else (prev, x0)
+
