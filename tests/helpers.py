@@ -194,6 +194,45 @@ def run_command(argv: list[str], env: dict | None = None) -> RecipeRun:
     return run
 
 
+def random_lora(model, targets: list[str], seed: int = 0) -> torch.Generator:
+    """A trainable rank-4 LoRA (alpha 8) on `targets` whose B weights are drawn N(0, 0.01^2) from `seed`, so that it
+    acts; returns the generator, for the caller's further draws."""
+    from utils import lora
+
+    lora.add_trainable_lora(model.requires_grad_(False), 4, 8, targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    return g
+
+
+def write_flux_start_lora(world: str, out: str) -> str:
+    """A rank-4 FLUX LoRA folder (written as the recipes write theirs), standing in for stage 2's output."""
+    import os
+
+    from diffusers import FluxTransformer2DModel
+
+    from utils import lora, lora_files
+
+    model = FluxTransformer2DModel.from_pretrained(os.path.join(world, "models/flux"), subfolder="transformer")
+    random_lora(model, lora.FLUX_LORA_TARGETS)
+    os.makedirs(out)
+    lora_files.save_lora_outputs(model, out, "transformer", peft_dir=out)
+    return out
+
+
+def assert_one_line_error(run, needle: str, never_written: str) -> None:
+    """Exit status 2, one line on stderr that names `needle`, no traceback, and the file never_written absent."""
+    import os
+
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert not os.path.exists(never_written)
+
+
 def toy_flux_flow(world: str, output_dir: str, extra_args: list[str] = (), batch: int = 2, seed: int = 0):
     """(flow, cond, uncond): train_tlcm_flux.FluxFlow on the toy FLUX teacher (fp32, CPU, 32 px: 16 tokens) with a
     rank-4 LoRA whose lora_B is random (a trained student), and random prompt conditions of `batch` prompts.
@@ -210,13 +249,8 @@ def toy_flux_flow(world: str, output_dir: str, extra_args: list[str] = (), batch
     path = os.path.join(world, "models/flux")
     args = recipe.parse_args(["--pretrained_teacher_model", path, "--prompts_file", "unused.txt",
                               "--output_dir", output_dir, "--lora_rank", "4", *extra_args])
-    base = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer").requires_grad_(False)
-    lora.add_trainable_lora(base, 4, 8, lora.FLUX_LORA_TARGETS)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    base = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer")
+    g = random_lora(base, lora.FLUX_LORA_TARGETS, seed)
     flow = recipe.FluxFlow(base, models.load_noise_scheduler_config(path), 8, args, torch.float32,
                            torch.device("cpu"))
     c = base.config

@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_recipe
+from helpers import run_recipe, write_flux_start_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "accelerate")
@@ -276,21 +276,7 @@ def test_fsdp_lcm_sd_shards_the_student_keeps_the_ema_right_and_resumes_exactly(
 @pytest.fixture(scope="module")
 def start_lora(toy_world, tmp_path_factory):
     """A rank-4 FLUX LoRA standing in for stage 2's output."""
-    from diffusers import FluxTransformer2DModel
-
-    from utils import lora, lora_files
-
-    out = str(tmp_path_factory.mktemp("distributed") / "start")
-    model = FluxTransformer2DModel.from_pretrained(os.path.join(toy_world, "models/flux"), subfolder="transformer")
-    lora.add_trainable_lora(model.requires_grad_(False), 4, 8, lora.FLUX_LORA_TARGETS)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    os.makedirs(out)
-    lora_files.save_lora_outputs(model, out, "transformer", peft_dir=out)
-    return out
+    return write_flux_start_lora(toy_world, str(tmp_path_factory.mktemp("distributed") / "start"))
 
 
 @pytest.mark.slow

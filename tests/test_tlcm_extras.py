@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import kill_while_saving, run_recipe, toy_flux_flow
+from helpers import kill_while_saving, run_recipe, toy_flux_flow, write_flux_start_lora
 
 from utils import dmd, lora, lora_files
 from utils.solvers import flow_renoise
@@ -160,19 +160,7 @@ def adapter(folder: str) -> dict:
 @pytest.fixture(scope="module")
 def start_lora(toy_world, tmp_path_factory):
     """A rank-4 LoRA standing in for stage 2's output (written as the recipe writes its LoRAs)."""
-    from diffusers import FluxTransformer2DModel
-
-    out = str(tmp_path_factory.mktemp("tlcm_extras") / "start")
-    model = FluxTransformer2DModel.from_pretrained(os.path.join(toy_world, "models/flux"), subfolder="transformer")
-    lora.add_trainable_lora(model.requires_grad_(False), 4, 8, lora.FLUX_LORA_TARGETS)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    os.makedirs(out)
-    lora_files.save_lora_outputs(model, out, "transformer", peft_dir=out)
-    return out
+    return write_flux_start_lora(toy_world, str(tmp_path_factory.mktemp("tlcm_extras") / "start"))
 
 
 def extras_args(world: str, out: str, init: str) -> list[str]:
