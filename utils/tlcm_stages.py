@@ -16,8 +16,8 @@ from .checkpoint import resolve_resume
 from .errors import UserError, fail
 from .files import atomic_write
 from .flags import TLCM_STAGES
-from .sharding import engine
 from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
+from .sharding import engine
 
 logger = logging.getLogger(__name__)
 
