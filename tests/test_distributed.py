@@ -383,16 +383,15 @@ def tlcm_sdxl_args(world: str, extra: list[str] = ()) -> list[str]:
             "--validation_steps", "2", "--validation_prompts", "a red circle", "--report_to", "none", *extra]
 
 
-def check_tlcm_sdxl_run(world: str, config: str, extra: list[str], blocks: str | None, tmp_path) -> None:
-    """Stages 1 and 2 (and `extra`) under `config`: stage 1 draws one segment for all processes (it sets the number
-    of teacher steps, a collective under split weights), so DDP, which draws one per process, starts from this
-    run's stage 1 LoRA and must then train the same later stages; a copy resumed inside the last stage ends
-    bit-identical; the LoRA loads into the SDXL pipeline."""
-    from diffusers import StableDiffusionXLPipeline
+EXTRAS = ["--dmd", "--gan", "--extras_steps", "3", "--extras_learning_rate", "1e-4", "--dmd_learning_rate", "1e-4",
+          "--gan_learning_rate", "1e-4"]
 
-    script, args = "train_tlcm_sdxl.py", tlcm_sdxl_args(world, extra)
-    straight, ddp, log = str(tmp_path / "straight"), str(tmp_path / "ddp"), str(tmp_path / "batches")
-    launch(config, script, args + ["--output_dir", straight], log, blocks)
+
+def split_tlcm_sdxl_run(world: str, config: str, extra: list[str], blocks: str | None, out: str) -> str:
+    """`train_tlcm_sdxl.py --stage all` (+ `extra`) under `config` into out/straight, checked: its stages, one
+    validation writer, disjoint prompts per stage and process, a random stream per process."""
+    straight, log = os.path.join(out, "straight"), os.path.join(out, "batches")
+    launch(config, "train_tlcm_sdxl.py", tlcm_sdxl_args(world, extra) + ["--output_dir", straight], log, blocks)
     stages = sorted(d for d in os.listdir(straight) if d.startswith("stage"))
     assert stages == ["stage1", "stage2"] + (["stageextras"] if "--dmd" in extra else [])
     assert sorted(os.listdir(os.path.join(straight, "validation")))[-1] == f"{stages[-1]}-000002.png"
@@ -402,35 +401,65 @@ def check_tlcm_sdxl_run(world: str, config: str, extra: list[str], blocks: str |
         begin += steps
     assert all(len(b) == begin for b in per_rank.values())
     check_streams(os.path.join(straight, stages[-1], "checkpoint-2"), 0)
+    return straight
 
+
+@pytest.fixture(scope="module")
+def tlcm_sdxl_fsdp(toy_world, tmp_path_factory):
+    """(the FSDP2 run with DMD + GAN extras, the same stages under DDP started from its stage-1 LoRA): split weights
+    make stage 1 draw one segment for all processes (it sets the number of teacher steps, a collective), DDP one
+    per process, so the later stages are what the two must agree on."""
+    out = str(tmp_path_factory.mktemp("tlcm_sdxl_fsdp"))
+    straight = split_tlcm_sdxl_run(toy_world, "fsdp", ["--stage", "all", *EXTRAS], UNET_BLOCKS, out)
+    ddp = os.path.join(out, "ddp")
     shutil.copytree(os.path.join(straight, "stage1"), os.path.join(ddp, "stage1"))
-    output = launch(None, script, args + ["--output_dir", ddp], str(tmp_path / "batches_ddp"))
+    output = launch(None, "train_tlcm_sdxl.py", tlcm_sdxl_args(toy_world, ["--stage", "all", *EXTRAS])
+                    + ["--output_dir", ddp], os.path.join(out, "batches_ddp"))
     assert "stage 1 already finished" in output
+    return straight, ddp
+
+
+def check_same_training(split: str, ddp: str, stages: list[str]) -> None:
+    """Each of `stages` trained (from the stage before) and equal under both engines up to the order of float sums."""
     name = "adapter_model.safetensors"
-    start = load_file(os.path.join(straight, "stage1", "lora", name))
-    for stage in stages[1:]:
-        per_stage = [load_file(os.path.join(run, stage, "lora", name)) for run in (straight, ddp)]
-        assert max_diff(per_stage[1], start) > 1e-4, stage  # trained
-        assert max_diff(*per_stage) < 1e-5, stage  # the same training, up to the order of float sums
-        start = per_stage[0]
-    lora_split = load_file(os.path.join(straight, name))
+    start = load_file(os.path.join(ddp, "stage1", "lora", name))
+    for stage in stages:
+        per_stage = [load_file(os.path.join(run, stage, "lora", name)) for run in (split, ddp)]
+        assert max_diff(per_stage[1], start) > 1e-4, stage
+        assert max_diff(*per_stage) < 1e-5, stage
+        start = per_stage[1]
 
-    resumed = str(tmp_path / "resumed")
+
+def check_resume_and_loading(world: str, config: str, extra: list[str], blocks: str | None, straight: str,
+                             tmp_path) -> None:
+    """A copy resumed from checkpoint 2 of the last stage ends bit-identical; the LoRA loads into the SDXL pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    stages = sorted(d for d in os.listdir(straight) if d.startswith("stage"))
+    resumed, name = str(tmp_path / "resumed"), "adapter_model.safetensors"
     copies = stages[:-1] + [f"{stages[-1]}/checkpoint-2"]
-    resume_from_copy(config, script, args, straight, resumed, copies, str(tmp_path / "batches_resumed"), blocks)
-    assert_equal(lora_split, load_file(os.path.join(resumed, name)))
-
+    resume_from_copy(config, "train_tlcm_sdxl.py", tlcm_sdxl_args(world, extra), straight, resumed, copies,
+                     str(tmp_path / "batches_resumed"), blocks)
+    assert_equal(load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name)))
     assert_lora_moves_the_weights(StableDiffusionXLPipeline, os.path.join(world, "models/sdxl"), straight)
 
 
 @pytest.mark.slow
-def test_fsdp_tlcm_sdxl_both_stages_and_extras_match_ddp_and_resume_exactly(toy_world, tmp_path):
-    check_tlcm_sdxl_run(toy_world, "fsdp", ["--stage", "all", "--dmd", "--gan", "--extras_steps", "3",
-                                            "--extras_learning_rate", "1e-4", "--dmd_learning_rate", "1e-4",
-                                            "--gan_learning_rate", "1e-4"], UNET_BLOCKS, tmp_path)
+def test_fsdp_tlcm_sdxl_both_stages_and_extras_match_ddp_and_resume_exactly(toy_world, tlcm_sdxl_fsdp, tmp_path):
+    straight, ddp = tlcm_sdxl_fsdp
+    check_same_training(straight, ddp, ["stage2", "stageextras"])
+    check_resume_and_loading(toy_world, "fsdp", ["--stage", "all", *EXTRAS], UNET_BLOCKS, straight, tmp_path)
 
 
 @pytest.mark.slow
 @deepspeed_installed
-def test_deepspeed_zero3_tlcm_sdxl_both_stages_match_ddp_and_resume_exactly(toy_world, tmp_path):
-    check_tlcm_sdxl_run(toy_world, "deepspeed_zero3", [], None, tmp_path)
+def test_deepspeed_zero3_tlcm_sdxl_both_stages_match_ddp_and_resume_exactly(toy_world, tlcm_sdxl_fsdp, tmp_path):
+    """Stages 1 + 2 under ZeRO-3 (a new DeepSpeed engine per stage): stage 1 equal to FSDP2's (both take process 0's
+    segment), stage 2 to what DDP trains from FSDP2's stage 1; resumed bit-identical."""
+    fsdp, ddp = tlcm_sdxl_fsdp
+    straight = split_tlcm_sdxl_run(toy_world, "deepspeed_zero3", [], None, str(tmp_path))
+    name = "adapter_model.safetensors"
+    stage1 = [load_file(os.path.join(run, "stage1", "lora", name)) for run in (straight, fsdp)]
+    assert max_diff(*stage1) < 1e-5
+    check_same_training(straight, ddp, ["stage2"])
+    check_resume_and_loading(toy_world, "deepspeed_zero3", [], None, straight, tmp_path)
