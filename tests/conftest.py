@@ -36,11 +36,5 @@ def one_thread():
 
 
 def pytest_configure(config) -> None:
-    # the toy models' matmuls are tiny: one thread is faster than two contending ones, in this process and in the
-    # processes the tests start (they inherit the variable), and every float sum then runs in the same order
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config.addinivalue_line("markers", "slow: multi-process runs of the recipes (minutes on 2 CPU cores); "
                                        "deselect with -m 'not slow'")
