@@ -194,6 +194,25 @@ def run_command(argv: list[str], env: dict | None = None) -> RecipeRun:
     return run
 
 
+class Spy:
+    """Wraps a function, recording each call's arguments; the call itself goes through unchanged."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(args)
+        return self.fn(*args, **kwargs)
+
+
+def capture_distance(calls: list):
+    """An L2 distance that records its (pred, target) pairs."""
+    def d(a, b, gen=None):
+        calls.append((a, b))
+        return (a - b).pow(2).mean()
+    return d
+
+
 def random_lora(model, targets: list[str], seed: int = 0) -> torch.Generator:
     """A trainable rank-4 LoRA (alpha 8) on `targets` whose B weights are drawn N(0, 0.01^2) from `seed`, so that it
     acts; returns the generator, for the caller's further draws."""

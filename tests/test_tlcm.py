@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_one_line_error, kill_while_saving, run_recipe
+from helpers import Spy, assert_one_line_error, capture_distance, kill_while_saving, run_recipe
 
 from utils import tlcm
 from utils.solvers import flow_renoise
@@ -126,25 +126,6 @@ def test_teacher_solve_takes_p_equal_substeps():
 
 
 # ----------------------------------------------------------------------------- the recipe's losses, called directly
-
-
-class Spy:
-    """Wraps a function, recording each call's arguments; the call itself goes through unchanged."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.calls = fn, []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(args)
-        return self.fn(*args, **kwargs)
-
-
-def capture_distance(calls: list):
-    """An L2 distance that records its (pred, target) pairs."""
-    def d(a, b, gen=None):
-        calls.append((a, b))
-        return (a - b).pow(2).mean()
-    return d
 
 
 def student_grads(flow) -> tuple[list, list]:

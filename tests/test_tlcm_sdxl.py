@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_one_line_error, kill_while_saving, random_lora, run_recipe
+from helpers import Spy, assert_one_line_error, capture_distance, kill_while_saving, random_lora, run_recipe
 
 from utils import lora, tlcm
 from utils.scheduling_tlcm import ddpm_milestones, tlcm_timesteps
@@ -107,17 +107,6 @@ def toy_diffusion(world: str, out: str, extra: list[str] = (), batch: int = 2, s
     return recipe, diff, condition(batch), condition(1)
 
 
-class Spy:
-    """Wraps a function, recording each call's arguments; the call itself goes through unchanged."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.calls = fn, []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append(args)
-        return self.fn(*args, **kwargs)
-
-
 def unet_calls(unet) -> list:
     """(batch size, timesteps, LoRA enabled) of every UNet forward from now on."""
     seen = []
@@ -127,13 +116,6 @@ def unet_calls(unet) -> list:
         seen.append((args[0].shape[0], args[1].clone(), enabled))
     unet.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
-
-
-def capture_distance(calls: list):
-    def d(a, b, gen=None):
-        calls.append((a, b))
-        return (a - b).pow(2).mean()
-    return d
 
 
 def grads(unet) -> tuple[list, list]:
