@@ -281,9 +281,7 @@ def main(args: argparse.Namespace) -> None:
     lrs = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate, "extras": args.extras_learning_rate}
     for i, stage in enumerate(args.stages):
         stage_dir = os.path.join(args.output_dir, f"stage{stage}")
-        if tlcm_stages.load_finished(base, stage_dir, stage):
-            if ema is not None:
-                ema.reset()
+        if tlcm_stages.load_finished(base, stage_dir, stage):  # the next stage's EMA starts from this LoRA
             continue
         tlcm_stages.start_lora(args, stage, i, base)
         outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it

@@ -369,11 +369,11 @@ def check_tlcm_args(args: argparse.Namespace, script: str, integer_timesteps: bo
     for name in ("stage1_steps", "stage2_steps", "extras_steps", "stage2_student_steps", "stage2_teacher_substeps"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if integer_timesteps and args.skip != int(args.skip):
-        fail(f"--skip {args.skip}: a DDPM teacher has integer timesteps, so it must be a whole number")
     if integer_timesteps:
         from .scheduling_tlcm import tlcm_timesteps
 
+        if args.skip != int(args.skip):
+            fail(f"--skip {args.skip}: a DDPM teacher has integer timesteps, so it must be a whole number")
         try:
             tlcm_timesteps(args.stage2_student_steps, 1000, args.num_segments)
         except ValueError as exc:
