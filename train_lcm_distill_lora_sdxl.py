@@ -50,10 +50,10 @@ logger = logging.getLogger("train_lcm_distill_lora_sdxl")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = flags.Parser(description=__doc__.split("\n\n")[0])
-    m = flags.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline: hub id or local diffusers folder")
-    flags.add_lora_args(m, "lcm", '"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet '
-                                     'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
-                                     'or a comma list')
+    m = parser.add_teacher_args("SDXL, SSD-1B or SD 1.x pipeline: hub id or local diffusers folder")
+    parser.add_lora_args(m, "lcm", '"lcm" (the TLCM/LCM-LoRA list: attention, projections, feed-forward, resnet '
+                                   'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
+                                   'or a comma list', presets=("lcm", "diffusers"))
     m.add_argument("--train_text_encoder_lora", action="store_true",
                    help="also train a LoRA on the text encoders' attention projections (q/k/v/out_proj; SDXL: both "
                         "encoders): the student conditions on the adapted encoders, the teacher on the base ones. "
@@ -64,16 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the teacher's unconditional input: all-zero embeddings (SDXL pipelines' CFG), the empty "
                         "prompt (what SD 1.x/2.x were trained with), or auto: zeros for SDXL, empty for SD "
                         "(default: %(default)s)")
-    flags.add_data_args(parser, resolution=1024)
-    flags.add_lcm_args(parser, w_min=3.0, w_max=15.0)
-    flags.add_training_args(parser)
+    parser.add_data_args(resolution=1024)
+    parser.add_lcm_args(w_min=3.0, w_max=15.0)
+    parser.add_training_args()
     parser.set_defaults(learning_rate=1e-4)
     args = parser.parse_args(argv)
     if args.text_encoder_lora_rank is None:
         args.text_encoder_lora_rank = args.lora_rank
     elif args.text_encoder_lora_rank < 1:
         parser.error(f"--text_encoder_lora_rank must be at least 1, got {args.text_encoder_lora_rank}")
-    return flags.check(args, lora_presets=("lcm", "diffusers"))
+    return parser.check(args)
 
 
 def encode_text(arch, captions, tokenizers, encoders) -> tuple:

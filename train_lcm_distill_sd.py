@@ -51,8 +51,8 @@ logger = logging.getLogger("train_lcm_distill_sd")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = flags.Parser(description=__doc__.split("\n\n")[0],
                           epilog="Every flag's default is shown in --help; docs/lcm.md explains the method.")
-    m = flags.add_teacher_args(parser, "SD 1.x/2.x or SDXL-family pipeline: hub id or local diffusers folder "
-                                       "(for --lcf: an LCM pipeline)")
+    m = parser.add_teacher_args("SD 1.x/2.x or SDXL-family pipeline: hub id or local diffusers folder "
+                                "(for --lcf: an LCM pipeline)")
     m.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
                    help="width of the guidance-scale embedding fed to the student (default: %(default)s)")
     m.add_argument("--cast_teacher_unet", action="store_true",
@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--use_fix_crop_and_size", action="store_true",
                    help="SDXL: condition on time ids (r, r, 0, 0, r, r) for every image instead of its own original "
                         "size and crop")
-    flags.add_data_args(parser, resolution=None)
-    a = flags.add_lcm_args(parser, w_min=None, w_max=15.0)
+    parser.add_data_args(resolution=None)
+    a = parser.add_lcm_args(w_min=None, w_max=15.0)
     a.add_argument("--ema_decay", type=float, default=0.95, help="mu of the EMA target (default: %(default)s)")
     a.add_argument("--ema_target_on_cpu", action="store_true",
                    help="keep the EMA target in CPU memory and move it to the accelerator only for its forward "
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="zero-initialise the new guidance projection so the student starts as the teacher")
     a.add_argument("--lcf", action="store_true",
                    help="latent consistency fine-tuning: no teacher, x_s = the same latent noised at s")
-    flags.add_training_args(parser, lora_recipe=False)
+    parser.add_training_args(lora_recipe=False)
     args = parser.parse_args(argv)
     if not 0.0 <= args.ema_decay <= 1.0:
         parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.resolution = 1024 if sdxl else 512
     if args.w_min is None:
         args.w_min = 3.0 if sdxl else 5.0
-    return flags.check(args)
+    return parser.check(args)
 
 
 def make_student(teacher_unet, time_cond_proj_dim: int, zero_init: bool):

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from contextlib import nullcontext
 
 import torch
@@ -43,7 +42,8 @@ from utils import cache, data, dmd, flags, lora, loop, models, outputs, rewards,
 from utils.ema import EMAParams
 from utils.errors import fail, user_errors
 from utils.grids import log_image_grid
-from utils.losses import latent_distance
+from utils.losses import (dmd_grad, dmd_surrogate, flow_matching_loss, gan_discriminator_loss, gan_generator_loss,
+                          hinge_reward_loss, latent_distance)
 from utils.model_card import write_model_card
 from utils.solvers import cfg, flow_renoise, flow_x0
 
@@ -52,20 +52,18 @@ logger = logging.getLogger("train_tlcm_flux")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = flags.Parser(description=__doc__.split("\n\n")[0])
-    m = flags.add_teacher_args(parser, "FLUX pipeline: hub id or local diffusers folder (FluxTransformer2DModel)")
-    flags.add_lora_args(m, "flux", '"flux" (the released TLCM FLUX list: attention, projections, feed-forwards, '
-                                   'embedders, norm linears) or a comma-separated list of module names')
+    m = parser.add_teacher_args("FLUX pipeline: hub id or local diffusers folder (FluxTransformer2DModel)")
+    parser.add_lora_args(m, "flux", '"flux" (the released TLCM FLUX list: attention, projections, feed-forwards, '
+                                    'embedders, norm linears) or a comma-separated list of module names', presets=("flux",))
     m.add_argument("--guidance_scale", type=float, default=5.0,
                    help="CFG scale of a teacher WITHOUT guidance embedding: v = v_u + g (v_c - v_u) (default: 5)")
     m.add_argument("--teacher_guidance", type=float, default=3.5,
                    help="guidance input of a guidance-distilled teacher (FLUX.1-dev); the student gets the same "
                         "value, so sample with it too (default: %(default)s)")
-    flags.add_tlcm_args(parser)
-    flags.add_training_args(parser, image_recipe=False, per_stage=True)
+    parser.add_tlcm_args("train_tlcm_flux.py")
+    parser.add_training_args(image_recipe=False, per_stage=True)
     parser.set_defaults(train_batch_size=8)
-    args = parser.parse_args(argv)
-    flags.check_tlcm_args(args, "train_tlcm_flux.py")
-    return flags.check(args, lora_presets=("flux",))
+    return parser.check(parser.parse_args(argv))
 
 
 class FluxFlow:
@@ -81,6 +79,10 @@ class FluxFlow:
         self.img_ids = models.latent_image_ids(latent_side, latent_side, device)
         self.mu = tlcm.schedule_mu(sched_config, self.tokens)
         self.guided = bool(base.config.get("guidance_embeds", False))
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) latents from the packed tokens."""
+        return models.unpack_latents(packed, self.latent_side, self.latent_side)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """FLUX's shifted sigma of unshifted timesteps t in [0, T]."""
@@ -157,7 +159,7 @@ def stage2_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, distance,
 
 
 def extras_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, captions: list[str], gen: torch.Generator,
-                vae=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                decode=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(reward hinge on the decoded x0 of the own sample at a milestone + DMD + GAN on the one-step sample x,
     x detached for the fake score's and the head's own updates, or None without DMD and GAN)."""
     args, n = flow.args, len(captions)
@@ -169,9 +171,9 @@ def extras_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, captions:
             t_m, _ = tlcm.stage2_times(n, flow.T, args.num_segments, gen, flow.device)
             z_m = flow_renoise(x0_hat, flow.noise(n, gen), flow.sigma(t_m))
         x0 = flow_x0(z_m, flow.student(cond, transformer)(z_m, flow.sigma(t_m)), flow.sigma(t_m))
-        images = decode(vae, x0, flow.latent_side)
+        images = decode(flow.unpack(x0))
         shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
-        total = total + args.reward_weight * rewards.hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
+        total = total + args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
                                                                args.reward_s0)
     if not (args.dmd or args.gan):
         return total, None
@@ -182,15 +184,15 @@ def extras_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, captions:
         with torch.no_grad(), dmd.adapter_active(flow.base):
             fake_x0 = flow_x0(z, flow.velocity(flow.base, z, sigma, cond), sigma)
         real_x0 = flow_x0(z, flow.teacher(cond, uncond)(z, sigma), sigma)
-        total = total + args.dmd_weight * dmd.dmd_surrogate(x, dmd.dmd_grad(x.detach(), real_x0, fake_x0))
+        total = total + args.dmd_weight * dmd_surrogate(x, dmd_grad(x.detach(), real_x0, fake_x0))
     if args.gan:
-        total = total + args.gan_weight * dmd.gan_generator_loss(disc_logits(flow, head, x, cond, gen, grad=True))
+        total = total + args.gan_weight * gan_generator_loss(disc_logits(flow, head, x, cond, gen, grad=True))
     return total, x.detach()
 
 
 def renoised(flow: FluxFlow, x: torch.Tensor, gen: torch.Generator):
     """(x re-noised to sigma(t), sigma, the noise) with t ~ U[0.02 T, 0.98 T]."""
-    sigma, eps = flow.sigma(dmd.uniform_times(x.shape[0], flow.T, gen, flow.device)), flow.noise(x.shape[0], gen)
+    sigma, eps = flow.sigma(tlcm.uniform_times(x.shape[0], flow.T, gen, flow.device)), flow.noise(x.shape[0], gen)
     return flow_renoise(x, eps, sigma), sigma, eps
 
 
@@ -198,7 +200,7 @@ def fake_score_loss(flow: FluxFlow, cond: dict, x: torch.Tensor, gen: torch.Gene
     """The DMD fake score's flow-matching loss on the student's (detached) one-step samples x; call it, and
     back-propagate it, inside dmd.adapter_active (only there do the fake score's weights require grad)."""
     z, sigma, eps = renoised(flow, x, gen)
-    return dmd.flow_matching_loss(flow.velocity(flow.base, z, sigma, cond), x, eps)
+    return flow_matching_loss(flow.velocity(flow.base, z, sigma, cond), x, eps)
 
 
 def disc_logits(flow: FluxFlow, head, x: torch.Tensor, cond: dict, gen: torch.Generator, grad: bool) -> torch.Tensor:
@@ -215,13 +217,13 @@ def disc_loss(flow: FluxFlow, head, cond: dict, x: torch.Tensor, gen: torch.Gene
     with torch.no_grad():
         real = tlcm.self_sample(flow.student(cond), flow.noise(x.shape[0], gen),
                                 flow.sampler_sigmas(flow.args.stage2_student_steps), gen)
-    return dmd.gan_discriminator_loss(disc_logits(flow, head, real, cond, gen, False),
+    return gan_discriminator_loss(disc_logits(flow, head, real, cond, gen, False),
                                       disc_logits(flow, head, x, cond, gen, False))
 
 
 def main(args: argparse.Namespace) -> None:
     accelerator = loop.make_accelerator(args)
-    tlcm_stages.check_engine(accelerator, args)
+    stages = tlcm_stages.Stages(args, accelerator, "transformer")  # refuses what the engine cannot run
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -229,11 +231,10 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- models: frozen VAE (validation, reward) and text encoders; one transformer = teacher + LoRA student
     teacher = models.load_teacher(args, accelerator, "flux")
-    vae, encoders, device, dtype = teacher.vae, teacher.text_encoders, accelerator.device, teacher.dtype
-    latent_side = args.resolution // models.vae_scale_factor(vae.config)
-    if latent_side % 2:
+    encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
+    if teacher.latent_side % 2:
         fail(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of "
-             f"{2 * args.resolution // latent_side}")
+             f"{2 * args.resolution // teacher.latent_side}")
     base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets) if args.dmd else None
@@ -242,7 +243,7 @@ def main(args: argparse.Namespace) -> None:
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
     trained = [name for name, p in base.named_parameters() if p.requires_grad]
     params = [p for p in base.parameters() if p.requires_grad]
-    flow = FluxFlow(base, teacher.scheduler_config, latent_side, args, dtype, device, accelerator.autocast,
+    flow = FluxFlow(base, teacher.scheduler_config, teacher.latent_side, args, dtype, device, accelerator.autocast,
                     collective=sharding.splits_weights(accelerator))
 
     # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
@@ -274,19 +275,15 @@ def main(args: argparse.Namespace) -> None:
             args, prompts, lambda c: teacher.encode(c)[:2], encoders, accelerator)
     distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
                                base.config.in_channels // 4, args.lpips_augmentations,
-                               to_latents=lambda x: models.unpack_latents(x, latent_side, latent_side))
+                               to_latents=flow.unpack)
 
     # ---- the stages: each is one training with its own steps, learning rate, optimizer and checkpoints
     steps = {"1": args.stage1_steps, "2": args.stage2_steps, "extras": args.extras_steps}
     lrs = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate, "extras": args.extras_learning_rate}
     for i, stage in enumerate(args.stages):
-        stage_dir = os.path.join(args.output_dir, f"stage{stage}")
-        if tlcm_stages.load_finished(base, stage_dir, stage):  # the next stage's EMA starts from this LoRA
+        if stages.finished(base, stage):  # its LoRA is loaded: the next stage starts from it
             continue
-        tlcm_stages.start_lora(args, stage, i, base)
-        outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it
-        # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
-        rng.generator.manual_seed(tlcm_stages.stage_seed(args.seed, accelerator.process_index, stage))
+        stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
         lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
                                               accelerator.num_processes)
@@ -298,7 +295,7 @@ def main(args: argparse.Namespace) -> None:
         if fake_opt is not None:
             fake_opt.retarget(dmd.fake_score_parameters(base))
         train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_stage{stage}", lr_scheduler,
-                               output_dir=stage_dir, resume=tlcm_stages.stage_resume(args, stage_dir))
+                               output_dir=stages.dir(stage), resume=stages.resume(stage))
         for batch in train:
             cond = encode(batch["captions"])
             with accelerator.accumulate(transformer):
@@ -309,7 +306,7 @@ def main(args: argparse.Namespace) -> None:
                     loss = stage2_loss(flow, transformer, cond, uncond, distance, rng.generator, ema)
                 else:
                     loss, x = extras_loss(flow, transformer, cond, uncond, batch["captions"], rng.generator,
-                                          vae, scorer, head)
+                                          teacher.decode, scorer, head)
                 updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
             if x is not None:  # the extras' own updates, one per micro-batch, after the student's
                 if fake_opt is not None:
@@ -324,36 +321,28 @@ def main(args: argparse.Namespace) -> None:
             if train.checkpoint_due:
                 train.save_checkpoint()
             if train.validation_due:
-                validate(flow, encode, vae, train.validation_prompts, train.global_step, accelerator,
+                validate(flow, encode, teacher.decode, train.validation_prompts, train.global_step, accelerator,
                          f"stage{stage}")
-        accelerator.wait_for_everyone()
-        with sharding.whole_parameters(base, lora.is_lora_weight):  # every process: a sharded LoRA is gathered
-            if accelerator.is_main_process:
-                tlcm_stages.save_stage_lora(base, os.path.join(stage_dir, "lora"), "transformer")
+        stages.save(base, stage)  # <output_dir>/stage<k>/lora
         accelerator.free_memory()  # the next stage prepares its own optimizer, schedule and loader
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tlcm_stages.publish_last_stage(args.output_dir, args.stages[-1])
+        stages.publish()  # the last stage's LoRA on top of --output_dir
         write_card(args)
         outputs.push_to_hub(args)  # --push_to_hub
     accelerator.end_training()
 
 
-def decode(vae, packed: torch.Tensor, latent_side: int) -> torch.Tensor:
-    """Images in [-1, 1] from packed, scaled FLUX latents (differentiable)."""
-    return models.decode_latents(vae, models.unpack_latents(packed, latent_side, latent_side))
-
-
 @torch.no_grad()
 @torch.random.fork_rng()  # sampling must not move the training RNG
-def validate(flow: FluxFlow, encode, vae, prompts: list[str], step: int, accelerator, tag: str) -> None:
+def validate(flow: FluxFlow, encode, decode, prompts: list[str], step: int, accelerator, tag: str) -> None:
     """TLCM-sampler samples at 2/3/4/8 steps, one row each, from the same noise; a labelled grid."""
     cond, rows, labels = encode(prompts), [], []
     for steps in (2, 3, 4, 8):
         gen = torch.Generator(flow.device).manual_seed(flow.args.seed)
         x0 = tlcm.self_sample(flow.student(cond), flow.noise(len(prompts), gen), flow.sampler_sigmas(steps), gen)
-        rows.append(decode(vae, x0, flow.latent_side).float().cpu())
+        rows.append(decode(flow.unpack(x0)).float().cpu())
         labels.append(f"TLCM {tag}, {steps} steps")
     path = log_image_grid(accelerator, rows, labels, step, flow.args.output_dir, tag, column_labels=prompts)
     logger.info(f"validation grid -> {path}")

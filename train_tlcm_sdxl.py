@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from contextlib import nullcontext
 
 import torch
@@ -44,7 +43,8 @@ from utils import cache, data, dmd, flags, loop, lora, models, outputs, rewards,
 from utils.ema import EMAParams
 from utils.errors import fail, user_errors
 from utils.grids import log_image_grid
-from utils.losses import l2_loss, latent_distance
+from utils.losses import (dmd_grad, dmd_surrogate, gan_discriminator_loss, gan_generator_loss, hinge_reward_loss,
+                          l2_loss, latent_distance)
 from utils.model_card import write_model_card
 from utils.scheduling_tlcm import TLCMScheduler, ddpm_milestones, lcm_original_inference_steps, tlcm_timesteps
 from utils.solvers import alpha_sigma, cfg, ddim_step, model_output_from_x0_eps
@@ -54,11 +54,11 @@ logger = logging.getLogger("train_tlcm_sdxl")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = flags.Parser(description=__doc__.split("\n\n")[0])
-    m = flags.add_teacher_args(parser, "SDXL, SSD-1B or SD 1.x pipeline (eps- or v-prediction): hub id or local "
-                                       "diffusers folder")
-    flags.add_lora_args(m, "lcm", '"lcm" (the released TLCM SDXL list: attention, projections, feed-forward, resnet '
-                                  'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
-                                  'or a comma list')
+    m = parser.add_teacher_args("SDXL, SSD-1B or SD 1.x pipeline (eps- or v-prediction): hub id or local "
+                                "diffusers folder")
+    parser.add_lora_args(m, "lcm", '"lcm" (the released TLCM SDXL list: attention, projections, feed-forward, resnet '
+                                   'convs, up/down-samplers, time_emb_proj), "diffusers" (to_q,to_k,to_v,to_out.0), '
+                                   'or a comma list', presets=("lcm", "diffusers"))
     m.add_argument("--guidance_scale", type=float, default=8.0,
                    help="the teacher's CFG scale w, eps = eps_u + w (eps_c - eps_u): the paper's w and diffusers' "
                         "guidance_scale (not LCM's w + 1); the student learns the guided teacher and samples "
@@ -67,12 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the teacher's unconditional input: all-zero embeddings or the empty prompt (default: what "
                         "the teacher's pipeline uses for an empty negative prompt: zeros for SDXL, the empty "
                         "prompt for SD 1.x)")
-    flags.add_tlcm_args(parser)
-    flags.add_training_args(parser, image_recipe=False, per_stage=True)
+    parser.add_tlcm_args("train_tlcm_sdxl.py", integer_timesteps=True)
+    parser.add_training_args(image_recipe=False, per_stage=True)
     parser.set_defaults(train_batch_size=8)
-    args = parser.parse_args(argv)
-    flags.check_tlcm_args(args, "train_tlcm_sdxl.py", integer_timesteps=True)
-    return flags.check(args, lora_presets=("lcm", "diffusers"))
+    return parser.check(parser.parse_args(argv))
 
 
 class UNetDiffusion:
@@ -169,7 +167,7 @@ def stage2_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, distance, g
 
 
 def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: list[str], gen: torch.Generator,
-                vae=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                decode=None, scorer=None, head=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(reward hinge on the decoded x0 of the own sample at a milestone + DMD + GAN on the one-step sample x,
     x detached for the fake score's and the head's own updates, or None without DMD and GAN)."""
     args, n = diff.args, len(captions)
@@ -179,9 +177,9 @@ def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: l
             x0_hat = diff.sample(diff.student(cond), diff.noise(n, gen), args.stage2_student_steps, gen)
             t_m = tlcm.stage2_times(n, diff.T, args.num_segments, gen, diff.device, diff.milestones)[0].long()
             z_m = diff.renoise(x0_hat, diff.noise(n, gen), t_m)
-        images = models.decode_latents(vae, diff.x0(z_m, diff.student(cond, unet)(z_m, t_m), t_m))
+        images = decode(diff.x0(z_m, diff.student(cond, unet)(z_m, t_m), t_m))
         shuffled = [captions[(i + 1) % n] for i in range(n)]  # a mismatched prompt as the negative c_neg
-        total = total + args.reward_weight * rewards.hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
+        total = total + args.reward_weight * hinge_reward_loss(scorer(images, captions), scorer(images, shuffled),
                                                                args.reward_s0)
     if not (args.dmd or args.gan):
         return total, None
@@ -192,15 +190,15 @@ def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: l
         with torch.no_grad(), dmd.adapter_active(diff.base):
             fake_x0 = diff.x0(z, diff.output(diff.base, z, t, cond), t)
         real_x0 = diff.x0(z, diff.teacher(cond, uncond)(z, t), t)
-        total = total + args.dmd_weight * dmd.dmd_surrogate(x, dmd.dmd_grad(x.detach(), real_x0, fake_x0))
+        total = total + args.dmd_weight * dmd_surrogate(x, dmd_grad(x.detach(), real_x0, fake_x0))
     if args.gan:
-        total = total + args.gan_weight * dmd.gan_generator_loss(disc_logits(diff, head, x, cond, gen, grad=True))
+        total = total + args.gan_weight * gan_generator_loss(disc_logits(diff, head, x, cond, gen, grad=True))
     return total, x.detach()
 
 
 def renoised(diff: UNetDiffusion, x: torch.Tensor, gen: torch.Generator):
     """(x re-noised to t, t, the noise) with integer t ~ U[0.02 T, 0.98 T]."""
-    t = dmd.uniform_times(x.shape[0], diff.T, gen, diff.device).round().long()
+    t = tlcm.uniform_times(x.shape[0], diff.T, gen, diff.device).round().long()
     eps = diff.noise(x.shape[0], gen)
     return diff.renoise(x, eps, t), t, eps
 
@@ -226,13 +224,13 @@ def disc_logits(diff: UNetDiffusion, head, x: torch.Tensor, cond: dict, gen: tor
 def disc_loss(diff: UNetDiffusion, head, cond: dict, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The head's loss: real = the student's q-step sample, fake = its (detached) one-step sample x."""
     real = diff.sample(diff.student(cond), diff.noise(x.shape[0], gen), diff.args.stage2_student_steps, gen)
-    return dmd.gan_discriminator_loss(disc_logits(diff, head, real, cond, gen, False),
+    return gan_discriminator_loss(disc_logits(diff, head, real, cond, gen, False),
                                       disc_logits(diff, head, x, cond, gen, False))
 
 
 def main(args: argparse.Namespace) -> None:
     accelerator = loop.make_accelerator(args)
-    tlcm_stages.check_engine(accelerator, args)
+    stages = tlcm_stages.Stages(args, accelerator, "unet")  # refuses what the engine cannot run
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -240,8 +238,7 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- models: frozen VAE (validation, reward) and text encoders; one UNet = teacher + LoRA student
     teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
-    vae, encoders, device, dtype = teacher.vae, teacher.text_encoders, accelerator.device, teacher.dtype
-    latent_side = args.resolution // models.vae_scale_factor(vae.config)
+    encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
     base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     if args.gan and base.mid_block is None:
         fail(f"--gan reads the UNet's mid-block output, and {args.pretrained_teacher_model} has no mid block")
@@ -252,7 +249,7 @@ def main(args: argparse.Namespace) -> None:
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
     trained = [name for name, p in base.named_parameters() if p.requires_grad]
     params = [p for p in base.parameters() if p.requires_grad]
-    diff = UNetDiffusion(base, teacher, latent_side, args, device, accelerator.autocast,
+    diff = UNetDiffusion(base, teacher, teacher.latent_side, args, device, accelerator.autocast,
                          collective=sharding.splits_weights(accelerator))
 
     # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
@@ -274,7 +271,8 @@ def main(args: argparse.Namespace) -> None:
         out = teacher.encode(captions) if text_cache is None else text_cache.lookup(captions, device, encoders[-1].dtype)
         return dict(zip(("embeds", "pooled"), out))
     uncond = encode([""])
-    if unconditional_input(args, teacher.arch) == "zeros":
+    # --uncond, else what the teacher's pipeline does with an empty negative prompt (SDXL: zeros; SD 1.x: its encoding)
+    if args.uncond == "zeros" or (args.uncond is None and teacher.zeros_for_empty_prompt):
         uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
     distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
                                base.config.in_channels, args.lpips_augmentations)
@@ -283,13 +281,9 @@ def main(args: argparse.Namespace) -> None:
     steps = {"1": args.stage1_steps, "2": args.stage2_steps, "extras": args.extras_steps}
     lrs = {"1": args.stage1_learning_rate, "2": args.stage2_learning_rate, "extras": args.extras_learning_rate}
     for i, stage in enumerate(args.stages):
-        stage_dir = os.path.join(args.output_dir, f"stage{stage}")
-        if tlcm_stages.load_finished(base, stage_dir, stage):  # the next stage's EMA starts from this LoRA
+        if stages.finished(base, stage):  # its LoRA is loaded: the next stage starts from it
             continue
-        tlcm_stages.start_lora(args, stage, i, base)
-        outputs.make_output_dir(stage_dir)  # removed again if the stage ends before writing to it
-        # each stage starts from its own seed (a resumed stage then restores the checkpointed state)
-        rng.generator.manual_seed(tlcm_stages.stage_seed(args.seed, accelerator.process_index, stage))
+        stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
         lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
                                               accelerator.num_processes)
@@ -301,7 +295,7 @@ def main(args: argparse.Namespace) -> None:
         if fake_opt is not None:
             fake_opt.retarget(dmd.fake_score_parameters(base))
         train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_sdxl_stage{stage}", lr_scheduler,
-                               output_dir=stage_dir, resume=tlcm_stages.stage_resume(args, stage_dir))
+                               output_dir=stages.dir(stage), resume=stages.resume(stage))
         for batch in train:
             cond = encode(batch["captions"])
             with accelerator.accumulate(unet):
@@ -311,8 +305,8 @@ def main(args: argparse.Namespace) -> None:
                 elif stage == "2":
                     loss = stage2_loss(diff, unet, cond, uncond, distance, rng.generator, ema)
                 else:
-                    loss, x = extras_loss(diff, unet, cond, uncond, batch["captions"], rng.generator, vae, scorer,
-                                          head)
+                    loss, x = extras_loss(diff, unet, cond, uncond, batch["captions"], rng.generator,
+                                          teacher.decode, scorer, head)
                 updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
             if x is not None:  # the extras' own updates, one per micro-batch, after the student's
                 if fake_opt is not None:
@@ -327,39 +321,27 @@ def main(args: argparse.Namespace) -> None:
             if train.checkpoint_due:
                 train.save_checkpoint()
             if train.validation_due:
-                validate(diff, encode, vae, train.validation_prompts, train.global_step, accelerator, f"stage{stage}")
-        accelerator.wait_for_everyone()
-        with sharding.whole_parameters(base, lora.is_lora_weight):  # every process: a sharded LoRA is gathered
-            if accelerator.is_main_process:
-                tlcm_stages.save_stage_lora(base, os.path.join(stage_dir, "lora"), "unet")
+                validate(diff, encode, teacher.decode, train.validation_prompts, train.global_step, accelerator, f"stage{stage}")
+        stages.save(base, stage)  # <output_dir>/stage<k>/lora
         accelerator.free_memory()  # the next stage prepares its own optimizer, schedule and loader
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tlcm_stages.publish_last_stage(args.output_dir, args.stages[-1])
+        stages.publish()  # the last stage's LoRA on top of --output_dir
         write_card(args, teacher.arch)
         outputs.push_to_hub(args)  # --push_to_hub
     accelerator.end_training()
 
 
-def unconditional_input(args: argparse.Namespace, arch: str) -> str:
-    """--uncond, else what the teacher's pipeline does with an empty negative prompt (SDXL: zeros, if its
-    force_zeros_for_empty_prompt says so; SD 1.x: the empty prompt)."""
-    if args.uncond is not None:
-        return args.uncond
-    index = models.pipeline_index(args.pretrained_teacher_model, args.revision)
-    return "zeros" if arch == "sdxl" and index.get("force_zeros_for_empty_prompt", True) else "empty"
-
-
 @torch.no_grad()
 @torch.random.fork_rng()  # sampling must not move the training RNG
-def validate(diff: UNetDiffusion, encode, vae, prompts: list[str], step: int, accelerator, tag: str) -> None:
+def validate(diff: UNetDiffusion, encode, decode, prompts: list[str], step: int, accelerator, tag: str) -> None:
     """TLCM-sampler samples at 2/3/4/8 steps, one row each, from the same noise; a labelled grid."""
     cond, rows, labels = encode(prompts), [], []
     for steps in (2, 3, 4, 8):
         gen = torch.Generator(diff.device).manual_seed(diff.args.seed)
         x0 = diff.sample(diff.student(cond), diff.noise(len(prompts), gen), steps, gen)
-        rows.append(models.decode_latents(vae, x0).float().cpu())
+        rows.append(decode(x0).float().cpu())
         labels.append(f"TLCM {tag}, {steps} steps")
     path = log_image_grid(accelerator, rows, labels, step, diff.args.output_dir, tag)
     logger.info(f"validation grid -> {path}")

@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # every other loop flag at the recipes' default (AdamW, no accumulation); no tracker, no kept output
     loop_parser = flags.Parser()
-    flags.add_training_args(loop_parser, image_recipe=False)
+    loop_parser.add_training_args(image_recipe=False)
     defaults = vars(loop_parser.parse_args([]))
     defaults.update(learning_rate=1e-5, report_to="none", overwrite_output_dir=True,
                     output_dir=os.path.join(tempfile.gettempdir(), "bench_sharded"))

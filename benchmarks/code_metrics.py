@@ -6,6 +6,9 @@
 - `recipe_utils_names`: the distinct utils names each recipe uses: names imported with
   `from utils.x import name`, plus `module.name` attributes of utils modules imported with
   `from utils import module`;
+- `recipe_formula_names` / `recipe_other_names`: that count split into the names of the formula modules
+  (FORMULA_MODULES: the solvers, scalings, losses, TLCM math and samplers, the algorithm a recipe spells out)
+  and all others (loading, flags, the loop's bookkeeping, files);
 - `utils_lines`: lines of utils/ without the toy world (utils/toy/);
 - `import_cycles`: cycles among the utils modules, counting imports inside functions too.
 """
@@ -18,6 +21,8 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORMULA_MODULES = ("solvers", "consistency", "losses", "tlcm", "scheduling_lcm", "scheduling_tlcm",
+                   "scheduling_flow_match_euler_tlcm")
 RECIPES = ("train_lcm_distill_sd.py", "train_lcm_distill_lora_sdxl.py", "train_tlcm_flux.py", "train_tlcm_sdxl.py")
 
 
@@ -95,6 +100,10 @@ def main() -> None:
     print(json.dumps({
         "recipe_lines": {r: sum(1 for _ in open(os.path.join(ROOT, r))) for r in recipes},
         "recipe_utils_names": {r: len(recipe_names(os.path.join(ROOT, r))) for r in recipes},
+        "recipe_formula_names": {r: len([n for n in recipe_names(os.path.join(ROOT, r))
+                                         if n.split(".")[0] in FORMULA_MODULES]) for r in recipes},
+        "recipe_other_names": {r: len([n for n in recipe_names(os.path.join(ROOT, r))
+                                       if n.split(".")[0] not in FORMULA_MODULES]) for r in recipes},
         "utils_lines": sum(n for m, n in lines.items() if not m.startswith("utils.toy")),
         "utils_modules": len([m for m in known if not m.startswith("utils.toy")]),
         "import_cycles": cycles(graph),

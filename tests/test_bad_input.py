@@ -297,7 +297,7 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     parser = flags.Parser()
-    flags.add_training_args(parser)
+    parser.add_training_args()
     args = parser.parse_args(["--output_dir", str(tmp_path / "out"), "--mixed_precision", "bf16"])
     with pytest.raises(SystemExit) as info:
         flags.check_training_args(args)
@@ -330,7 +330,7 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, capsys):
     from utils import checkpoint, flags, loop
 
     parser = flags.Parser()
-    flags.add_training_args(parser)
+    parser.add_training_args()
     args = parser.parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "10", "--checkpointing_steps", "1",
                               "--validation_steps", "100", "--max_nan_steps", "3", "--max_grad_norm", "1.0",
                               "--train_batch_size", "1", "--report_to", "none"])

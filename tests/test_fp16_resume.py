@@ -63,7 +63,7 @@ def build(output_dir: str, resume: str | None = None, stop_in: int | None = None
     """
     reset_accelerate()
     parser = flags.Parser()
-    flags.add_training_args(parser)
+    parser.add_training_args()
     argv = ["--output_dir", output_dir, "--mixed_precision", "fp16", "--report_to", "none", "--seed", "3",
              "--train_batch_size", str(BATCH), "--max_train_steps", str(STEPS), "--checkpointing_steps", str(EVERY),
              "--learning_rate", "1e-2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",

@@ -48,7 +48,7 @@ def _fresh_state():
 
 def training_args(out: str, *extra: str):
     parser = flags.Parser()
-    flags.add_training_args(parser)
+    parser.add_training_args()
     return parser.parse_args(["--output_dir", out, "--max_train_steps", "10", "--checkpointing_steps", "3",
                               "--validation_steps", "100", "--train_batch_size", "1", "--report_to", "none", *extra])
 

@@ -351,7 +351,8 @@ def test_reward_extras_and_ema_target_run_after_the_two_stages(toy_world, tmp_pa
 
 def test_judge_reward_prefers_the_prompted_shape(toy_world):
     from utils.evaluate import load_real_images, read_labels
-    from utils.rewards import hinge_reward_loss, load_reward_model
+    from utils.losses import hinge_reward_loss
+    from utils.rewards import load_reward_model
     from utils.toy.data import COLOUR_NAMES, SHAPES, caption
 
     folder = os.path.join(toy_world, "data/test")

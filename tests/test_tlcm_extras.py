@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import kill_while_saving, run_recipe, toy_flux_flow, write_flux_start_lora
 
-from utils import dmd, lora, lora_files
+from utils import dmd, lora, lora_files, losses
 from utils.solvers import flow_renoise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,11 +23,11 @@ def test_dmd_surrogate_gradient_is_the_normalised_fake_minus_real_direction():
     g = torch.Generator().manual_seed(0)
     x, real, fake = (torch.randn(3, 16, 8, generator=g) for _ in range(3))
     x.requires_grad_(True)
-    grad = dmd.dmd_grad(x.detach(), real, fake)
-    dmd.dmd_surrogate(x, grad).backward()
+    grad = losses.dmd_grad(x.detach(), real, fake)
+    losses.dmd_surrogate(x, grad).backward()
     scale = (x.detach() - real).abs().mean(dim=(1, 2), keepdim=True)
     assert torch.allclose(x.grad * x.numel(), (fake - real) / scale, atol=1e-6)
-    assert torch.equal(dmd.dmd_grad(x.detach(), real, real), torch.zeros_like(x))  # fake = real: no push
+    assert torch.equal(losses.dmd_grad(x.detach(), real, real), torch.zeros_like(x))  # fake = real: no push
 
 
 def gaussian_x0(z: torch.Tensor, sigma: float, mean: torch.Tensor) -> torch.Tensor:
@@ -46,11 +46,11 @@ def test_dmd_moves_samples_towards_the_real_distribution_on_a_gaussian_toy():
         sigma = float(torch.rand(1, generator=g)) * 0.9 + 0.05
         z = flow_renoise(x.detach(), torch.randn(x.shape, generator=g), sigma)
         real, fake = gaussian_x0(z, sigma, m_real), gaussian_x0(z, sigma, x.detach().mean(0))
-        direction = dmd.dmd_grad(x.detach(), real, fake)
+        direction = losses.dmd_grad(x.detach(), real, fake)
         cos = torch.nn.functional.cosine_similarity(direction.mean(0), (x.detach().mean(0) - m_real), dim=0)
         assert cos > 0.999  # the mean push is along m_fake - m_real
         opt.zero_grad()
-        dmd.dmd_surrogate(x, direction).backward()
+        losses.dmd_surrogate(x, direction).backward()
         opt.step()
     assert (x.detach().mean(0) - m_real).norm() < 0.1 * (m_fake - m_real).norm()
 
@@ -58,8 +58,8 @@ def test_dmd_moves_samples_towards_the_real_distribution_on_a_gaussian_toy():
 def test_flow_matching_loss_vanishes_at_the_true_velocity():
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
-    assert float(dmd.flow_matching_loss(eps - x0, x0, eps)) == 0.0
-    assert float(dmd.flow_matching_loss(torch.zeros_like(x0), x0, eps)) > 0.5
+    assert float(losses.flow_matching_loss(eps - x0, x0, eps)) == 0.0
+    assert float(losses.flow_matching_loss(torch.zeros_like(x0), x0, eps)) > 0.5
 
 
 def test_discriminator_head_learns_a_separable_toy():
@@ -70,15 +70,15 @@ def test_discriminator_head_learns_a_separable_toy():
     head = dmd.DiscriminatorHead(32, hidden=16, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(head.parameters(), dmd.DiscriminatorHead(32, 16, seed=0).parameters()))
     opt = dmd.AuxOptimizer(head.parameters(), 1e-2)
-    losses = []
+    history = []
     for _ in range(30):
-        loss = dmd.gan_discriminator_loss(head(real), head(fake))
-        losses.append(loss.item())
+        loss = losses.gan_discriminator_loss(head(real), head(fake))
+        history.append(loss.item())
         assert opt.step(loss)
-    assert losses[-1] < 0.3 * losses[0] and bool((head(real) > head(fake).max()).all())
+    assert history[-1] < 0.3 * history[0] and bool((head(real) > head(fake).max()).all())
     # the generator's loss pushes fake features towards the real side
     moved = fake.clone().requires_grad_(True)
-    dmd.gan_generator_loss(head(moved)).backward()
+    losses.gan_generator_loss(head(moved)).backward()
     assert float((-moved.grad.mean((0, 1)) * direction).sum()) > 0
 
 

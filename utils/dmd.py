@@ -1,13 +1,9 @@
-"""TLCM's distribution-matching (DMD) and adversarial extras: their losses, the discriminator head, their optimizers.
+"""TLCM's distribution-matching (DMD) and adversarial extras: the fake score adapter, the discriminator head, and their
+optimizers (their losses and the method are in utils/losses.py).
 
-DMD (docs/tlcm.md, the extras): a fake score model (in train_tlcm_flux.py a second LoRA on the same
-transformer) learns the student's samples with the ordinary flow-matching loss; the student's gradient
-at its sample x is the difference of the fake and the real (teacher) x0 predictions at a re-noised
-copy of x. It is applied through a surrogate loss whose gradient in x is exactly that direction.
-The per-sample normalisation by mean|x - real x0| is DMD's (Yin et al. 2024); its use here is our choice.
-
-GAN: features of the frozen teacher (FLUX: the input of its final norm layer; a UNet: its mid-block output)
-at a re-noised sample feed a small trainable head (ours); non-saturating logistic losses (ours).
+DMD's fake score is a second LoRA adapter ("fake_score") on the student's own model. GAN: features of the frozen
+teacher (FLUX: the input of its final norm layer; a UNet: its mid-block output) at a re-noised sample feed a small
+trainable head (ours).
 """
 
 from __future__ import annotations
@@ -20,39 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .sharding import is_sharded, shard_like, whole, whole_copy, write_whole
-
-
-def dmd_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor, eps: float = 1e-6) -> Tensor:
-    """g = (fake_x0 - real_x0) / mean_per_sample|x - real_x0| (DMD's direction with its normalisation)."""
-    scale = (x - real_x0).abs().flatten(1).mean(1).clamp_min(eps)
-    return (fake_x0 - real_x0) / scale.view(-1, *[1] * (x.ndim - 1))
-
-
-def dmd_surrogate(x: Tensor, grad: Tensor) -> Tensor:
-    """0.5 mean((x - stopgrad(x - g))^2): a loss whose gradient in x is g / x.numel()."""
-    return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad.detach().float()))
-
-
-def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
-    """mean((v_pred - (noise - x0))^2): the ordinary flow-matching loss of a model at (1 - s) x0 + s noise."""
-    return F.mse_loss(v_pred.float(), (noise - x0).float())
-
-
-def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """mean(softplus(-D(real))) + mean(softplus(D(fake))): the non-saturating logistic loss of D."""
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
-
-
-def gan_generator_loss(fake_logits: Tensor) -> Tensor:
-    """mean(softplus(-D(fake))): the non-saturating generator loss."""
-    return F.softplus(-fake_logits.float()).mean()
-
-
-def uniform_times(n: int, num_train_timesteps: int, generator: torch.Generator, device,
-                  low: float = 0.02, high: float = 0.98) -> Tensor:
-    """t ~ U[low T, high T] on the unshifted axis (DMD's re-noising range; the GAN's too, our choice)."""
-    u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).to(device)
-    return (low + (high - low) * u) * num_train_timesteps
 
 
 class DiscriminatorHead(nn.Module):

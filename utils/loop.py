@@ -167,7 +167,7 @@ def train_steps(max_train_steps: int | None, num_train_epochs: int, batches_per_
 def make_train_data(args: Any, accelerator: Any, vae: Any = None) -> tuple[Any, int, list[str] | None]:
     """(dataloader prepared for the processes, optimizer steps of the run, the dataset's captions or None).
 
-    The data flags of flags.add_data_args pick the source; with --cache_latents (pass the VAE) the samples
+    The data flags of flags.Parser.add_data_args pick the source; with --cache_latents (pass the VAE) the samples
     are cached VAE posteriors instead of pixels; the captions are listed for --cache_text_embeddings.
     """
     from . import cache, data

@@ -470,10 +470,16 @@ class Teacher:
     dtype: torch.dtype  # the mixed-precision dtype of frozen models
     alphas_cumprod: Tensor | None = None
     prediction_type: str | None = None
+    latent_side: int | None = None  # --resolution in latent pixels
+    zeros_for_empty_prompt: bool = False  # the pipeline's uncond for an empty negative prompt: zeros, not its encoding
 
     def encode(self, prompts: str | Sequence[str]) -> tuple[Tensor, ...]:
         """(embeds,) for SD, (embeds, pooled) for SDXL, (embeds, pooled, text_ids) for FLUX."""
         return tuple(encode_prompts(self.arch, prompts, self.tokenizers, self.text_encoders).values())
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] from (unpacked) latents as the denoiser sees them (differentiable)."""
+        return decode_latents(self.vae, latents)
 
 
 def teacher_alphas_cumprod(scheduler_config: dict) -> Tensor:
@@ -505,4 +511,7 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
         for encoder in encoders:
             encoder.to(device, dtype)
         denoiser = load_denoiser(path, args.revision, args.variant).requires_grad_(False)
-    return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type)
+    # SDXL pipelines feed zero embeddings as the uncond of an empty negative prompt unless their index says not to
+    zeros = arch == "sdxl" and pipeline_index(path, args.revision).get("force_zeros_for_empty_prompt", True)
+    return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type,
+                   args.resolution // vae_scale_factor(vae.config), zeros)

@@ -113,7 +113,7 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
     refuses an earlier run's folder unless --resume_from_checkpoint or --overwrite_output_dir says what to do with
     it, and for --overwrite_output_dir deletes that run's checkpoints."""
     _install(stop_now)
-    make_output_dir(args.output_dir)  # done already where flags.check ran; not every caller runs it
+    make_output_dir(args.output_dir)  # done already where the flags were checked; not every caller runs it
     if accelerator.is_main_process:
         with user_errors():
             lock(args.output_dir)

@@ -1,4 +1,4 @@
-"""Differentiable reward models for TLCM's optional reward stage, and its hinge loss.
+"""Differentiable reward models for TLCM's optional reward stage (its hinge loss is in utils/losses.py).
 
 A reward model is any callable `score(images, prompts) -> (B,)` that is differentiable in `images`
 (in [-1, 1], (B, 3, H, W)). `--reward_model` takes either a folder holding the toy world's judge
@@ -18,11 +18,6 @@ from torch import Tensor
 from .errors import UserError
 
 Scorer = Callable[[Tensor, Sequence[str]], Tensor]
-
-
-def hinge_reward_loss(score_pos: Tensor, score_neg: Tensor, s0: float) -> Tensor:
-    """mean(max(s0 - s(x0, c), 0) + max(s(x0, c_neg), 0)) (the TLCM reward extra, docs/tlcm.md)."""
-    return (torch.relu(s0 - score_pos) + torch.relu(score_neg)).mean()
 
 
 class JudgeScorer(torch.nn.Module):

@@ -88,6 +88,14 @@ def stage2_times(batch_size: int, num_train_timesteps: int, num_segments: int,
     return edges[m].to(device), edges[m - 1].to(device)
 
 
+def uniform_times(n: int, num_train_timesteps: int, generator: torch.Generator, device,
+                  low: float = 0.02, high: float = 0.98) -> Tensor:
+    """t ~ U[low T, high T] on the unshifted axis (DMD's re-noising range; the GAN's too, our choice)."""
+    u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).to(device)
+    return (low + (high - low) * u) * num_train_timesteps
+
+
+
 def equal_steps(t_from: Tensor, t_to: Tensor, num_steps: int) -> list[tuple[Tensor, Tensor]]:
     """[(t_k, t_{k+1}) for k < n], t_k = t_from + (t_to - t_from) k / n, per sample, in float64."""
     if num_steps < 1:

@@ -1,6 +1,6 @@
-"""The stage bookkeeping the two TLCM recipes share: a stage finished earlier, its seed, which LoRA a stage
-starts from, which checkpoint it resumes, how a finished stage's LoRA is written, and the last stage's files
-on top of the output folder."""
+"""The stage bookkeeping the two TLCM recipes share (`Stages`): the engine check, a stage finished earlier, a stage's
+folder, seed, start LoRA and resume checkpoint, how its LoRA is saved, and the last stage's files on top of the
+output folder."""
 
 from __future__ import annotations
 
@@ -10,16 +10,56 @@ import os
 import shutil
 from contextlib import ExitStack
 
+import torch
 from torch import nn
 
 from .checkpoint import resolve_resume
 from .errors import UserError, fail
 from .files import atomic_write
 from .flags import TLCM_STAGES
+from .lora import is_lora_weight
 from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
-from .sharding import engine
+from .outputs import make_output_dir
+from .sharding import engine, whole_parameters
 
 logger = logging.getLogger(__name__)
+
+
+class Stages:
+    """One TLCM run's stages over one model `base` whose denoiser file is `component` ("unet", "transformer").
+    Made before any model is loaded: it refuses first what the engine cannot run."""
+
+    def __init__(self, args: argparse.Namespace, accelerator, component: str) -> None:
+        check_engine(accelerator, args)
+        self.args, self.accelerator, self.component = args, accelerator, component
+
+    def dir(self, stage: str) -> str:
+        return os.path.join(self.args.output_dir, f"stage{stage}")
+
+    def finished(self, base: nn.Module, stage: str) -> bool:
+        """Whether the stage finished in an earlier run; then its LoRA is loaded (the next stage starts from it)."""
+        return load_finished(base, self.dir(stage), stage)
+
+    def start(self, base: nn.Module, stage: str, index: int, generator: torch.Generator) -> None:
+        """Load the stage's start LoRA, create its folder (removed again if the stage ends before writing to it) and
+        seed its random stream (a resumed stage then restores the checkpointed state)."""
+        start_lora(self.args, stage, index, base)
+        make_output_dir(self.dir(stage))
+        generator.manual_seed(stage_seed(self.args.seed, self.accelerator.process_index, stage))
+
+    def resume(self, stage: str) -> str | None:
+        return stage_resume(self.args, self.dir(stage))
+
+    def save(self, base: nn.Module, stage: str) -> None:
+        """Every process: the stage's LoRA (gathered where it is sharded), written by the main process."""
+        self.accelerator.wait_for_everyone()
+        with whole_parameters(base, is_lora_weight):
+            if self.accelerator.is_main_process:
+                save_stage_lora(base, os.path.join(self.dir(stage), "lora"), self.component)
+
+    def publish(self) -> None:
+        """The last stage's files on top of --output_dir (main process)."""
+        publish_last_stage(self.args.output_dir, self.args.stages[-1])
 
 
 def check_engine(accelerator, args: argparse.Namespace) -> None:
