@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -93,10 +93,7 @@ def conditioning(args, arch, batch, tokenizers, encoders, text=None) -> Conditio
 @torch.no_grad()
 def base_text(arch, captions, tokenizers, encoders) -> tuple:
     """encode_text() of the base text encoders: any encoder LoRA is switched off meanwhile."""
-    with ExitStack() as stack:
-        for enc in encoders:
-            if lora.has_lora(enc):
-                stack.enter_context(lora.adapters_disabled(enc))
+    with lora.adapters_disabled(*encoders):
         return encode_text(arch, captions, tokenizers, encoders)
 
 
@@ -117,21 +114,6 @@ def teacher_uncond(args, arch, tokenizers, encoders) -> Conditioning:
     if args.uncond == "zeros" or (args.uncond == "auto" and arch == "sdxl"):
         text = tuple(torch.zeros_like(x) for x in text)
     return Conditioning(text[0], {"text_embeds": text[1]} if arch == "sdxl" else {})
-
-
-def add_text_encoder_lora(args, arch, encoders) -> None:
-    """--train_text_encoder_lora: a LoRA (fp32) on the CLIP attention projections of every encoder.
-
-    SDXL conditions on encoder 1's penultimate layer, so that encoder's last layer gets none: its LoRA
-    would never receive a gradient, which multi-process (DDP) training refuses.
-    """
-    for i, enc in enumerate(encoders):
-        targets = lora.TEXT_ENCODER_LORA_TARGETS
-        if arch == "sdxl" and i == 0:
-            last = f".layers.{enc.config.num_hidden_layers - 1}."
-            targets = sorted(n for n in lora.targeted_modules(enc, targets) if last not in n)
-        lora.add_trainable_lora(enc, args.text_encoder_lora_rank, args.lora_alpha, targets, args.lora_dropout,
-                                "--train_text_encoder_lora")
 
 
 class _Prepared:
@@ -215,7 +197,8 @@ def main(args) -> None:
     unet = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
-        add_text_encoder_lora(args, arch, encoders)
+        lora.add_text_encoder_lora(encoders, arch == "sdxl", args.text_encoder_lora_rank, args.lora_alpha,
+                                   args.lora_dropout)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     models.prepare_denoiser(unet, args)  # xformers, --merged_lora_forward, --channels_last, --torch_compile

@@ -40,7 +40,7 @@ import torch
 
 from utils import cache, data, dmd, flags, lora, loop, models, outputs, rewards, sharding, tlcm, tlcm_stages
 from utils.ema import EMAParams
-from utils.errors import fail, user_errors
+from utils.errors import user_errors
 from utils.grids import log_image_grid
 from utils.losses import (dmd_grad, dmd_surrogate, flow_matching_loss, gan_discriminator_loss, gan_generator_loss,
                           hinge_reward_loss, latent_distance)
@@ -232,9 +232,6 @@ def main(args: argparse.Namespace) -> None:
     # ---- models: frozen VAE (validation, reward) and text encoders; one transformer = teacher + LoRA student
     teacher = models.load_teacher(args, accelerator, "flux")
     encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
-    if teacher.latent_side % 2:
-        fail(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of "
-             f"{2 * args.resolution // teacher.latent_side}")
     base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets) if args.dmd else None

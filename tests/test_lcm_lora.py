@@ -303,7 +303,7 @@ def test_text_encoder_lora_loads_through_diffusers_peft_and_kohya(toy_world, sdx
 
 def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     """With encoder LoRAs present the teacher's (and the unconditional) embeddings are exactly the base encoders'."""
-    from utils import models
+    from utils import lora, models
 
     recipe = import_script(SCRIPT)
     args = recipe.parse_args(["--pretrained_teacher_model", "x", "--output_dir", str(tmp_path), "--resolution", "32",
@@ -313,7 +313,7 @@ def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     batch = {"captions": ["a red circle", ""], "original_sizes": [(32, 32)] * 2, "crop_top_lefts": [(0, 0)] * 2}
     with torch.no_grad():
         want = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
-    recipe.add_text_encoder_lora(args, "sdxl", encoders)
+    lora.add_text_encoder_lora(encoders, True, args.text_encoder_lora_rank, args.lora_alpha)
     for enc in encoders:
         for name, p in enc.named_parameters():
             if "lora_B" in name:

@@ -8,7 +8,7 @@ trained adapter is written there without rescaling.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 import torch
@@ -71,6 +71,21 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: list[
     return config
 
 
+def add_text_encoder_lora(encoders: list[nn.Module], sdxl: bool, rank: int, alpha: float, dropout: float = 0.0
+                          ) -> None:
+    """--train_text_encoder_lora: a trainable LoRA on the CLIP attention projections of every encoder.
+
+    SDXL conditions on encoder 1's penultimate layer, so that encoder's last layer gets none: its LoRA
+    would never receive a gradient, which multi-process (DDP) training refuses.
+    """
+    for i, enc in enumerate(encoders):
+        targets = TEXT_ENCODER_LORA_TARGETS
+        if sdxl and i == 0:
+            last = f".layers.{enc.config.num_hidden_layers - 1}."
+            targets = sorted(n for n in targeted_modules(enc, targets) if last not in n)
+        add_trainable_lora(enc, rank, alpha, targets, dropout, "--train_text_encoder_lora")
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The plain diffusers model under a PeftModel wrapper (or the model itself)."""
     from peft import PeftModel
@@ -121,14 +136,16 @@ def infer_targets(modules: set[str] | list[str], model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """The teacher of a LoRA recipe: the same model with its LoRA switched off for the duration of the block."""
-    with requires_grad_kept(model):
-        model.disable_adapters()
-        try:
-            yield
-        finally:
-            model.enable_adapters()
+def adapters_disabled(*models: nn.Module) -> Iterator[None]:
+    """The teacher of a LoRA recipe: the same models with their LoRA (where they have one) switched off for the
+    duration of the block."""
+    with ExitStack() as stack:
+        for model in models:
+            if has_lora(model):
+                stack.enter_context(requires_grad_kept(model))
+                model.disable_adapters()
+                stack.callback(model.enable_adapters)
+        yield
 
 
 @contextmanager

@@ -511,7 +511,11 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
         for encoder in encoders:
             encoder.to(device, dtype)
         denoiser = load_denoiser(path, args.revision, args.variant).requires_grad_(False)
+    latent_side = args.resolution // vae_scale_factor(vae.config)
+    if arch == "flux" and latent_side % 2:
+        raise UserError(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of "
+                        f"{2 * vae_scale_factor(vae.config)}")
     # SDXL pipelines feed zero embeddings as the uncond of an empty negative prompt unless their index says not to
     zeros = arch == "sdxl" and pipeline_index(path, args.revision).get("force_zeros_for_empty_prompt", True)
     return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type,
-                   args.resolution // vae_scale_factor(vae.config), zeros)
+                   latent_side, zeros)
