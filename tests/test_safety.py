@@ -386,6 +386,26 @@ def test_every_recipe_takes_the_hub_flags_and_a_launchers_local_rank(toy_world, 
 
 
 @pytest.mark.slow
+def test_a_stop_signal_swallowed_by_a_bare_except_still_ends_the_run_with_its_line(tmp_path):
+    """A SIGTERM that lands inside a library's bare `except:` (datasets' `multiprocess` import has one, which then
+    fails on its fallback import) still ends the process with the stop's status and line, its folder tidied up."""
+    out = tmp_path / "out"
+    script = ("import os, signal\n"
+              "from utils import outputs\n"
+              f"outputs.make_output_dir({str(out)!r})\n"
+              "signal.signal(signal.SIGTERM, outputs.stop_now)  # as claim() installs it\n"
+              "try:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "except:  # noqa: E722, as in multiprocess/__init__.py\n"
+              "    raise ModuleNotFoundError(\"No module named 'version'\")\n"
+              "print('still running')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.splitlines() == ["error: stopped by SIGTERM; finished checkpoints and outputs are kept"]
+    assert "still running" not in proc.stdout and not out.exists()
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_real_run_keeps_a_checkpoint_or_leaves_nothing(toy_world, tmp_path):
     """As a user (or a cluster's scheduler) stops a run: SIGTERM while the models load ends it at once and removes
     the output folder it created; SIGTERM while it trains stops after the step, keeps that step's checkpoint and

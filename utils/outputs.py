@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -40,6 +41,7 @@ HUB_IGNORE = ["checkpoint-*", "*/checkpoint-*", LOCK_FILE]
 _created: list[str] = []  # folders this process created, parents first; removed again if left empty
 _locks: list[str] = []  # lock files this process holds
 _handlers: dict[int, Any] = {}  # the signal handlers found before ours, restored by release()
+_stop_signals: list[int] = []  # the stop signals stop_now acted on
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -167,7 +169,19 @@ def _install(handler) -> None:
 
 def stop_now(signum: int, frame: Any = None) -> None:
     """A stop signal outside a training step: end at once (exit 128 + signal), one line; `release` tidies up."""
+    _stop_signals.append(signum)
+    sys.excepthook = _exit_after_stop
     fail(f"stopped by {signal.Signals(signum).name}; finished checkpoints and outputs are kept", 128 + signum)
+
+
+def _exit_after_stop(exc_type, exc, tb) -> None:
+    """The end of an exception that escapes after stop_now: the signal arrived inside a library's bare `except:`
+    (datasets' `multiprocess` import has one), which swallowed the SystemExit and raised something else. The stop's
+    line is printed already: tidy up and exit with the stop's status, without that traceback."""
+    release()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + _stop_signals[-1])
 
 
 # ----------------------------------------------------------------------------- the lock
