@@ -332,7 +332,7 @@ class TrainLoop:
     `save_checkpoint`, `validation_due` say and do the rest. SIGTERM or SIGINT while iterating stops the run at
     the end of the current optimizer step (every process at the same one): a checkpoint of that step unless it
     has one, then one line and exit status 128 + the signal; a second signal stops at once. Reads (never writes)
-    the flags of flags.add_training_args from `args`; `output_dir` and `resume` override theirs (one loop per
+    the flags of flags.Parser.add_training_args from `args`; `output_dir` and `resume` override theirs (one loop per
     TLCM stage).
     """
 
