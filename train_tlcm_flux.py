@@ -218,7 +218,7 @@ def disc_loss(flow: FluxFlow, head, cond: dict, x: torch.Tensor, gen: torch.Gene
         real = tlcm.self_sample(flow.student(cond), flow.noise(x.shape[0], gen),
                                 flow.sampler_sigmas(flow.args.stage2_student_steps), gen)
     return gan_discriminator_loss(disc_logits(flow, head, real, cond, gen, False),
-                                      disc_logits(flow, head, x, cond, gen, False))
+                                  disc_logits(flow, head, x, cond, gen, False))
 
 
 def main(args: argparse.Namespace) -> None:

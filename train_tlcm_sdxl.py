@@ -225,7 +225,7 @@ def disc_loss(diff: UNetDiffusion, head, cond: dict, x: torch.Tensor, gen: torch
     """The head's loss: real = the student's q-step sample, fake = its (detached) one-step sample x."""
     real = diff.sample(diff.student(cond), diff.noise(x.shape[0], gen), diff.args.stage2_student_steps, gen)
     return gan_discriminator_loss(disc_logits(diff, head, real, cond, gen, False),
-                                      disc_logits(diff, head, x, cond, gen, False))
+                                  disc_logits(diff, head, x, cond, gen, False))
 
 
 def main(args: argparse.Namespace) -> None:
