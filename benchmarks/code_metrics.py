@@ -9,6 +9,7 @@
 - `recipe_formula_names` / `recipe_other_names`: that count split into the names of the formula modules
   (FORMULA_MODULES: the solvers, scalings, losses, TLCM math and samplers, the algorithm a recipe spells out)
   and all others (loading, flags, the loop's bookkeeping, files);
+- `recipe_imported_names`: the names the recipe's `from utils... import` statements bind (modules included);
 - `utils_lines`: lines of utils/ without the toy world (utils/toy/);
 - `import_cycles`: cycles among the utils modules, counting imports inside functions too.
 """
@@ -92,6 +93,13 @@ def recipe_names(path: str) -> list[str]:
     return sorted(names)
 
 
+def imported_names(path: str) -> list[str]:
+    """The names bound by a script's `from utils... import a, b` statements."""
+    return sorted({alias.asname or alias.name for node in ast.walk(ast.parse(open(path).read()))
+                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("utils")
+                   for alias in node.names})
+
+
 def main() -> None:
     known = utils_modules()
     graph = {m: imported_modules(p, m, set(known)) for m, p in known.items()}
@@ -104,6 +112,7 @@ def main() -> None:
                                          if n.split(".")[0] in FORMULA_MODULES]) for r in recipes},
         "recipe_other_names": {r: len([n for n in recipe_names(os.path.join(ROOT, r))
                                        if n.split(".")[0] not in FORMULA_MODULES]) for r in recipes},
+        "recipe_imported_names": {r: len(imported_names(os.path.join(ROOT, r))) for r in recipes},
         "utils_lines": sum(n for m, n in lines.items() if not m.startswith("utils.toy")),
         "utils_modules": len([m for m in known if not m.startswith("utils.toy")]),
         "import_cycles": cycles(graph),
