@@ -507,14 +507,14 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
         alphas_cumprod = teacher_alphas_cumprod(config).to(device)
     with sharding.loaded_whole(accelerator):  # ZeRO-3 would split every model as it loads; prepare() does
         vae = load_frozen_vae(args, device, dtype)
+        latent_side = args.resolution // vae_scale_factor(vae.config)
+        if arch == "flux" and latent_side % 2:  # said before the transformer loads
+            raise UserError(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a "
+                            f"multiple of {2 * vae_scale_factor(vae.config)}")
         tokenizers, encoders = load_text_encoders(path, arch, args.revision, args.variant)
         for encoder in encoders:
             encoder.to(device, dtype)
         denoiser = load_denoiser(path, args.revision, args.variant).requires_grad_(False)
-    latent_side = args.resolution // vae_scale_factor(vae.config)
-    if arch == "flux" and latent_side % 2:
-        raise UserError(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a multiple of "
-                        f"{2 * vae_scale_factor(vae.config)}")
     # SDXL pipelines feed zero embeddings as the uncond of an empty negative prompt unless their index says not to
     zeros = arch == "sdxl" and pipeline_index(path, args.revision).get("force_zeros_for_empty_prompt", True)
     return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type,
