@@ -385,6 +385,17 @@ def test_every_recipe_takes_the_hub_flags_and_a_launchers_local_rank(toy_world, 
 # ----------------------------------------------------------------------------- signals sent to a real process
 
 
+def test_an_in_process_stop_leaves_the_callers_excepthook_after_release(capsys):
+    """stop_now puts in the excepthook that ends a stopped run quietly; release() gives the caller back its own."""
+    found = sys.excepthook
+    with pytest.raises(SystemExit) as info:
+        outputs.stop_now(signal.SIGTERM)
+    assert info.value.code == 128 + signal.SIGTERM and sys.excepthook is not found
+    assert error_lines(capsys.readouterr().err) == ["error: stopped by SIGTERM; finished checkpoints and outputs are kept"]
+    outputs.release()
+    assert sys.excepthook is found
+
+
 @pytest.mark.slow
 def test_a_stop_signal_swallowed_by_a_bare_except_still_ends_the_run_with_its_line(tmp_path):
     """A SIGTERM that lands inside a library's bare `except:` (datasets' `multiprocess` import has one, which then

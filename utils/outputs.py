@@ -42,6 +42,7 @@ _created: list[str] = []  # folders this process created, parents first; removed
 _locks: list[str] = []  # lock files this process holds
 _handlers: dict[int, Any] = {}  # the signal handlers found before ours, restored by release()
 _stop_signals: list[int] = []  # the stop signals stop_now acted on
+_excepthooks: list[Any] = []  # the excepthook found before stop_now's, restored by release()
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -132,8 +133,8 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
 
 
 def release() -> None:
-    """End of a run (at exit, or after an in-process one): drop its locks, restore the signal handlers found before,
-    and remove the folders it created and left empty (deepest first)."""
+    """End of a run (at exit, or after an in-process one): drop its locks, restore the signal handlers (and excepthook)
+    found before, and remove the folders it created and left empty (deepest first)."""
     while _locks:
         path = _locks.pop()
         if lock_owner(path) == _me():
@@ -145,6 +146,8 @@ def release() -> None:
         for signum, handler in _handlers.items():
             signal.signal(signum, handler)
         _handlers.clear()
+    if _excepthooks:  # an in-process run that was stopped leaves the caller's excepthook as it found it
+        sys.excepthook = _excepthooks.pop()
     while _created:
         try:
             os.rmdir(_created.pop())  # only ever removes an empty folder
@@ -170,7 +173,9 @@ def _install(handler) -> None:
 def stop_now(signum: int, frame: Any = None) -> None:
     """A stop signal outside a training step: end at once (exit 128 + signal), one line; `release` tidies up."""
     _stop_signals.append(signum)
-    sys.excepthook = _exit_after_stop
+    if not _excepthooks:
+        _excepthooks.append(sys.excepthook)
+        sys.excepthook = _exit_after_stop
     fail(f"stopped by {signal.Signals(signum).name}; finished checkpoints and outputs are kept", 128 + signum)
 
 
