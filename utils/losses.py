@@ -70,12 +70,10 @@ def hinge_reward_loss(score_pos: Tensor, score_neg: Tensor, s0: float) -> Tensor
     return (torch.relu(s0 - score_pos) + torch.relu(score_neg)).mean()
 
 
-
 def dmd_grad(x: Tensor, real_x0: Tensor, fake_x0: Tensor, eps: float = 1e-6) -> Tensor:
     """g = (fake_x0 - real_x0) / mean_per_sample|x - real_x0| (DMD's direction with its normalisation)."""
     scale = (x - real_x0).abs().flatten(1).mean(1).clamp_min(eps)
     return (fake_x0 - real_x0) / scale.view(-1, *[1] * (x.ndim - 1))
-
 
 
 def dmd_surrogate(x: Tensor, grad: Tensor) -> Tensor:
@@ -83,17 +81,14 @@ def dmd_surrogate(x: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad.detach().float()))
 
 
-
 def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
     """mean((v_pred - (noise - x0))^2): the ordinary flow-matching loss of a model at (1 - s) x0 + s noise."""
     return F.mse_loss(v_pred.float(), (noise - x0).float())
 
 
-
 def gan_discriminator_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """mean(softplus(-D(real))) + mean(softplus(D(fake))): the non-saturating logistic loss of D."""
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
-
 
 
 def gan_generator_loss(fake_logits: Tensor) -> Tensor:

@@ -84,4 +84,3 @@ class StepIndexMixin:
         self._step_index = i + 1
         prev, x0 = prev.to(sample.dtype), x0.to(sample.dtype)
         return output_cls(prev_sample=prev, denoised=x0) if return_dict else (prev, x0)
-

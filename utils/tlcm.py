@@ -95,7 +95,6 @@ def uniform_times(n: int, num_train_timesteps: int, generator: torch.Generator, 
     return (low + (high - low) * u) * num_train_timesteps
 
 
-
 def equal_steps(t_from: Tensor, t_to: Tensor, num_steps: int) -> list[tuple[Tensor, Tensor]]:
     """[(t_k, t_{k+1}) for k < n], t_k = t_from + (t_to - t_from) k / n, per sample, in float64."""
     if num_steps < 1:

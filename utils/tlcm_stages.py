@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class Stages:
-    """One TLCM run's stages over one model `base` whose denoiser file is `component` ("unet", "transformer").
-    Made before any model is loaded: it refuses first what the engine cannot run."""
+    """One TLCM run's stages, each training the LoRA of the model `base` its methods take, saved as the denoiser
+    `component` ("unet", "transformer"). Made before any model is loaded: it refuses first what the engine cannot
+    run."""
 
     def __init__(self, args: argparse.Namespace, accelerator, component: str) -> None:
         check_engine(accelerator, args)
