@@ -15,6 +15,7 @@ conversions keep the LoRA's output unchanged and round trips give back identical
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 from collections.abc import Iterator
@@ -240,4 +241,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imported libraries live until exit: the collector, and the exit, need not scan them
     main()

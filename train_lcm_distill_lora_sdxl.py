@@ -26,6 +26,7 @@ adapter folder `out/unet` (`PeftModel.from_pretrained(pipe.unet, out/unet)`; wit
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 from contextlib import nullcontext
@@ -334,5 +335,6 @@ PEFT: `PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`; ComfyUI 
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imported libraries live until exit: the collector, and the exit, need not scan them
     with user_errors():  # bad input anywhere ends as one line, exit code 2
         main(parse_args())

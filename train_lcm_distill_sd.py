@@ -28,6 +28,7 @@ LCMScheduler on the training grid: `DiffusionPipeline.from_pretrained(out)`, 2-8
 from __future__ import annotations
 
 import argparse
+import gc
 import copy
 import logging
 from contextlib import contextmanager, nullcontext
@@ -315,5 +316,6 @@ with boundary scaling {args.timestep_scaling_factor:g} (`timestep_scaling`), bot
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imported libraries live until exit: the collector, and the exit, need not scan them
     with user_errors():  # bad input anywhere (a path, a column, a file) ends as one line, exit code 2
         main(parse_args())

@@ -33,6 +33,7 @@ utils.scheduling_flow_match_euler_tlcm.FlowMatchEulerTLCMScheduler, 2-8 steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from contextlib import nullcontext
 
@@ -366,5 +367,6 @@ Or: `python inference.py --base_model_path {args.pretrained_teacher_model} --lor
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imported libraries live until exit: the collector, and the exit, need not scan them
     with user_errors():  # bad input anywhere ends as one line, exit code 2
         main(parse_args())

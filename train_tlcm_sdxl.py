@@ -34,6 +34,7 @@ card. Sample with utils.scheduling_tlcm.TLCMScheduler or diffusers' LCMScheduler
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from contextlib import nullcontext
 
@@ -376,5 +377,6 @@ Or: `python inference.py --base_model_path {args.pretrained_teacher_model} --lor
 
 
 if __name__ == "__main__":
+    gc.freeze()  # the imported libraries live until exit: the collector, and the exit, need not scan them
     with user_errors():  # bad input anywhere ends as one line, exit code 2
         main(parse_args())

@@ -38,3 +38,25 @@ def one_thread():
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: multi-process runs of the recipes (minutes on 2 CPU cores); "
                                        "deselect with -m 'not slow'")
+    if hasattr(config, "workerinput"):
+        # a pytest-xdist worker: the workers share the cores, so each (and every process it starts) computes on
+        # its share of them; torch reads this when it is first imported, after this hook
+        share = (os.cpu_count() or 1) // config.workerinput["workercount"]
+        os.environ["OMP_NUM_THREADS"] = str(max(1, share))
+
+
+def pytest_collection_finish(session) -> None:
+    import gc
+
+    gc.freeze()  # the test modules and the libraries they imported live to the end: collections need not scan them
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """For pytest-xdist's `--dist loadgroup`: a test module goes to one worker whole (its module-scoped fixtures
+    are built once), except where a test names its own `xdist_group`; the slow tests are handed out first, so
+    that no long test starts last."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -227,6 +227,7 @@ def image_args(world: str, teacher: str, steps: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp_lcm_sd")  # a unit of parallel work of its own
 def test_fsdp_lcm_sd_shards_the_student_keeps_the_ema_right_and_resumes_exactly(toy_world, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -280,6 +281,7 @@ def start_lora(toy_world, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp_tlcm_extras")  # a unit of parallel work of its own
 def test_fsdp_tlcm_extras_match_ddp_and_resume_exactly(toy_world, start_lora, tmp_path):
     """TLCM's extras stage (EMA target swapped into the split LoRA, DMD fake score in the same split model with
     its own optimizer, GAN head) under FSDP2 trains what DDP trains, and resumes bit-identical."""
@@ -331,6 +333,7 @@ def test_fsdp_tlcm_extras_match_ddp_and_resume_exactly(toy_world, start_lora, tm
 
 @pytest.mark.slow
 @deepspeed_installed
+@pytest.mark.xdist_group("zero3_lcm_lora")  # a unit of parallel work of its own
 def test_deepspeed_zero3_lcm_lora_matches_ddp_and_resumes_exactly(toy_world, tmp_path):
     """ZeRO-3 splits the whole SDXL UNet (frozen base and LoRA); the EMA target is swapped into the split LoRA,
     the frozen text encoders stay whole; the run trains what DDP trains and resumes bit-identical."""
@@ -445,6 +448,7 @@ def check_resume_and_loading(world: str, config: str, extra: list[str], blocks: 
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tlcm_sdxl_fsdp")  # the two tests share the module's FSDP2 run
 def test_fsdp_tlcm_sdxl_both_stages_and_extras_match_ddp_and_resume_exactly(toy_world, tlcm_sdxl_fsdp, tmp_path):
     straight, ddp = tlcm_sdxl_fsdp
     check_same_training(straight, ddp, ["stage2", "stageextras"])
@@ -453,6 +457,7 @@ def test_fsdp_tlcm_sdxl_both_stages_and_extras_match_ddp_and_resume_exactly(toy_
 
 @pytest.mark.slow
 @deepspeed_installed
+@pytest.mark.xdist_group("tlcm_sdxl_fsdp")  # the two tests share the module's FSDP2 run
 def test_deepspeed_zero3_tlcm_sdxl_both_stages_match_ddp_and_resume_exactly(toy_world, tlcm_sdxl_fsdp, tmp_path):
     """Stages 1 + 2 under ZeRO-3 (a new DeepSpeed engine per stage): stage 1 equal to FSDP2's (both take process 0's
     segment), stage 2 to what DDP trains from FSDP2's stage 1; resumed bit-identical."""

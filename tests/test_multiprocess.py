@@ -114,6 +114,7 @@ def common(world: str) -> list[str]:
             "--lr_warmup_steps", "0", "--validation_steps", "1000"]
 
 
+@pytest.mark.xdist_group("ddp_lcm_sd")  # a unit of parallel work of its own
 def test_lcm_sd_with_two_processes(toy_world, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
@@ -147,6 +148,7 @@ def test_lcm_sd_with_two_processes(toy_world, tmp_path):
     assert_same(load_file(os.path.join(straight, unet)), load_file(os.path.join(resumed, unet)))
 
 
+@pytest.mark.xdist_group("ddp_lcm_lora")  # a unit of parallel work of its own
 def test_lcm_lora_with_two_processes(toy_world, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -179,6 +181,7 @@ def test_lcm_lora_with_two_processes(toy_world, tmp_path):
     assert_same(load_file(os.path.join(straight, name)), load_file(os.path.join(resumed, name)))
 
 
+@pytest.mark.xdist_group("ddp_tlcm")  # a unit of parallel work of its own
 def test_tlcm_with_two_processes_via_torchrun(toy_world, tmp_path):
     from diffusers import FluxPipeline
 

@@ -111,6 +111,27 @@ def test_build_is_idempotent(toy_world):
     assert os.path.getmtime(stamp) == before
 
 
+def test_builds_started_together_take_turns(tmp_path):
+    """Parallel test workers build the toy world at once: the second waits until the first has finished."""
+    import threading
+
+    from utils.toy.build import one_builder_at_a_time
+
+    events = []
+
+    def second_builder():
+        with one_builder_at_a_time(str(tmp_path)):
+            events.append("second in")
+
+    with one_builder_at_a_time(str(tmp_path)):
+        thread = threading.Thread(target=second_builder)
+        thread.start()
+        thread.join(0.5)
+        events.append("first out")
+    thread.join(10)
+    assert events == ["first out", "second in"]
+
+
 def test_evaluate_cli_writes_metrics_and_grid(toy_world, tmp_path):
     from helpers import run_command
 

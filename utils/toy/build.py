@@ -12,13 +12,15 @@ Layout written (a second call reuses every part that is complete):
     judge/                         ToyJudge (shape/colour classifier for prompt accuracy and toy FD)
     latent_lpips/sd/               LatentLPIPS on the SD/SDXL VAE's 4-channel latents (utils/latent_lpips.py)
     latent_lpips/flux/             LatentLPIPS on the FLUX VAE's 16-channel latents
-Each folder is written under a temporary name and renamed when complete.
+Each folder is written under a temporary name and renamed when complete; builds of the same folder started
+together (parallel test workers) take turns on out/.build.lock.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -134,6 +136,21 @@ def weights_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+@contextmanager
+def one_builder_at_a_time(out: str) -> Iterator[None]:
+    """Hold an exclusive lock on out/.build.lock: builds started together (parallel test workers) take turns,
+    and the later ones find the parts complete."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".build.lock"), "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no file locks, builds are not to be started together
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def build(out: str = DEFAULT_OUT, train_images: int = 2000, test_images: int = 500, shard_size: int = 500,
           seed: int = 0, resolution: int = 32, force: bool = False) -> str:
     """Write the whole toy world under `out` (idempotent) and return its path."""
@@ -153,11 +170,12 @@ def build(out: str = DEFAULT_OUT, train_images: int = 2000, test_images: int = 5
     ]
     stamp = os.path.join(out, "weights.fingerprint")
     fingerprint = weights_fingerprint()
-    stale = not os.path.exists(stamp) or open(stamp).read().strip() != fingerprint
-    for rel, write in tqdm(parts, desc="toy world", leave=False):
-        path = os.path.join(out, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic(path, write, force or (stale and not rel.startswith("data")))
-    with open(stamp, "w") as f:
-        f.write(fingerprint + "\n")
+    with one_builder_at_a_time(out):
+        stale = not os.path.exists(stamp) or open(stamp).read().strip() != fingerprint
+        for rel, write in tqdm(parts, desc="toy world", leave=False):
+            path = os.path.join(out, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _atomic(path, write, force or (stale and not rel.startswith("data")))
+        with open(stamp, "w") as f:
+            f.write(fingerprint + "\n")
     return out
