@@ -16,6 +16,8 @@ renamed, and never replace an existing file.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import math
 import os
@@ -465,4 +467,5 @@ def main(argv: Sequence[str] | None = None, console_factory: Callable[[bool], Co
 
 
 if __name__ == "__main__":
+    atexit.register(gc.freeze)  # at exit the libraries and the pipeline are still alive: the exit need not scan them
     main()
