@@ -42,7 +42,7 @@ def pytest_configure(config) -> None:
         # a pytest-xdist worker: the workers share the cores, so each (and every process it starts) computes on
         # its share of them; torch reads this when it is first imported, after this hook
         share = (os.cpu_count() or 1) // config.workerinput["workercount"]
-        os.environ["OMP_NUM_THREADS"] = str(max(1, share))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))  # unless the user chose
 
 
 def pytest_collection_finish(session) -> None:
