@@ -28,8 +28,8 @@ LCMScheduler on the training grid: `DiffusionPipeline.from_pretrained(out)`, 2-8
 from __future__ import annotations
 
 import argparse
-import gc
 import copy
+import gc
 import logging
 from contextlib import contextmanager, nullcontext
 
