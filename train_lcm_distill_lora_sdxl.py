@@ -33,20 +33,21 @@ from contextlib import nullcontext
 from typing import Callable
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from utils import cache, flags, lora, loop, models, outputs, sharding
 from utils.consistency import LCMSchedule, consistency_fn, scalings_for_boundary_conditions
 from utils.ema import EMAParams
-from utils.errors import fail, user_errors
+from utils.errors import user_errors
 from utils.grids import log_image_grid
 from utils.lora_files import save_lora_outputs
 from utils.losses import consistency_loss
-from utils.model_card import write_model_card
 from utils.models import Conditioning, unet_conditioning
 from utils.scheduling_lcm import lcm_scheduler
 from utils.solvers import alpha_sigma, ddim_cfg_step, ddim_step, previous_timestep, x0_eps_from_model_output
 
 logger = logging.getLogger("train_lcm_distill_lora_sdxl")
+ENCODER_FOLDERS = ["text_encoder", "text_encoder_2"]  # where a text-encoder LoRA is saved, as diffusers names them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,9 +185,6 @@ def lcm_lora_loss(unet, latents: torch.Tensor, teacher_cond: Conditioning, uncon
 
 def main(args) -> None:
     accelerator = loop.make_accelerator(args)
-    if args.train_text_encoder_lora and sharding.engine(accelerator) not in ("single", "ddp"):
-        fail("--train_text_encoder_lora trains the UNet and the text encoders, three prepared models: accelerate's "
-             f"{sharding.engine(accelerator)} prepares one per run; use DDP (docs/distributed.md)")
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -195,7 +193,7 @@ def main(args) -> None:
     teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
     arch, vae, tokenizers, encoders = teacher.arch, teacher.vae, teacher.tokenizers, teacher.text_encoders
     device, dtype = accelerator.device, teacher.dtype
-    unet = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
+    unet = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
     lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
     if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
         lora.add_text_encoder_lora(encoders, arch == "sdxl", args.text_encoder_lora_rank, args.lora_alpha,
@@ -215,8 +213,9 @@ def main(args) -> None:
     trained_encoders = encoders if args.train_text_encoder_lora else []
     optimizer = loop.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
                                     args, accelerator.num_processes)
-    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
-                                          accelerator.num_processes)
+    n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                                 num_training_steps=max_steps * n)
     unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)
     encoders = [accelerator.unwrap_model(e) for e in encoders]
     student_encoders = [_Prepared(w, e) for w, e in zip(wrapped, encoders)]
@@ -263,8 +262,9 @@ def main(args) -> None:
             save_lora(args, base, teacher, encoders if args.train_text_encoder_lora else [])
     if train.validation_prompts and train.samples_here:
         validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
-    if accelerator.is_main_process:
-        outputs.push_to_hub(args)  # --push_to_hub
+    if accelerator.is_main_process:  # README.md, then --push_to_hub
+        trained = len(encoders) if args.train_text_encoder_lora else 0
+        outputs.publish(args, "LCM-LoRA (latent consistency distillation)", model_card(args, trained))
     accelerator.end_training()
 
 
@@ -302,19 +302,22 @@ def validate(accelerator, args, unet, teacher: models.Teacher, prompts, step):
 
 
 def save_lora(args, unet, teacher: models.Teacher, encoders=()) -> None:
-    """The LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, the
-    LCMScheduler of its training grid in out/scheduler, and a model card."""
-    names = ["text_encoder", "text_encoder_2"]
-    save_lora_outputs(unet, args.output_dir, "unet", text_encoders=dict(zip(names, encoders)))
+    """The LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, and the
+    LCMScheduler of its training grid in out/scheduler."""
+    save_lora_outputs(unet, args.output_dir, "unet", text_encoders=dict(zip(ENCODER_FOLDERS, encoders)))
     scheduler = lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor)
     scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
+
+
+def model_card(args, trained_encoders: int) -> str:
+    """How to load and sample the LoRA: the body of the README.md the run writes (outputs.publish)."""
     note = ""
-    if encoders:
-        folders = ", ".join(f"`{args.output_dir}/{n}`" for n in names[:len(encoders)])
+    if trained_encoders:
+        folders = ", ".join(f"`{args.output_dir}/{n}`" for n in ENCODER_FOLDERS[:trained_encoders])
         note = (f"\nThe text encoders carry a LoRA too (rank {args.text_encoder_lora_rank}): `load_lora_weights` "
                 f"loads it with the UNet's; PEFT folders {folders}; `lora_te*` keys in the kohya file "
                 "(`convert_lora.py` converts UNet LoRAs only).\n")
-    write_model_card(args.output_dir, "LCM-LoRA (latent consistency distillation)", args, f"""
+    return f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_lora_sdxl.py` (rank {args.lora_rank},
 alpha {args.lora_alpha}).
 
@@ -331,7 +334,7 @@ distilled in). `{args.output_dir}/scheduler` holds it on the training grid: {arg
 `LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={args.num_ddim_timesteps},
 timestep_scaling={args.timestep_scaling_factor:g})`.
 PEFT: `PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`; ComfyUI / A1111: `lora_kohya.safetensors`.
-{note}""")
+{note}"""
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import logging
 from contextlib import contextmanager, nullcontext
 
 import torch
+from diffusers.optimization import get_scheduler
 
 from utils import cache, flags, loop, models, outputs
 from utils.consistency import (LCMSchedule, consistency_fn, guidance_scale_embedding,
@@ -42,7 +43,6 @@ from utils.ema import ema_update
 from utils.errors import user_errors
 from utils.grids import log_image_grid
 from utils.losses import consistency_loss
-from utils.model_card import write_model_card
 from utils.scheduling_lcm import lcm_scheduler
 from utils.solvers import alpha_sigma, ddim_cfg_step, ddim_step, previous_timestep, x0_eps_from_model_output
 
@@ -194,8 +194,9 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- optimizer, and what an exact resume restores: prepared objects + the EMA target + the loss's RNG
     optimizer = loop.make_optimizer(student.parameters(), args, accelerator.num_processes)
-    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
-                                          accelerator.num_processes)
+    n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                                 num_training_steps=max_steps * n)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     params = [p for p in student.parameters() if p.requires_grad]
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
@@ -229,8 +230,8 @@ def main(args: argparse.Namespace) -> None:
         save_pipeline(args, unet_with(accelerator.unwrap_model(student).config, weights), teacher)
     if train.validation_prompts and train.samples_here:
         validate(accelerator, args, student, teacher, train.validation_prompts, train.global_step)
-    if accelerator.is_main_process:
-        outputs.push_to_hub(args)  # --push_to_hub
+    if accelerator.is_main_process:  # README.md, then --push_to_hub
+        outputs.publish(args, "LCM student (latent consistency distillation)", model_card(args, teacher.arch))
     accelerator.end_training()
 
 
@@ -296,9 +297,13 @@ def save_pipeline(args, student, teacher: models.Teacher) -> None:
     for part in (teacher.vae, *teacher.text_encoders):
         part.to(torch.float32)  # saved as fp32 weights, like the student
     lcm_pipeline(args, copy.deepcopy(student).to(torch.float32), teacher).save_pretrained(args.output_dir)
+
+
+def model_card(args, arch: str) -> str:
+    """How to load and sample the student: the body of the README.md the run writes (outputs.publish)."""
     w = (args.w_min + args.w_max) / 2
-    size = f", height={args.resolution}, width={args.resolution}" if teacher.arch == "sdxl" else ""
-    write_model_card(args.output_dir, "LCM student (latent consistency distillation)", args, f"""
+    size = f", height={args.resolution}, width={args.resolution}" if arch == "sdxl" else ""
+    return f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_sd.py`{' (LCF mode)' if args.lcf else ''}.
 
 ```python
@@ -312,7 +317,7 @@ Or only the UNet into the teacher's pipeline (e.g. with another VAE):
 Sampler: LCMScheduler, 2-8 steps, trained on a {args.num_ddim_timesteps}-point skip grid (`original_inference_steps`)
 with boundary scaling {args.timestep_scaling_factor:g} (`timestep_scaling`), both recorded in the saved scheduler config.
 `guidance_scale` is w + 1: trained for w in [{args.w_min:g}, {args.w_max:g}], so use {args.w_min + 1:g}-{args.w_max + 1:g}.
-""")
+"""
 
 
 if __name__ == "__main__":

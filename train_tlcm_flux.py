@@ -38,14 +38,14 @@ import logging
 from contextlib import nullcontext
 
 import torch
+from diffusers.optimization import get_scheduler
 
-from utils import cache, data, dmd, flags, lora, loop, models, outputs, rewards, sharding, tlcm, tlcm_stages
+from utils import cache, data, flags, lora, loop, models, outputs, sharding, tlcm, tlcm_extras, tlcm_stages
 from utils.ema import EMAParams
 from utils.errors import user_errors
 from utils.grids import log_image_grid
 from utils.losses import (dmd_grad, dmd_surrogate, flow_matching_loss, gan_discriminator_loss, gan_generator_loss,
                           hinge_reward_loss, latent_distance)
-from utils.model_card import write_model_card
 from utils.solvers import cfg, flow_renoise, flow_x0
 
 logger = logging.getLogger("train_tlcm_flux")
@@ -182,7 +182,7 @@ def extras_loss(flow: FluxFlow, transformer, cond: dict, uncond: dict, captions:
     x = flow_x0(noise, flow.student(cond, transformer)(noise, top), top)  # the one-step sample, with grad
     if args.dmd:  # the student follows g = normalised (fake x0 - real x0) at x re-noised
         z, sigma, _ = renoised(flow, x.detach(), gen)
-        with torch.no_grad(), dmd.adapter_active(flow.base):
+        with torch.no_grad(), tlcm_extras.adapter_active(flow.base):
             fake_x0 = flow_x0(z, flow.velocity(flow.base, z, sigma, cond), sigma)
         real_x0 = flow_x0(z, flow.teacher(cond, uncond)(z, sigma), sigma)
         total = total + args.dmd_weight * dmd_surrogate(x, dmd_grad(x.detach(), real_x0, fake_x0))
@@ -199,7 +199,7 @@ def renoised(flow: FluxFlow, x: torch.Tensor, gen: torch.Generator):
 
 def fake_score_loss(flow: FluxFlow, cond: dict, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The DMD fake score's flow-matching loss on the student's (detached) one-step samples x; call it, and
-    back-propagate it, inside dmd.adapter_active (only there do the fake score's weights require grad)."""
+    back-propagate it, inside tlcm_extras.adapter_active (only there do the fake score's weights require grad)."""
     z, sigma, eps = renoised(flow, x, gen)
     return flow_matching_loss(flow.velocity(flow.base, z, sigma, cond), x, eps)
 
@@ -208,7 +208,7 @@ def disc_logits(flow: FluxFlow, head, x: torch.Tensor, cond: dict, gen: torch.Ge
     """The head on the frozen teacher's features (input of its final norm) at a re-noised x."""
     z, sigma, _ = renoised(flow, x, gen)
     with torch.set_grad_enabled(grad), lora.adapters_disabled(flow.base), \
-            dmd.captured_input(flow.base.norm_out) as seen:
+            tlcm_extras.captured_input(flow.base.norm_out) as seen:
         flow.velocity(flow.base, z, sigma, cond)
     return head(seen[-1])
 
@@ -224,7 +224,7 @@ def disc_loss(flow: FluxFlow, head, cond: dict, x: torch.Tensor, gen: torch.Gene
 
 def main(args: argparse.Namespace) -> None:
     accelerator = loop.make_accelerator(args)
-    stages = tlcm_stages.Stages(args, accelerator, "transformer")  # refuses what the engine cannot run
+    stages = tlcm_stages.Stages(args, accelerator, "transformer")
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -233,27 +233,27 @@ def main(args: argparse.Namespace) -> None:
     # ---- models: frozen VAE (validation, reward) and text encoders; one transformer = teacher + LoRA student
     teacher = models.load_teacher(args, accelerator, "flux")
     encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
-    base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
+    base = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets) if args.dmd else None
+    # the extras' players, each when its flag asks: the reward model, the DMD fake score (a second adapter) and the
+    # GAN head (on the input of the final norm layer), each of the last two with its own optimizer
+    width = base.config.num_attention_heads * base.config.attention_head_dim
+    scorer, fake_opt, head, disc_opt = tlcm_extras.add_extras(args, base, device, width, features="norm_out")
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
     trained = [name for name, p in base.named_parameters() if p.requires_grad]
     params = [p for p in base.parameters() if p.requires_grad]
     flow = FluxFlow(base, teacher.scheduler_config, teacher.latent_side, args, dtype, device, accelerator.autocast,
-                    collective=sharding.splits_weights(accelerator))
+                    collective=stages.collective)
 
-    # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
+    # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader: the loss's random
+    # stream, the EMA, the extras' optimizers (with their weights)
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
     ema = EMAParams(params, args.ema_decay, base) if args.ema_decay > 0 else None
-    # the extras' own optimizers (DMD fake score, GAN head), checkpointed with their weights
-    width = base.config.num_attention_heads * base.config.attention_head_dim
-    fake_opt, head, disc_opt = dmd.extras_optimizers(args, fake_params, width, device)
     for state in (rng, ema, fake_opt, disc_opt):
         if state is not None:
             accelerator.register_for_checkpointing(state)
-    scorer = rewards.load_reward_model(args.reward_model, device) if args.reward_model else None
 
     # ---- prompts: encoded on the fly, or once per distinct prompt (--cache_text_embeddings)
     text_cache, text_ids = None, None
@@ -283,15 +283,16 @@ def main(args: argparse.Namespace) -> None:
             continue
         stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
-        lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
-                                              accelerator.num_processes)
+        n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
+        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                                     num_training_steps=steps[stage] * n)
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         transformer, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
         params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place
         if ema is not None:
             ema.reset(params)
         if fake_opt is not None:
-            fake_opt.retarget(dmd.fake_score_parameters(base))
+            fake_opt.retarget(base)
         train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_stage{stage}", lr_scheduler,
                                output_dir=stages.dir(stage), resume=stages.resume(stage))
         for batch in train:
@@ -308,7 +309,7 @@ def main(args: argparse.Namespace) -> None:
                 updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
             if x is not None:  # the extras' own updates, one per micro-batch, after the student's
                 if fake_opt is not None:
-                    with dmd.adapter_active(base):
+                    with tlcm_extras.adapter_active(base):
                         fake_opt.step(fake_score_loss(flow, cond, x, rng.generator))
                 if disc_opt is not None:
                     disc_opt.step(disc_loss(flow, head, cond, x, rng.generator))
@@ -326,9 +327,9 @@ def main(args: argparse.Namespace) -> None:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        stages.publish()  # the last stage's LoRA on top of --output_dir
-        write_card(args)
-        outputs.push_to_hub(args)  # --push_to_hub
+        stages.copy_last_to_output()  # the last stage's LoRA files on top of --output_dir
+        # README.md, then --push_to_hub
+        outputs.publish(args, "TLCM LoRA (two-stage data-free consistency distillation)", model_card(args))
     accelerator.end_training()
 
 
@@ -346,8 +347,9 @@ def validate(flow: FluxFlow, encode, decode, prompts: list[str], step: int, acce
     logger.info(f"validation grid -> {path}")
 
 
-def write_card(args: argparse.Namespace) -> None:
-    write_model_card(args.output_dir, "TLCM LoRA (two-stage data-free consistency distillation)", args, f"""
+def model_card(args: argparse.Namespace) -> str:
+    """How to load and sample the LoRA: the body of the README.md the run writes (outputs.publish)."""
+    return f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_tlcm_flux.py` (stages {', '.join(args.stages)};
 rank {args.lora_rank}). No image was used: prompts only.
 
@@ -363,7 +365,7 @@ Sampler: FlowMatchEulerTLCMScheduler (this project's `utils/`), 2-8 steps, train
 PEFT: `get_peft_model(pipe.transformer, LoraConfig(r={args.lora_rank}, target_modules=...))` then
 `load_adapter("{args.output_dir}", adapter_name="default")`; ComfyUI: `lora_kohya.safetensors`.
 Or: `python inference.py --base_model_path {args.pretrained_teacher_model} --lora_path {args.output_dir} --infer-steps 4`.
-""")
+"""
 
 
 if __name__ == "__main__":

@@ -39,14 +39,14 @@ import logging
 from contextlib import nullcontext
 
 import torch
+from diffusers.optimization import get_scheduler
 
-from utils import cache, data, dmd, flags, loop, lora, models, outputs, rewards, sharding, tlcm, tlcm_stages
+from utils import cache, data, flags, loop, lora, models, outputs, sharding, tlcm, tlcm_extras, tlcm_stages
 from utils.ema import EMAParams
-from utils.errors import fail, user_errors
+from utils.errors import user_errors
 from utils.grids import log_image_grid
 from utils.losses import (dmd_grad, dmd_surrogate, gan_discriminator_loss, gan_generator_loss, hinge_reward_loss,
                           l2_loss, latent_distance)
-from utils.model_card import write_model_card
 from utils.scheduling_tlcm import TLCMScheduler, ddpm_milestones, lcm_original_inference_steps, tlcm_timesteps
 from utils.solvers import alpha_sigma, cfg, ddim_step, model_output_from_x0_eps
 
@@ -188,7 +188,7 @@ def extras_loss(diff: UNetDiffusion, unet, cond: dict, uncond: dict, captions: l
     x = diff.x0(noise, diff.student(cond, unet)(noise, top), top)  # the one-step sample, with grad
     if args.dmd:  # the student follows g = normalised (fake x0 - real x0) at x re-noised
         z, t, _ = renoised(diff, x.detach(), gen)
-        with torch.no_grad(), dmd.adapter_active(diff.base):
+        with torch.no_grad(), tlcm_extras.adapter_active(diff.base):
             fake_x0 = diff.x0(z, diff.output(diff.base, z, t, cond), t)
         real_x0 = diff.x0(z, diff.teacher(cond, uncond)(z, t), t)
         total = total + args.dmd_weight * dmd_surrogate(x, dmd_grad(x.detach(), real_x0, fake_x0))
@@ -206,7 +206,8 @@ def renoised(diff: UNetDiffusion, x: torch.Tensor, gen: torch.Generator):
 
 def fake_score_loss(diff: UNetDiffusion, cond: dict, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """The DMD fake score's diffusion loss (the teacher's parameterisation) on the student's detached samples x;
-    call it, and back-propagate it, inside dmd.adapter_active (only there do the fake score's weights require grad)."""
+    call it, and back-propagate it, inside tlcm_extras.adapter_active (only there do the fake score's weights require
+    grad)."""
     z, t, eps = renoised(diff, x, gen)
     target = model_output_from_x0_eps(x, eps, *alpha_sigma(diff.alphas_cumprod, t), diff.prediction_type)
     return l2_loss(diff.output(diff.base, z, t, cond), target)
@@ -217,7 +218,7 @@ def disc_logits(diff: UNetDiffusion, head, x: torch.Tensor, cond: dict, gen: tor
     """The head on the frozen teacher's mid-block output at a re-noised x, its pixels as tokens."""
     z, t, _ = renoised(diff, x, gen)
     with torch.set_grad_enabled(grad), lora.adapters_disabled(diff.base), \
-            dmd.captured_output(diff.base.mid_block) as seen:
+            tlcm_extras.captured_output(diff.base.mid_block) as seen:
         diff.output(diff.base, z, t, cond)
     return head(seen[-1].flatten(2).transpose(1, 2))
 
@@ -231,7 +232,7 @@ def disc_loss(diff: UNetDiffusion, head, cond: dict, x: torch.Tensor, gen: torch
 
 def main(args: argparse.Namespace) -> None:
     accelerator = loop.make_accelerator(args)
-    stages = tlcm_stages.Stages(args, accelerator, "unet")  # refuses what the engine cannot run
+    stages = tlcm_stages.Stages(args, accelerator, "unet")
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
@@ -239,29 +240,28 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- models: frozen VAE (validation, reward) and text encoders; one UNet = teacher + LoRA student
     teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
-    encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
-    base = teacher.denoiser.to(sharding.staging_device(accelerator), dtype)  # prepare() moves it
-    if args.gan and base.mid_block is None:
-        fail(f"--gan reads the UNet's mid-block output, and {args.pretrained_teacher_model} has no mid block")
+    encoders, device = teacher.text_encoders, accelerator.device
+    base = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    fake_params = dmd.add_fake_score(base, args.lora_rank, args.lora_alpha, args.lora_targets) if args.dmd else None
+    # the extras' players, each when its flag asks: the reward model, the DMD fake score (a second adapter) and the
+    # GAN head (on the mid-block output), each of the last two with its own optimizer
+    scorer, fake_opt, head, disc_opt = tlcm_extras.add_extras(args, base, device, base.config.block_out_channels[-1],
+                                                              features="mid_block")
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
     trained = [name for name, p in base.named_parameters() if p.requires_grad]
     params = [p for p in base.parameters() if p.requires_grad]
     diff = UNetDiffusion(base, teacher, teacher.latent_side, args, device, accelerator.autocast,
-                         collective=sharding.splits_weights(accelerator))
+                         collective=stages.collective)
 
-    # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader
+    # ---- what every stage's checkpoint holds besides its own optimizer, schedule and loader: the loss's random
+    # stream, the EMA, the extras' optimizers (with their weights)
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
     ema = EMAParams(params, args.ema_decay, base) if args.ema_decay > 0 else None
-    # the extras' own optimizers (DMD fake score, GAN head), checkpointed with their weights
-    fake_opt, head, disc_opt = dmd.extras_optimizers(args, fake_params, base.config.block_out_channels[-1], device)
     for state in (rng, ema, fake_opt, disc_opt):
         if state is not None:
             accelerator.register_for_checkpointing(state)
-    scorer = rewards.load_reward_model(args.reward_model, device) if args.reward_model else None
 
     # ---- prompts: encoded on the fly, or once per distinct prompt (--cache_text_embeddings)
     text_cache = (cache.cached_text_embeddings(args, prompts, teacher.encode, encoders, accelerator)
@@ -286,15 +286,16 @@ def main(args: argparse.Namespace) -> None:
             continue
         stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
-        lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
-                                              accelerator.num_processes)
+        n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
+        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
+                                     num_training_steps=steps[stage] * n)
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         unet, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
         params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place
         if ema is not None:
             ema.reset(params)
         if fake_opt is not None:
-            fake_opt.retarget(dmd.fake_score_parameters(base))
+            fake_opt.retarget(base)
         train = loop.TrainLoop(accelerator, loader, steps[stage], args, f"tlcm_sdxl_stage{stage}", lr_scheduler,
                                output_dir=stages.dir(stage), resume=stages.resume(stage))
         for batch in train:
@@ -311,7 +312,7 @@ def main(args: argparse.Namespace) -> None:
                 updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
             if x is not None:  # the extras' own updates, one per micro-batch, after the student's
                 if fake_opt is not None:
-                    with dmd.adapter_active(base):
+                    with tlcm_extras.adapter_active(base):
                         fake_opt.step(fake_score_loss(diff, cond, x, rng.generator))
                 if disc_opt is not None:
                     disc_opt.step(disc_loss(diff, head, cond, x, rng.generator))
@@ -328,9 +329,9 @@ def main(args: argparse.Namespace) -> None:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        stages.publish()  # the last stage's LoRA on top of --output_dir
-        write_card(args, teacher.arch)
-        outputs.push_to_hub(args)  # --push_to_hub
+        stages.copy_last_to_output()  # the last stage's LoRA files on top of --output_dir
+        # README.md, then --push_to_hub
+        outputs.publish(args, "TLCM LoRA (two-stage data-free consistency distillation)", model_card(args, teacher.arch))
     accelerator.end_training()
 
 
@@ -348,11 +349,12 @@ def validate(diff: UNetDiffusion, encode, decode, prompts: list[str], step: int,
     logger.info(f"validation grid -> {path}")
 
 
-def write_card(args: argparse.Namespace, arch: str) -> None:
+def model_card(args: argparse.Namespace, arch: str) -> str:
+    """How to load and sample the LoRA: the body of the README.md the run writes (outputs.publish)."""
     pipeline = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
     M = args.num_segments
     n = 4 if M == 8 else M  # the published subsets are for 8 segments; otherwise only 1 or M steps exist
-    write_model_card(args.output_dir, "TLCM LoRA (two-stage data-free consistency distillation)", args, f"""
+    return f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_tlcm_sdxl.py` (stages {', '.join(args.stages)};
 rank {args.lora_rank}; teacher CFG {args.guidance_scale:g}, distilled in). No image was used: prompts only.
 
@@ -373,7 +375,7 @@ PEFT: `get_peft_model(pipe.unet, LoraConfig(r={args.lora_rank}, target_modules=.
 `load_adapter("{args.output_dir}", adapter_name="default")`; ComfyUI / A1111: `lora_kohya.safetensors`.
 Or: `python inference.py --base_model_path {args.pretrained_teacher_model} --lora_path {args.output_dir} --infer-steps 4`
 (add `--scheduler tlcm` for the TLCM sampler; the default is LCMScheduler).
-""")
+"""
 
 
 if __name__ == "__main__":

@@ -159,22 +159,52 @@ def test_fsdp_and_deepspeed_code_paths_follow_accelerates_choice():
         assert TrainLoop.samples_here.fget(SimpleNamespace(accelerator=accelerator(*setting, main=False))) == split
 
 
+def engine_accelerator(kind: str, processes: int = 2, zero_stage: int = 2) -> SimpleNamespace:
+    """What loop.check_engine reads of an Accelerator set up as `kind` (accelerate's DistributedType name)."""
+    return SimpleNamespace(distributed_type=f"DistributedType.{kind}", num_processes=processes,
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2),
+                                                 deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage,
+                                                                                  deepspeed_config={})))
+
+
+def run_flags(**set_flags) -> SimpleNamespace:
+    """Training flags check_engine reads, with the recipe's defaults."""
+    return SimpleNamespace(**{"train_batch_size": 2, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0,
+                              **set_flags})
+
+
+def refusal(capsys, accelerator, args) -> str:
+    """The one line check_engine ends the run with (exit code 2)."""
+    from utils.loop import check_engine
+
+    with pytest.raises(SystemExit) as stopped:
+        check_engine(accelerator, args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1
+    return err
+
+
 @pytest.mark.parametrize("extra", ["dmd", "gan"])
 def test_deepspeed_zero3_refuses_the_tlcm_extras_in_one_line(extra, capsys):
-    from utils import tlcm_stages
+    from utils.loop import check_engine
 
-    def accelerator(stage):
-        return SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2,
-                               state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    args = run_flags(dmd=extra == "dmd", gan=extra == "gan")
+    check_engine(engine_accelerator("DEEPSPEED", zero_stage=2), args)  # ZeRO-2 runs them
+    check_engine(engine_accelerator("DEEPSPEED", zero_stage=3), run_flags(dmd=False, gan=False))
+    err = refusal(capsys, engine_accelerator("DEEPSPEED", zero_stage=3), args)
+    assert err.startswith("error: --dmd and --gan do not run under DeepSpeed ZeRO-3")
 
-    args = SimpleNamespace(dmd=extra == "dmd", gan=extra == "gan")
-    tlcm_stages.check_engine(accelerator(2), args)  # ZeRO-2 runs them
-    tlcm_stages.check_engine(accelerator(3), SimpleNamespace(dmd=False, gan=False))
-    with pytest.raises(SystemExit) as stopped:
-        tlcm_stages.check_engine(accelerator(3), args)
-    err = capsys.readouterr().err
-    assert stopped.value.code == 2 and err.startswith("error: --dmd and --gan do not run under DeepSpeed ZeRO-3")
-    assert len(err.strip().splitlines()) == 1
+
+def test_a_text_encoder_lora_runs_only_where_accelerate_prepares_several_models(capsys):
+    """--train_text_encoder_lora prepares the UNet and both text encoders: FSDP and DeepSpeed take one model a run."""
+    from utils.loop import check_engine
+
+    for kind, processes in (("NO", 1), ("MULTI_GPU", 2)):
+        check_engine(engine_accelerator(kind, processes), run_flags(train_text_encoder_lora=True))
+    check_engine(engine_accelerator("FSDP"), run_flags(train_text_encoder_lora=False))
+    for kind, stage, engine in (("FSDP", 2, "fsdp2"), ("DEEPSPEED", 2, "zero2"), ("DEEPSPEED", 3, "zero3")):
+        err = refusal(capsys, engine_accelerator(kind, zero_stage=stage), run_flags(train_text_encoder_lora=True))
+        assert err.startswith("error: --train_text_encoder_lora trains the UNet and the text encoders") and engine in err
 
 
 def test_deepspeed_settings_come_from_the_recipe_flags():

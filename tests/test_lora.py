@@ -84,15 +84,15 @@ def test_adapter_switches_leave_the_flags_of_the_tensors_held_at_the_start(toy_w
     """FSDP2 swaps a module's sharded and gathered weight between the two ends of a switch: the LoRA weight held
     at the start keeps its flag (it is the one FSDP2 copies onto the gathered weight), and the teacher still
     runs without LoRA inside the block."""
-    from utils import dmd
+    from utils import tlcm_extras
 
     unet = _adapted(toy_world, "sd")
-    dmd.add_fake_score(unet, RANK, 8, lora.LCM_LORA_TARGETS)  # a second adapter to switch to
+    tlcm_extras.add_fake_score(unet, RANK, 8, lora.LCM_LORA_TARGETS)  # a second adapter to switch to
     x = _inputs(unet)
     held = unet.get_submodule("mid_block.attentions.0.proj_in.lora_A.default")
     sharded = held.weight
     lora_out = _out(unet, x)
-    for switch in (lambda: lora.adapters_disabled(unet), lambda: dmd.adapter_active(unet)):
+    for switch in (lambda: lora.adapters_disabled(unet), lambda: tlcm_extras.adapter_active(unet)):
         with switch():
             gathered = torch.nn.Parameter(sharded.detach().clone())
             held.weight = gathered  # as FSDP2 registers its gathered copy for a forward

@@ -379,7 +379,7 @@ def test_every_recipe_takes_the_hub_flags_and_a_launchers_local_rank(toy_world, 
                                   "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "me/x",
                                   "--hub_token", "hf_x", *rank])
         assert args.local_rank == 1 and args.push_to_hub and args.hub_model_id == "me/x"
-        assert "hub_token" not in flags.public_vars(args)
+        assert "hub_token" not in outputs.public_vars(args)
 
 
 # ----------------------------------------------------------------------------- signals sent to a real process

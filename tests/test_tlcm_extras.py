@@ -1,4 +1,4 @@
-"""TLCM's DMD and GAN extras: their math (utils/dmd.py) and train_tlcm_flux.py's extras stage on the toy FLUX."""
+"""TLCM's DMD and GAN extras: their math (utils/tlcm_extras.py) and train_tlcm_flux.py's extras stage on the toy FLUX."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers import kill_while_saving, run_recipe, toy_flux_flow, write_flux_start_lora
 
-from utils import dmd, lora, lora_files, losses
+from utils import lora, lora_files, losses, tlcm_extras
 from utils.solvers import flow_renoise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAKE = dmd.FAKE_SCORE
+FAKE = tlcm_extras.FAKE_SCORE
 
 
 # ----------------------------------------------------------------------------- math
@@ -67,9 +67,9 @@ def test_discriminator_head_learns_a_separable_toy():
     direction = torch.randn(32, generator=g)
     real = torch.randn(16, 10, 32, generator=g) + 0.5 * direction
     fake = torch.randn(16, 10, 32, generator=g) - 0.5 * direction
-    head = dmd.DiscriminatorHead(32, hidden=16, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), dmd.DiscriminatorHead(32, 16, seed=0).parameters()))
-    opt = dmd.AuxOptimizer(head.parameters(), 1e-2)
+    head = tlcm_extras.DiscriminatorHead(32, hidden=16, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), tlcm_extras.DiscriminatorHead(32, 16, seed=0).parameters()))
+    opt = tlcm_extras.AuxOptimizer(head.parameters(), 1e-2)
     history = []
     for _ in range(30):
         loss = losses.gan_discriminator_loss(head(real), head(fake))
@@ -87,7 +87,7 @@ def test_aux_optimizer_state_round_trip_and_skips_non_finite():
         torch.manual_seed(0)
         return torch.nn.Linear(4, 1)
     a, b = make(), make()
-    opt_a, opt_b = dmd.AuxOptimizer(a.parameters(), 0.1), dmd.AuxOptimizer(b.parameters(), 0.1)
+    opt_a, opt_b = tlcm_extras.AuxOptimizer(a.parameters(), 0.1), tlcm_extras.AuxOptimizer(b.parameters(), 0.1)
     x = torch.randn(8, 4)
     opt_a.step(a(x).pow(2).mean())
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # weights and Adam moments, as if saved and loaded
@@ -121,19 +121,19 @@ def test_fake_score_adapter_starts_at_the_base_learns_alone_and_stays_out_of_the
     with torch.no_grad(), lora.adapters_disabled(model):
         base = transformer_call(model)
     student = transformer_call(model).detach()
-    fake_params = dmd.add_fake_score(model, 4, 8, lora.FLUX_LORA_TARGETS)
+    fake_params = tlcm_extras.add_fake_score(model, 4, 8, lora.FLUX_LORA_TARGETS)
     assert fake_params and all(p.dtype == torch.float32 for p in fake_params)
     assert [p for p in model.parameters() if p.requires_grad] == student_params  # "default" is still the trained one
     assert torch.equal(transformer_call(model).detach(), student)
-    with torch.no_grad(), dmd.adapter_active(model):
+    with torch.no_grad(), tlcm_extras.adapter_active(model):
         assert torch.allclose(transformer_call(model), base, atol=1e-6)  # zero-init: fake = base
 
-    opt, before = dmd.AuxOptimizer(fake_params, 1e-2), [p.detach().clone() for p in student_params]
+    opt, before = tlcm_extras.AuxOptimizer(fake_params, 1e-2), [p.detach().clone() for p in student_params]
     for _ in range(2):
-        with dmd.adapter_active(model):
+        with tlcm_extras.adapter_active(model):
             assert all(p.requires_grad for p in fake_params) and not any(p.requires_grad for p in student_params)
             opt.step(transformer_call(model, seed=1).pow(2).mean())
-    with torch.no_grad(), dmd.adapter_active(model):
+    with torch.no_grad(), tlcm_extras.adapter_active(model):
         assert not torch.allclose(transformer_call(model), base, atol=1e-4)  # the fake score moved
     assert all(torch.equal(p, q) for p, q in zip(student_params, before))  # ... and only it
     assert torch.equal(transformer_call(model).detach(), student)
@@ -284,8 +284,8 @@ def test_extras_losses_each_reach_only_their_own_parameters(toy_world, tmp_path)
     from utils.solvers import flow_x0
 
     flow, cond, uncond = toy_flux_flow(toy_world, str(tmp_path / "out"), ["--dmd", "--gan"])
-    fake = dmd.add_fake_score(flow.base, 4, 8, lora.FLUX_LORA_TARGETS)
-    head = dmd.DiscriminatorHead(flow.base.config.num_attention_heads * flow.base.config.attention_head_dim, 16)
+    fake = tlcm_extras.add_fake_score(flow.base, 4, 8, lora.FLUX_LORA_TARGETS)
+    head = tlcm_extras.DiscriminatorHead(flow.base.config.num_attention_heads * flow.base.config.attention_head_dim, 16)
     named = dict(flow.base.named_parameters())
     student = [p for n, p in named.items() if ".default." in n]
     frozen = [p for n, p in named.items() if "lora_" not in n]
@@ -306,7 +306,7 @@ def test_extras_losses_each_reach_only_their_own_parameters(toy_world, tmp_path)
     with torch.no_grad():
         assert torch.allclose(x, flow_x0(noise, flow.student(cond)(noise, top), top), atol=1e-5)
     assert {"student"} <= reached(loss) <= {"student", "head"}  # AuxOptimizer.step clears the head's before its own
-    with dmd.adapter_active(flow.base):  # as the recipe calls it: the fake score's weights require grad only there
+    with tlcm_extras.adapter_active(flow.base):  # as the recipe calls it: the fake score's weights require grad only there
         assert reached(recipe.fake_score_loss(flow, cond, x, torch.Generator().manual_seed(1))) == {"fake score"}
     assert reached(recipe.disc_loss(flow, head, cond, x, torch.Generator().manual_seed(2))) == {"head"}
 

@@ -182,11 +182,11 @@ def test_stage2_loss_draws_milestones_and_runs_q_student_and_p_teacher_steps(toy
 
 
 def test_extras_losses_train_the_student_the_fake_score_and_the_head_apart(toy_world, tmp_path):
-    from utils import dmd
+    from utils import tlcm_extras
 
     recipe, diff, cond, uncond = toy_diffusion(toy_world, str(tmp_path / "out"), ["--dmd", "--gan"])
-    fake = dmd.add_fake_score(diff.base, 4, 8, lora.LCM_LORA_TARGETS)
-    head = dmd.DiscriminatorHead(diff.base.config.block_out_channels[-1], hidden=16, seed=0)
+    fake = tlcm_extras.add_fake_score(diff.base, 4, 8, lora.LCM_LORA_TARGETS)
+    head = tlcm_extras.DiscriminatorHead(diff.base.config.block_out_channels[-1], hidden=16, seed=0)
     gen = torch.Generator().manual_seed(0)
     loss, x = recipe.extras_loss(diff, diff.base, cond, uncond, ["a", "b"], gen, head=head)
     loss.backward()
@@ -196,7 +196,7 @@ def test_extras_losses_train_the_student_the_fake_score_and_the_head_apart(toy_w
     assert x.shape == (2, 4, 8, 8) and not x.requires_grad
     for p in [*student, *head.parameters()]:  # what the recipe's optimizers (AuxOptimizer.step) clear
         p.grad = None
-    with dmd.adapter_active(diff.base):  # as the recipe calls it: the fake score's weights require grad only there
+    with tlcm_extras.adapter_active(diff.base):  # as the recipe calls it: the fake score's weights require grad only there
         recipe.fake_score_loss(diff, cond, x, gen).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fake) and all(p.grad is None for p in student)
     recipe.disc_loss(diff, head, cond, x, gen).backward()

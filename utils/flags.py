@@ -15,7 +15,6 @@ from . import outputs
 from .errors import fail, user_errors
 
 PRECISIONS = ("no", "fp16", "bf16")
-SECRET_ARGS = ("hub_token",)  # never written to a model card or a tracker
 TLCM_STAGES = {"1": ["1"], "2": ["2"], "extras": ["extras"], "all": ["1", "2"]}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -276,11 +275,6 @@ class Parser(argparse.ArgumentParser):
         e.add_argument("--extras_steps", type=int, default=500, help="optimizer steps of the extras stage")
         e.add_argument("--extras_learning_rate", type=float, default=1e-5,
                        help="the student's learning rate in the extras stage (loss: reward + DMD + GAN, weighted)")
-
-
-def public_vars(args: argparse.Namespace) -> dict:
-    """The run's flags without the secret ones (--hub_token): what a model card or a tracker may record."""
-    return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
 
 
 def check_lcm_args(args: argparse.Namespace) -> None:

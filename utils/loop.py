@@ -1,4 +1,4 @@
-"""The training loop's parts: accelerator, optimizer and LR schedule, the loss's random stream, the
+"""The training loop's parts: accelerator, optimizer, the loss's random stream, the
 gradient step, and `TrainLoop`, the bookkeeping a recipe's own `for batch in loop:` leaves out.
 
 A recipe reads::
@@ -34,7 +34,6 @@ import torch
 
 from . import checkpoint, outputs, sharding
 from .errors import UserError, fail
-from .flags import public_vars
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +90,21 @@ def make_accelerator(args: argparse.Namespace):
 
 
 def check_engine(accelerator, args: argparse.Namespace) -> None:
-    """Refuse an engine the recipes cannot use as asked (FSDP asked for but not set up, FSDP version 1) and
-    make a DeepSpeed config follow the recipe's flags (deepspeed_settings)."""
+    """Refuse, in one line, an engine the recipes cannot use as asked (FSDP asked for but not set up, FSDP version 1;
+    sharded engines prepare one model per run, --train_text_encoder_lora needs three; the TLCM extras --dmd and --gan
+    under ZeRO-3) and make a DeepSpeed config follow the recipe's flags (deepspeed_settings)."""
     engine = sharding.engine(accelerator)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not engine.startswith("fsdp"):
         # accelerate 1.15 silently runs DDP instead (every process holding everything): not what was asked for
         fail(f"the accelerate config asks for FSDP but accelerate set up {engine}: it runs FSDP on GPUs only "
              "(on CPU use a DDP config, e.g. `accelerate launch --multi_gpu`; docs/distributed.md)")
+    if getattr(args, "train_text_encoder_lora", False) and engine not in ("single", "ddp"):
+        fail("--train_text_encoder_lora trains the UNet and the text encoders, three prepared models: accelerate's "
+             f"{engine} prepares one per run; use DDP (docs/distributed.md)")
+    if (getattr(args, "dmd", False) or getattr(args, "gan", False)) and engine == "zero3":
+        fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the DMD fake score's own optimizer steps outside "
+             "DeepSpeed's engine, whose split weights hold no whole gradient; the GAN loss back-propagates through "
+             "the split teacher a second time, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
     if engine == "fsdp1":
         fail("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
              "(configs/accelerate/fsdp.yaml; the recipes read sharded weights as FSDP2's DTensors)")
@@ -141,17 +148,6 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
-
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int,
-                      num_processes: int = 1):
-    """diffusers' named LR schedule over max_steps optimizer steps, warmup_steps of linear warm-up."""
-    from diffusers.optimization import get_scheduler
-
-    # accelerate's wrapper steps the scheduler once per process per optimizer step
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
-                         num_training_steps=max_steps * num_processes)
 
 
 def train_steps(max_train_steps: int | None, num_train_epochs: int, batches_per_epoch: int | None,
@@ -426,7 +422,7 @@ class TrainLoop:
             logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         self.progress.set_postfix(loss=f"{logs['loss']:.4f}")
         if not self.trackers_started and self.accelerator.is_main_process:
-            config = {k: str(v) for k, v in public_vars(self.args).items()}
+            config = {k: str(v) for k, v in outputs.public_vars(self.args).items()}
             self.accelerator.init_trackers(self.name, config=config)
         self.trackers_started = True
         self.accelerator.log(logs, step=self.global_step)

@@ -481,6 +481,11 @@ class Teacher:
         """Images in [-1, 1] from (unpacked) latents as the denoiser sees them (differentiable)."""
         return decode_latents(self.vae, latents)
 
+    def lora_base(self, accelerator: Any) -> Any:
+        """The frozen denoiser a LoRA trains on, in the run's dtype, where accelerator.prepare() takes it from: the
+        run's device, or the CPU when prepare() splits the model (sharding.staging_device)."""
+        return self.denoiser.to(sharding.staging_device(accelerator), self.dtype)
+
 
 def teacher_alphas_cumprod(scheduler_config: dict) -> Tensor:
     """a_t of the teacher's DDPM schedule, clamped to >= 2^-24: a zero-terminal-SNR schedule

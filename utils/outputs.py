@@ -3,7 +3,7 @@ tidied when the run ends early, and published to the hub at the end (--push_to_h
 
 A run's life: `check_not_an_input` and `make_output_dir` (flags.check_training_args, before any model is loaded);
 `claim` (loop.make_accelerator: the folder's lock, the earlier-run rule, --overwrite_output_dir); the recipe's
-work; `push_to_hub`; `release` (at exit, or after an in-process run): the lock dropped, the signal handlers
+work; `publish` (the model card, then --push_to_hub); `release` (at exit, or after an in-process run): the lock dropped, the signal handlers
 restored, and the folders the run created but left empty removed.
 
 SIGTERM or SIGINT outside the training loop ends the run at once with one line (a SystemExit, so `release` still
@@ -37,6 +37,7 @@ INPUT_FLAGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", 
                "train_shards_path_or_url", "prompts_file", "init_lora", "latent_lpips_path", "reward_model")
 # never uploaded: resumable state (large, and of no use on the hub) and the lock
 HUB_IGNORE = ["checkpoint-*", "*/checkpoint-*", LOCK_FILE]
+SECRET_ARGS = ("hub_token",)  # never written to a model card or a tracker
 
 _created: list[str] = []  # folders this process created, parents first; removed again if left empty
 _locks: list[str] = []  # lock files this process holds
@@ -296,7 +297,22 @@ def clear_earlier_run(args: argparse.Namespace) -> None:
                        f"in {args.output_dir}")
 
 
-# ----------------------------------------------------------------------------- the hub
+# ----------------------------------------------------------------------------- the model card and the hub
+
+
+def public_vars(args: argparse.Namespace) -> dict:
+    """The run's flags without the secret ones (--hub_token): what a model card or a tracker may record."""
+    return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
+
+
+def publish(args: argparse.Namespace, title: str, body: str = "") -> None:
+    """The end of a run, on the main process once its outputs are written: <output_dir>/README.md (title, body:
+    how to load and sample the result, then every training flag but the secret ones), then --push_to_hub."""
+    lines = [f"# {title}", "", body.strip(), "", "## Training arguments", "", "```json",
+             json.dumps(public_vars(args), indent=2, default=str), "```", ""]
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+    push_to_hub(args)
 
 
 def push_to_hub(args: argparse.Namespace) -> None:

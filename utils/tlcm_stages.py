@@ -1,5 +1,5 @@
-"""The stage bookkeeping the two TLCM recipes share (`Stages`): the engine check, a stage finished earlier, a stage's
-folder, seed, start LoRA and resume checkpoint, how its LoRA is saved, and the last stage's files on top of the
+"""The stage bookkeeping the two TLCM recipes share (`Stages`): whether the losses must act alike on every process,
+a stage finished earlier, a stage's folder, seed, start LoRA and resume checkpoint, how its LoRA is saved, and the last stage's files on top of the
 output folder."""
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ from .flags import TLCM_STAGES
 from .lora import is_lora_weight
 from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
 from .outputs import make_output_dir
-from .sharding import engine, whole_parameters
+from .sharding import splits_weights, whole_parameters
 
 logger = logging.getLogger(__name__)
 
 
 class Stages:
     """One TLCM run's stages, each training the LoRA of the model `base` its methods take, saved as the denoiser
-    `component` ("unet", "transformer"). Made before any model is loaded: it refuses first what the engine cannot
-    run."""
+    `component` ("unet", "transformer")."""
 
     def __init__(self, args: argparse.Namespace, accelerator, component: str) -> None:
-        check_engine(accelerator, args)
         self.args, self.accelerator, self.component = args, accelerator, component
+        # sharded weights (FSDP, ZeRO-3) make every forward a collective: each process must run as many, so a
+        # random choice that sets their number (a stage-1 segment) must be the same on every process
+        self.collective = splits_weights(accelerator)
 
     def dir(self, stage: str) -> str:
         return os.path.join(self.args.output_dir, f"stage{stage}")
@@ -82,21 +83,13 @@ class Stages:
             if self.accelerator.is_main_process:
                 save_stage_lora(base, os.path.join(self.dir(stage), "lora"), self.component)
 
-    def publish(self) -> None:
+    def copy_last_to_output(self) -> None:
         """Copy the last stage's LoRA files to --output_dir (main process); they change only once all are written."""
         final = os.path.join(self.dir(self.args.stages[-1]), "lora")
         with ExitStack() as stack:
             for name in os.listdir(final):
                 target = os.path.join(self.args.output_dir, name)
                 shutil.copy2(os.path.join(final, name), stack.enter_context(atomic_write(target)))
-
-
-def check_engine(accelerator, args: argparse.Namespace) -> None:
-    """One line for what the engine cannot run: the extras --dmd and --gan under DeepSpeed ZeRO-3."""
-    if (args.dmd or args.gan) and engine(accelerator) == "zero3":
-        fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the DMD fake score's own optimizer steps outside "
-             "DeepSpeed's engine, whose split weights hold no whole gradient; the GAN loss back-propagates through "
-             "the split teacher a second time, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
 
 
 def save_stage_lora(model: nn.Module, out_dir: str, component: str) -> None:

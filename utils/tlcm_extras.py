@@ -1,5 +1,5 @@
-"""TLCM's distribution-matching (DMD) and adversarial extras: the fake score adapter, the discriminator head, and their
-optimizers (their losses and the method are in utils/losses.py).
+"""The players of TLCM's extras stage besides the student: the reward model (utils/rewards.py), the DMD fake score
+adapter, the GAN discriminator head, and their optimizers (the losses are in utils/losses.py).
 
 DMD's fake score is a second LoRA adapter ("fake_score") on the student's own model. GAN: features of the frozen
 teacher (FLUX: the input of its final norm layer; a UNet: its mid-block output) at a re-noised sample feed a small
@@ -9,12 +9,13 @@ trainable head (ours).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import fail
 from .sharding import is_sharded, shard_like, whole, whole_copy, write_whole
 
 
@@ -48,15 +49,16 @@ def add_fake_score(model: nn.Module, rank: int, alpha: float, targets: list[str]
         warnings.simplefilter("ignore", UserWarning)
         lora.add_lora(model, rank, alpha, targets, dropout, adapter_name)
     model.set_adapter("default")  # PEFT: only the active adapter's weights require grad
-    params = fake_score_parameters(model, adapter_name)
+    held = dict(model.named_parameters())
+    params = [held[name] for name in fake_score_names(model, adapter_name)]
     for p in params:  # fp32 like the student's adapter (the frozen base may be fp16/bf16)
         p.data = p.data.float()
     return params
 
 
-def fake_score_parameters(model: nn.Module, adapter_name: str = FAKE_SCORE) -> list[nn.Parameter]:
-    """The fake score adapter's weights in `model` (after an engine swapped in sharded ones, the new objects)."""
-    return [p for n, p in model.named_parameters() if f".{adapter_name}." in n]
+def fake_score_names(model: nn.Module, adapter_name: str = FAKE_SCORE) -> list[str]:
+    """The names of the fake score adapter's weights in `model`."""
+    return [name for name, _ in model.named_parameters() if f".{adapter_name}." in name]
 
 
 @contextmanager
@@ -106,14 +108,18 @@ class AuxOptimizer:
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, eps: float = 1e-8, max_grad_norm: float = 0.0) -> None:
+                 weight_decay: float = 0.0, eps: float = 1e-8, max_grad_norm: float = 0.0,
+                 names: list[str] | None = None) -> None:
         self.params = list(params)
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
         self.max_grad_norm = max_grad_norm
+        self.names = names  # the parameters' names in the model that holds them, for retarget
 
-    def retarget(self, params: Iterable[nn.Parameter]) -> None:
-        """Train these parameter objects instead (FSDP2 replaces a prepared model's); a fresh optimizer state."""
-        self.params = list(params)
+    def retarget(self, model: nn.Module) -> None:
+        """Train the parameters `names` of `model` as it now holds them (FSDP2's prepare() puts new, sharded,
+        objects in place), with a fresh optimizer state."""
+        held = dict(model.named_parameters())
+        self.params = [held[name] for name in self.names]
         self.optimizer.param_groups[0]["params"] = self.params
         self.optimizer.state.clear()
 
@@ -161,15 +167,32 @@ class AuxOptimizer:
         self.optimizer.load_state_dict(optimizer)
 
 
-def extras_optimizers(args, fake_params: list[nn.Parameter] | None, head_width: int, device: torch.device | str
-                      ) -> tuple[AuxOptimizer | None, DiscriminatorHead | None, AuxOptimizer | None]:
-    """(the DMD fake score's optimizer, the GAN head, its optimizer), each None when --dmd / --gan is off; the
-    optimizers take the run's Adam settings and the flags' own learning rates."""
+class Extras(NamedTuple):
+    """The extras stage's players, each None when its flag is off."""
+
+    scorer: Any  # --reward_model: score(images, prompts) -> (B,), differentiable in the images
+    fake_opt: AuxOptimizer | None  # --dmd: the fake score adapter's optimizer
+    head: DiscriminatorHead | None  # --gan
+    disc_opt: AuxOptimizer | None  # --gan: the head's optimizer
+
+
+def add_extras(args, model: nn.Module, device: torch.device | str, head_width: int, features: str) -> Extras:
+    """The extras --reward_model, --dmd and --gan ask for: the reward model on `device`; the fake score adapter added
+    to `model` (call it where the student's adapter was just added) and its optimizer; the GAN head reading the
+    output (of width head_width) of the model's module `features`, and its optimizer. The optimizers take the
+    run's Adam settings and the flags' own learning rates."""
+    if args.gan and getattr(model, features, None) is None:
+        fail(f"--gan reads the output of the model's {features}, and {args.pretrained_teacher_model} has none")
+    from .rewards import load_reward_model
+
+    scorer = load_reward_model(args.reward_model, device) if args.reward_model else None
     aux = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                max_grad_norm=args.max_grad_norm)
-    fake_opt = AuxOptimizer(fake_params, args.dmd_learning_rate, **aux) if args.dmd else None
-    head = disc_opt = None
+    fake_opt = head = disc_opt = None
+    if args.dmd:
+        params = add_fake_score(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        fake_opt = AuxOptimizer(params, args.dmd_learning_rate, **aux, names=fake_score_names(model))
     if args.gan:
         head = DiscriminatorHead(head_width, seed=args.seed).to(device)
         disc_opt = AuxOptimizer(head.parameters(), args.gan_learning_rate, **aux)
-    return fake_opt, head, disc_opt
+    return Extras(scorer, fake_opt, head, disc_opt)
