@@ -62,10 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Off by default (LCM-LoRA adapts the UNet only)")
     m.add_argument("--text_encoder_lora_rank", type=int, default=None,
                    help="rank of the text-encoder LoRA (default: --lora_rank)")
-    m.add_argument("--uncond", default="auto", choices=["auto", "zeros", "empty"],
-                   help="the teacher's unconditional input: all-zero embeddings (SDXL pipelines' CFG), the empty "
-                        "prompt (what SD 1.x/2.x were trained with), or auto: zeros for SDXL, empty for SD "
-                        "(default: %(default)s)")
     parser.add_data_args(resolution=1024)
     parser.add_lcm_args(w_min=3.0, w_max=15.0)
     parser.add_training_args()
@@ -109,13 +105,11 @@ def teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_c
 
 
 @torch.no_grad()
-def teacher_uncond(args, arch, tokenizers, encoders) -> Conditioning:
-    """The teacher's unconditional input: the empty prompt or zeros (--uncond); SDXL's time ids are left out,
-    so the loss's expand_as gives each image its own, as SDXL pipelines sample CFG."""
-    text = base_text(arch, [""], tokenizers, encoders)
-    if args.uncond == "zeros" or (args.uncond == "auto" and arch == "sdxl"):
-        text = tuple(torch.zeros_like(x) for x in text)
-    return Conditioning(text[0], {"text_embeds": text[1]} if arch == "sdxl" else {})
+def teacher_uncond(args, teacher: models.Teacher) -> Conditioning:
+    """The teacher's unconditional input from its base text encoders: the empty prompt or zeros (--uncond); SDXL's
+    time ids are left out, so the loss's expand_as gives each image its own, as SDXL pipelines sample CFG."""
+    with lora.adapters_disabled(*teacher.text_encoders):
+        return unet_conditioning(teacher.uncond_text(teacher.encode([""]), args.uncond))
 
 
 class _Prepared:
@@ -228,7 +222,7 @@ def main(args) -> None:
         accelerator.register_for_checkpointing(ema)
 
     schedule = LCMSchedule.of_teacher(teacher.alphas_cumprod, args.num_ddim_timesteps, teacher.prediction_type)
-    uncond = teacher_uncond(args, arch, tokenizers, encoders)
+    uncond = teacher_uncond(args, teacher)
 
     # ---- the loop
     train = loop.TrainLoop(accelerator, dataloader, max_steps, args, "lcm_distill_lora", lr_scheduler)

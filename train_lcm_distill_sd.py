@@ -15,8 +15,9 @@ The student gets w through a sinusoidal embedding into the UNet's `timestep_cond
 `time_cond_proj` layer, zero-initialised so the untrained student equals the teacher).
 SDXL-family teachers (read from the UNet config) condition on two text encoders (penultimate states
 concatenated, pooled embeddings of the second) and on each image's micro-conditioning time ids
-(original size, crop top-left, target size); their unconditional CFG branch is what SDXL pipelines use:
-zeroed text embeddings with the same image's time ids. SD's is the empty prompt.
+(original size, crop top-left, target size). The teacher's unconditional CFG input is what its pipeline
+uses for an empty negative prompt (--uncond): SDXL's zeroed text embeddings, with each image's own time ids;
+SD's empty prompt.
 
 With --lcf (latent consistency fine-tuning) there is no teacher: x_s is the same image latent
 noised with the same noise at s, so an existing LCM can be fine-tuned on a custom dataset.
@@ -109,12 +110,6 @@ def unet_x0(unet, x: torch.Tensor, t: torch.Tensor, cond: models.Conditioning, w
     return x0_eps_from_model_output(out.float(), x, alpha, sigma, schedule.prediction_type)[0]
 
 
-def sdxl_uncond(empty: models.Conditioning) -> models.Conditioning:
-    """SDXL pipelines' unconditional input: zeroed prompt and pooled embeddings; no time ids, so the loss
-    gives each image its own (Conditioning.expand_as)."""
-    return models.Conditioning(torch.zeros_like(empty.embeds), {"text_embeds": torch.zeros_like(empty.added["text_embeds"])})
-
-
 def lcm_loss(student, target, teacher, latents: torch.Tensor, cond: models.Conditioning,
              uncond: models.Conditioning, schedule: LCMSchedule, args: argparse.Namespace, gen: torch.Generator,
              autocast=nullcontext) -> torch.Tensor:
@@ -187,9 +182,8 @@ def main(args: argparse.Namespace) -> None:
     text_cache = None
     if args.cache_text_embeddings:
         text_cache = cache.cached_text_embeddings(args, captions, teacher.encode, teacher.text_encoders, accelerator)
-    with torch.no_grad():  # the CFG's unconditional input: SD's empty prompt, SDXL's zeroed text
-        uncond = models.unet_conditioning(teacher.encode([""]))
-        uncond = sdxl_uncond(uncond) if teacher.arch == "sdxl" else uncond
+    with torch.no_grad():  # the CFG's unconditional input (--uncond); SDXL: without time ids, each image gets its own
+        uncond = models.unet_conditioning(teacher.uncond_text(teacher.encode([""]), args.uncond))
     schedule = LCMSchedule.of_teacher(teacher.alphas_cumprod, args.num_ddim_timesteps, teacher.prediction_type)
 
     # ---- optimizer, and what an exact resume restores: prepared objects + the EMA target + the loss's RNG

@@ -53,7 +53,8 @@ logger = logging.getLogger("train_tlcm_flux")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = flags.Parser(description=__doc__.split("\n\n")[0])
-    m = parser.add_teacher_args("FLUX pipeline: hub id or local diffusers folder (FluxTransformer2DModel)")
+    m = parser.add_teacher_args("FLUX pipeline: hub id or local diffusers folder (FluxTransformer2DModel)",
+                                uncond=False)
     parser.add_lora_args(m, "flux", '"flux" (the released TLCM FLUX list: attention, projections, feed-forwards, '
                                     'embedders, norm linears) or a comma-separated list of module names', presets=("flux",))
     m.add_argument("--guidance_scale", type=float, default=5.0,

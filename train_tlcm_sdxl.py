@@ -64,10 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the teacher's CFG scale w, eps = eps_u + w (eps_c - eps_u): the paper's w and diffusers' "
                         "guidance_scale (not LCM's w + 1); the student learns the guided teacher and samples "
                         "without CFG (default: 8, the paper's)")
-    m.add_argument("--uncond", default=None, choices=["zeros", "empty"],
-                   help="the teacher's unconditional input: all-zero embeddings or the empty prompt (default: what "
-                        "the teacher's pipeline uses for an empty negative prompt: zeros for SDXL, the empty "
-                        "prompt for SD 1.x)")
     parser.add_tlcm_args("train_tlcm_sdxl.py", integer_timesteps=True)
     parser.add_training_args(image_recipe=False, per_stage=True)
     parser.set_defaults(train_batch_size=8)
@@ -271,10 +267,8 @@ def main(args: argparse.Namespace) -> None:
     def encode(captions):
         out = teacher.encode(captions) if text_cache is None else text_cache.lookup(captions, device, encoders[-1].dtype)
         return dict(zip(("embeds", "pooled"), out))
-    uncond = encode([""])
-    # --uncond, else what the teacher's pipeline does with an empty negative prompt (SDXL: zeros; SD 1.x: its encoding)
-    if args.uncond == "zeros" or (args.uncond is None and teacher.zeros_for_empty_prompt):
-        uncond = {k: torch.zeros_like(v) for k, v in uncond.items()}
+    empty = encode([""])  # the CFG's unconditional input: its encoding or zeros (--uncond)
+    uncond = dict(zip(empty, teacher.uncond_text(tuple(empty.values()), args.uncond)))
     distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
                                base.config.in_channels, args.lpips_augmentations)
 

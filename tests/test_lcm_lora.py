@@ -117,7 +117,8 @@ def sdxl(toy_world, tmp_path_factory):
              "crop_top_lefts": [(8, 0)] * 2}
     with torch.no_grad():
         cond = recipe.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
-    uncond = recipe.teacher_uncond(args, "sdxl", tokenizers, encoders)  # --uncond zeros, the default
+    teacher = models.Teacher("sdxl", {}, None, tokenizers, encoders, None, torch.float32, zeros_for_empty_prompt=True)
+    uncond = recipe.teacher_uncond(args, teacher)  # --uncond auto, the default: zeros for this SDXL pipeline
     assert not uncond.added["text_embeds"].any() and not uncond.embeds.any()
     noise_schedule = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     schedule = LCMSchedule.of_teacher(noise_schedule.alphas_cumprod, args.num_ddim_timesteps,
@@ -325,6 +326,10 @@ def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     assert not teacher.embeds.requires_grad and torch.equal(teacher.embeds, want.embeds)
     assert teacher.added.keys() == want.added.keys()
     assert all(torch.equal(teacher.added[k], want.added[k]) for k in want.added)
+    args.uncond = "empty"  # the unconditional input: the base encoders' empty prompt too
+    uncond = recipe.teacher_uncond(args, models.Teacher("sdxl", {}, None, tokenizers, encoders, None, torch.float32))
+    assert torch.allclose(uncond.embeds[0], want.embeds[1], atol=1e-5)
+    assert torch.allclose(uncond.added["text_embeds"][0], want.added["text_embeds"][1], atol=1e-5)
     again = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
     assert torch.equal(again.embeds, adapted.embeds)  # the adapters are back on afterwards
 
@@ -354,7 +359,10 @@ def test_uncond_auto_is_the_empty_prompt_for_sd_and_zeros_for_sdxl(toy_world, tm
         args = recipe.parse_args(["--pretrained_teacher_model", path, "--output_dir", str(tmp_path)])
         assert args.uncond == "auto"
         tokenizers, encoders = models.load_text_encoders(path, arch)
-        uncond = recipe.teacher_uncond(args, arch, tokenizers, encoders)
+        # what load_teacher reads of the toy pipelines: SDXL feeds zeros for an empty negative prompt
+        teacher = models.Teacher(arch, {}, None, tokenizers, encoders, None, torch.float32,
+                                 zeros_for_empty_prompt=arch == "sdxl")
+        uncond = recipe.teacher_uncond(args, teacher)
         empty = recipe.encode_text(arch, [""], tokenizers, encoders)
         if arch == "sd":  # what SD was trained with as its unconditional input
             assert torch.equal(uncond.embeds, empty[0]) and uncond.embeds.abs().sum() > 0 and uncond.added == {}
@@ -362,7 +370,7 @@ def test_uncond_auto_is_the_empty_prompt_for_sd_and_zeros_for_sdxl(toy_world, tm
             assert not uncond.embeds.any() and not uncond.added["text_embeds"].any() and set(uncond.added) == {
                 "text_embeds"}
         args.uncond = "zeros" if arch == "sd" else "empty"
-        other = recipe.teacher_uncond(args, arch, tokenizers, encoders)
+        other = recipe.teacher_uncond(args, teacher)
         assert (not other.embeds.any()) if arch == "sd" else torch.equal(other.embeds, empty[0])
 
 

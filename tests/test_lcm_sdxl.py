@@ -122,7 +122,9 @@ def test_teacher_uncond_branch_is_zeroed_text_with_the_images_own_time_ids(toy_w
     g = torch.Generator().manual_seed(0)
     text = (torch.randn(2, 16, 64, generator=g), torch.randn(2, 32, generator=g))
     cond = models.unet_conditioning(text, {"original_sizes": [(48, 32)] * 2, "crop_top_lefts": [(8, 0)] * 2}, 32)
-    uncond = recipe.sdxl_uncond(models.unet_conditioning((text[0][:1], text[1][:1]), None, 32))
+    # as main builds it: --uncond auto on an SDXL pipeline that feeds zeros for an empty negative prompt
+    sdxl = models.Teacher("sdxl", {}, None, [], [], None, torch.float32, zeros_for_empty_prompt=True)
+    uncond = models.unet_conditioning(sdxl.uncond_text((text[0][:1], text[1][:1]), args.uncond))
     seen = []
     forward = teacher.forward
 

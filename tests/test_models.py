@@ -209,3 +209,29 @@ def test_scale_latents_is_the_inverse_of_decode_latents_transform(toy_world):
     with torch.no_grad():
         assert torch.allclose(models.decode_latents(vae, models.scale_latents(vae, raw)),
                               vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
+
+
+def test_the_teachers_uncond_follows_its_pipeline_unless_uncond_says_otherwise(toy_world, tmp_path) -> None:
+    """--uncond auto is what the pipeline feeds for an empty negative prompt: SD its encoding, SDXL zeros unless its
+    model_index.json sets force_zeros_for_empty_prompt false; zeros and empty force either."""
+    import shutil
+    from types import SimpleNamespace
+
+    plain = str(tmp_path / "sdxl-no-zeros")  # an SDXL pipeline that encodes the empty negative prompt
+    shutil.copytree(_model(toy_world, "sdxl"), plain)
+    index = json.load(open(os.path.join(plain, "model_index.json")))
+    json.dump({**index, "force_zeros_for_empty_prompt": False}, open(os.path.join(plain, "model_index.json"), "w"))
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no",
+                                  state=SimpleNamespace(deepspeed_plugin=None))
+    for path, zeros_by_default in ((_model(toy_world, "sd"), False), (_model(toy_world, "sdxl"), True), (plain, False)):
+        args = SimpleNamespace(pretrained_teacher_model=path, pretrained_vae_model_name_or_path=None, revision=None,
+                               variant=None, resolution=32)
+        teacher = models.load_teacher(args, accelerator, ("sd", "sdxl"))
+        assert teacher.zeros_for_empty_prompt == zeros_by_default, path
+        with torch.no_grad():
+            empty = teacher.encode([""])
+        assert len(empty) == (1 if teacher.arch == "sd" else 2) and all(x.abs().sum() > 0 for x in empty)
+        for mode, zeros in (("auto", zeros_by_default), ("zeros", True), ("empty", False)):
+            uncond = teacher.uncond_text(empty, mode)
+            assert len(uncond) == len(empty) and all(u.shape == e.shape for u, e in zip(uncond, empty))
+            assert all(torch.equal(u, torch.zeros_like(e) if zeros else e) for u, e in zip(uncond, empty)), (path, mode)

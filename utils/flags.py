@@ -47,10 +47,17 @@ class Parser(argparse.ArgumentParser):
                 self.checks[group](args)
         return args
 
-    def add_teacher_args(self, teacher_help: str) -> argparse._ArgumentGroup:
-        """The teacher and its VAE (hub id or folder, same code path); returns the group for recipe extras."""
+    def add_teacher_args(self, teacher_help: str, uncond: bool = True) -> argparse._ArgumentGroup:
+        """The teacher and its VAE (hub id or folder, same code path), and (uncond) the unconditional input of its
+        CFG; returns the group for recipe extras."""
         m = self.add_argument_group("models")
         m.add_argument("--pretrained_teacher_model", required=True, help=teacher_help)
+        if uncond:
+            m.add_argument("--uncond", default="auto", choices=["auto", "zeros", "empty"],
+                           help="the teacher's unconditional CFG input: all-zero embeddings, the empty prompt's "
+                                "encoding, or auto: what the teacher's pipeline feeds for an empty negative prompt "
+                                "(SDXL: zeros, unless its model_index.json sets force_zeros_for_empty_prompt to "
+                                "false; SD 1.x/2.x: the empty prompt) (default: %(default)s)")
         m.add_argument("--pretrained_vae_model_name_or_path", default=None,
                        help="a separate VAE (hub id or folder, e.g. an fp16-fix VAE) instead of the teacher's own")
         m.add_argument("--revision", default=None, help="revision of the teacher on the hub")

@@ -481,6 +481,12 @@ class Teacher:
         """Images in [-1, 1] from (unpacked) latents as the denoiser sees them (differentiable)."""
         return decode_latents(self.vae, latents)
 
+    def uncond_text(self, empty: tuple[Tensor, ...], mode: str = "auto") -> tuple[Tensor, ...]:
+        """The unconditional input of the teacher's CFG from `empty`, the empty prompt's encode(): itself, or zeros
+        of its shapes with --uncond zeros, or with auto where the pipeline feeds zeros for an empty negative prompt."""
+        zeros = mode == "zeros" or (mode == "auto" and self.zeros_for_empty_prompt)
+        return tuple(torch.zeros_like(x) for x in empty) if zeros else tuple(empty)
+
     def lora_base(self, accelerator: Any) -> Any:
         """The frozen denoiser a LoRA trains on, in the run's dtype, where accelerator.prepare() takes it from: the
         run's device, or the CPU when prepare() splits the model (sharding.staging_device)."""
