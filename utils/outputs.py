@@ -310,7 +310,7 @@ def publish(args: argparse.Namespace, title: str, body: str = "") -> None:
     how to load and sample the result, then every training flag but the secret ones), then --push_to_hub."""
     lines = [f"# {title}", "", body.strip(), "", "## Training arguments", "", "```json",
              json.dumps(public_vars(args), indent=2, default=str), "```", ""]
-    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+    with files.atomic_write(os.path.join(args.output_dir, "README.md")) as tmp, open(tmp, "w") as f:
         f.write("\n".join(lines))
     push_to_hub(args)
 
