@@ -33,7 +33,6 @@ from contextlib import nullcontext
 from typing import Callable
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from utils import cache, flags, lora, loop, models, outputs, sharding
 from utils.consistency import LCMSchedule, consistency_fn, scalings_for_boundary_conditions
@@ -207,9 +206,8 @@ def main(args) -> None:
     trained_encoders = encoders if args.train_text_encoder_lora else []
     optimizer = loop.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
                                     args, accelerator.num_processes)
-    n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
-                                 num_training_steps=max_steps * n)
+    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
+                                          accelerator.num_processes)
     unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)
     encoders = [accelerator.unwrap_model(e) for e in encoders]
     student_encoders = [_Prepared(w, e) for w, e in zip(wrapped, encoders)]

@@ -35,7 +35,6 @@ import logging
 from contextlib import contextmanager, nullcontext
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from utils import cache, flags, loop, models, outputs
 from utils.consistency import (LCMSchedule, consistency_fn, guidance_scale_embedding,
@@ -188,9 +187,8 @@ def main(args: argparse.Namespace) -> None:
 
     # ---- optimizer, and what an exact resume restores: prepared objects + the EMA target + the loss's RNG
     optimizer = loop.make_optimizer(student.parameters(), args, accelerator.num_processes)
-    n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
-                                 num_training_steps=max_steps * n)
+    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
+                                          accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     params = [p for p in student.parameters() if p.requires_grad]
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)

@@ -38,7 +38,6 @@ import logging
 from contextlib import nullcontext
 
 import torch
-from diffusers.optimization import get_scheduler
 
 from utils import cache, data, flags, lora, loop, models, outputs, sharding, tlcm, tlcm_extras, tlcm_stages
 from utils.ema import EMAParams
@@ -284,9 +283,8 @@ def main(args: argparse.Namespace) -> None:
             continue
         stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
         optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
-        n = accelerator.num_processes  # accelerate steps the LR schedule once per process per update
-        lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n,
-                                     num_training_steps=steps[stage] * n)
+        lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
+                                              accelerator.num_processes)
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         transformer, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
         params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place

@@ -124,7 +124,6 @@ def resident_mb() -> float:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     import torch
-    from diffusers.optimization import get_scheduler
 
     from utils import lora, loop, sharding
     from utils.ema import EMAParams, ema_update
@@ -155,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     total = sum(p.numel() for p in trained.parameters())
     optimizer = loop.make_optimizer(trained.parameters(), args, accelerator.num_processes)
     trained_count = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-    lr_scheduler = get_scheduler("constant", optimizer)
+    lr_scheduler = loop.make_lr_scheduler(optimizer, "constant", 0, args.warmup + args.steps,
+                                          accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
     params = [p for p in student.parameters() if p.requires_grad]
     base = accelerator.unwrap_model(student)

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers.optimization import get_scheduler
 from helpers import assert_same
 
 from utils import checkpoint, flags, loop
@@ -81,8 +80,8 @@ def build(output_dir: str, resume: str | None = None, stop_in: int | None = None
     args.fused_adamw = fused  # the recipes' --fused_adamw / --no-fused_adamw
     optimizer = loop.make_optimizer(model.parameters(), args, accelerator.num_processes)
     assert bool(optimizer.defaults["fused"]) is fused
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=STEPS)
+    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, STEPS,
+                                          accelerator.num_processes)
     loader = make_train_dataloader(samples(), args.train_batch_size, 0, args.seed)
     model, optimizer, lr_scheduler, loader = accelerator.prepare(model, optimizer, lr_scheduler, loader)
     rng = loop.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)

@@ -1,4 +1,4 @@
-"""The training loop's parts: accelerator, optimizer, the loss's random stream, the
+"""The training loop's parts: accelerator, optimizer and LR schedule, the loss's random stream, the
 gradient step, and `TrainLoop`, the bookkeeping a recipe's own `for batch in loop:` leaves out.
 
 A recipe reads::
@@ -148,6 +148,16 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int,
+                      num_processes: int = 1):
+    """diffusers' named LR schedule over max_steps optimizer steps, warmup_steps of linear warm-up."""
+    from diffusers.optimization import get_scheduler
+
+    # accelerate's wrapper steps the scheduler once per process per optimizer step
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
+                         num_training_steps=max_steps * num_processes)
 
 
 def train_steps(max_train_steps: int | None, num_train_epochs: int, batches_per_epoch: int | None,
