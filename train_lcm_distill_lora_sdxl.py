@@ -107,8 +107,8 @@ def teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_c
 def teacher_uncond(args, teacher: models.Teacher) -> Conditioning:
     """The teacher's unconditional input from its base text encoders: the empty prompt or zeros (--uncond); SDXL's
     time ids are left out, so the loss's expand_as gives each image its own, as SDXL pipelines sample CFG."""
-    with lora.adapters_disabled(*teacher.text_encoders):
-        return unet_conditioning(teacher.uncond_text(teacher.encode([""]), args.uncond))
+    empty = base_text(teacher.arch, [""], teacher.tokenizers, teacher.text_encoders)
+    return unet_conditioning(teacher.uncond_text(empty, args.uncond))
 
 
 class _Prepared:
@@ -255,8 +255,7 @@ def main(args) -> None:
     if train.validation_prompts and train.samples_here:
         validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
     if accelerator.is_main_process:  # README.md, then --push_to_hub
-        trained = len(encoders) if args.train_text_encoder_lora else 0
-        outputs.publish(args, "LCM-LoRA (latent consistency distillation)", model_card(args, trained))
+        outputs.publish(args, "LCM-LoRA (latent consistency distillation)", model_card(args, len(trained_encoders)))
     accelerator.end_training()
 
 

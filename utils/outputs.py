@@ -3,8 +3,8 @@ tidied when the run ends early, and published to the hub at the end (--push_to_h
 
 A run's life: `check_not_an_input` and `make_output_dir` (flags.check_training_args, before any model is loaded);
 `claim` (loop.make_accelerator: the folder's lock, the earlier-run rule, --overwrite_output_dir); the recipe's
-work; `publish` (the model card, then --push_to_hub); `release` (at exit, or after an in-process run): the lock dropped, the signal handlers
-restored, and the folders the run created but left empty removed.
+work; `publish` (the model card, then --push_to_hub); `release` (at exit, or after an in-process run): the lock
+dropped, the signal handlers restored, and the folders the run created but left empty removed.
 
 SIGTERM or SIGINT outside the training loop ends the run at once with one line (a SystemExit, so `release` still
 runs); inside it, loop.TrainLoop stops after the current step and keeps a checkpoint of it.

@@ -1,6 +1,6 @@
 """The stage bookkeeping the two TLCM recipes share (`Stages`): whether the losses must act alike on every process,
-a stage finished earlier, a stage's folder, seed, start LoRA and resume checkpoint, how its LoRA is saved, and the last stage's files on top of the
-output folder."""
+a stage finished earlier, a stage's folder, seed, start LoRA and resume checkpoint, how its LoRA is saved, and the
+last stage's files on top of the output folder."""
 
 from __future__ import annotations
 
