@@ -34,12 +34,12 @@ from typing import Callable
 
 import torch
 
-from utils import cache, flags, lora, loop, models, outputs, sharding
+from utils import cache, flags, lora, loop, models, outputs
 from utils.consistency import LCMSchedule, consistency_fn, scalings_for_boundary_conditions
 from utils.ema import EMAParams
 from utils.errors import user_errors
 from utils.grids import log_image_grid
-from utils.lora_files import save_lora_outputs
+from utils.lora_files import save_trained_lora
 from utils.losses import consistency_loss
 from utils.models import Conditioning, unet_conditioning
 from utils.scheduling_lcm import lcm_scheduler
@@ -204,10 +204,9 @@ def main(args) -> None:
 
     # ---- optimizer; prepared encoders are saved in every checkpoint and sync their gradients across processes
     trained_encoders = encoders if args.train_text_encoder_lora else []
-    optimizer = loop.make_optimizer([*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())],
-                                    args, accelerator.num_processes)
-    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
-                                          accelerator.num_processes)
+    optimizer, lr_scheduler = loop.make_optimizer(
+        [*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())], args, max_steps,
+        accelerator.num_processes)
     unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)
     encoders = [accelerator.unwrap_model(e) for e in encoders]
     student_encoders = [_Prepared(w, e) for w, e in zip(wrapped, encoders)]
@@ -248,10 +247,13 @@ def main(args) -> None:
         if train.validation_due:
             validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
 
-    accelerator.wait_for_everyone()
-    with sharding.whole_parameters(base, lora.is_lora_weight):  # every process: a sharded LoRA is gathered
-        if accelerator.is_main_process:
-            save_lora(args, base, teacher, encoders if args.train_text_encoder_lora else [])
+    # the LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, and its sampler:
+    # the LCMScheduler of the training grid in out/scheduler
+    save_trained_lora(accelerator, base, args.output_dir, "unet",
+                      text_encoders=dict(zip(ENCODER_FOLDERS, trained_encoders)))
+    if accelerator.is_main_process:
+        lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor).save_pretrained(
+            os.path.join(args.output_dir, "scheduler"))
     if train.validation_prompts and train.samples_here:
         validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
     if accelerator.is_main_process:  # README.md, then --push_to_hub
@@ -290,14 +292,6 @@ def validate(accelerator, args, unet, teacher: models.Teacher, prompts, step):
         labels.append(f"LCM-LoRA, {steps} step{'s' if steps > 1 else ''}, CFG 1")
     path = log_image_grid(accelerator, rows, labels, step, args.output_dir, column_labels=prompts)
     logger.info(f"validation grid -> {path}")
-
-
-def save_lora(args, unet, teacher: models.Teacher, encoders=()) -> None:
-    """The LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, and the
-    LCMScheduler of its training grid in out/scheduler."""
-    save_lora_outputs(unet, args.output_dir, "unet", text_encoders=dict(zip(ENCODER_FOLDERS, encoders)))
-    scheduler = lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor)
-    scheduler.save_pretrained(os.path.join(args.output_dir, "scheduler"))
 
 
 def model_card(args, trained_encoders: int) -> str:

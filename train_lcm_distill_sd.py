@@ -186,9 +186,7 @@ def main(args: argparse.Namespace) -> None:
     schedule = LCMSchedule.of_teacher(teacher.alphas_cumprod, args.num_ddim_timesteps, teacher.prediction_type)
 
     # ---- optimizer, and what an exact resume restores: prepared objects + the EMA target + the loss's RNG
-    optimizer = loop.make_optimizer(student.parameters(), args, accelerator.num_processes)
-    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, max_steps,
-                                          accelerator.num_processes)
+    optimizer, lr_scheduler = loop.make_optimizer(student.parameters(), args, max_steps, accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
     params = [p for p in student.parameters() if p.requires_grad]
     rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)

@@ -207,8 +207,7 @@ def fake_score_loss(flow: FluxFlow, cond: dict, x: torch.Tensor, gen: torch.Gene
 def disc_logits(flow: FluxFlow, head, x: torch.Tensor, cond: dict, gen: torch.Generator, grad: bool) -> torch.Tensor:
     """The head on the frozen teacher's features (input of its final norm) at a re-noised x."""
     z, sigma, _ = renoised(flow, x, gen)
-    with torch.set_grad_enabled(grad), lora.adapters_disabled(flow.base), \
-            tlcm_extras.captured_input(flow.base.norm_out) as seen:
+    with torch.set_grad_enabled(grad), lora.adapters_disabled(flow.base), head.reading(flow.base) as seen:
         flow.velocity(flow.base, z, sigma, cond)
     return head(seen[-1])
 
@@ -238,7 +237,7 @@ def main(args: argparse.Namespace) -> None:
     # the extras' players, each when its flag asks: the reward model, the DMD fake score (a second adapter) and the
     # GAN head (on the input of the final norm layer), each of the last two with its own optimizer
     width = base.config.num_attention_heads * base.config.attention_head_dim
-    scorer, fake_opt, head, disc_opt = tlcm_extras.add_extras(args, base, device, width, features="norm_out")
+    scorer, fake_opt, head, disc_opt = tlcm_extras.add_extras(args, base, device, width, features=("norm_out", "input"))
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
@@ -282,9 +281,8 @@ def main(args: argparse.Namespace) -> None:
         if stages.finished(base, stage):  # its LoRA is loaded: the next stage starts from it
             continue
         stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
-        optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
-        lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
-                                              accelerator.num_processes)
+        optimizer, lr_scheduler = loop.make_optimizer(params, args, steps[stage], accelerator.num_processes,
+                                                      lr=lrs[stage])
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         transformer, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
         params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place

@@ -212,8 +212,7 @@ def disc_logits(diff: UNetDiffusion, head, x: torch.Tensor, cond: dict, gen: tor
                 grad: bool) -> torch.Tensor:
     """The head on the frozen teacher's mid-block output at a re-noised x, its pixels as tokens."""
     z, t, _ = renoised(diff, x, gen)
-    with torch.set_grad_enabled(grad), lora.adapters_disabled(diff.base), \
-            tlcm_extras.captured_output(diff.base.mid_block) as seen:
+    with torch.set_grad_enabled(grad), lora.adapters_disabled(diff.base), head.reading(diff.base) as seen:
         diff.output(diff.base, z, t, cond)
     return head(seen[-1].flatten(2).transpose(1, 2))
 
@@ -241,7 +240,7 @@ def main(args: argparse.Namespace) -> None:
     # the extras' players, each when its flag asks: the reward model, the DMD fake score (a second adapter) and the
     # GAN head (on the mid-block output), each of the last two with its own optimizer
     scorer, fake_opt, head, disc_opt = tlcm_extras.add_extras(args, base, device, base.config.block_out_channels[-1],
-                                                              features="mid_block")
+                                                              features=("mid_block", "output"))
     if args.gradient_checkpointing:
         base.enable_gradient_checkpointing()
     models.prepare_denoiser(base, args)  # xformers, --merged_lora_forward, --torch_compile
@@ -278,9 +277,8 @@ def main(args: argparse.Namespace) -> None:
         if stages.finished(base, stage):  # its LoRA is loaded: the next stage starts from it
             continue
         stages.start(base, stage, i, rng.generator)  # its start LoRA, folder and seed
-        optimizer = loop.make_optimizer(params, args, accelerator.num_processes, lr=lrs[stage])
-        lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, steps[stage],
-                                              accelerator.num_processes)
+        optimizer, lr_scheduler = loop.make_optimizer(params, args, steps[stage], accelerator.num_processes,
+                                                      lr=lrs[stage])
         loader = data.make_prompt_dataloader(prompts, args.train_batch_size, args.seed)
         unet, optimizer, lr_scheduler, loader = accelerator.prepare(base, optimizer, lr_scheduler, loader)
         params = sharding.prepared_parameters(base, trained, optimizer)  # FSDP2 put new (sharded) objects in place

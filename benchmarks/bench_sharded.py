@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     loop_parser = flags.Parser()
     loop_parser.add_training_args(image_recipe=False)
     defaults = vars(loop_parser.parse_args([]))
-    defaults.update(learning_rate=1e-5, report_to="none", overwrite_output_dir=True,
-                    output_dir=os.path.join(tempfile.gettempdir(), "bench_sharded"))
+    defaults.update(learning_rate=1e-5, lr_scheduler="constant", lr_warmup_steps=0, report_to="none",
+                    overwrite_output_dir=True, output_dir=os.path.join(tempfile.gettempdir(), "bench_sharded"))
     args = argparse.Namespace(**{**defaults, **vars(args)})
     common.check_positive(args, "lora_rank", "steps", "train_batch_size")
     if args.warmup < 0:
@@ -152,10 +152,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.gradient_checkpointing:
         trained.enable_gradient_checkpointing()
     total = sum(p.numel() for p in trained.parameters())
-    optimizer = loop.make_optimizer(trained.parameters(), args, accelerator.num_processes)
+    optimizer, lr_scheduler = loop.make_optimizer(trained.parameters(), args, args.warmup + args.steps,
+                                                  accelerator.num_processes)
     trained_count = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-    lr_scheduler = loop.make_lr_scheduler(optimizer, "constant", 0, args.warmup + args.steps,
-                                          accelerator.num_processes)
     student, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
     params = [p for p in student.parameters() if p.requires_grad]
     base = accelerator.unwrap_model(student)

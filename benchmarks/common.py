@@ -67,7 +67,7 @@ def recipe_kind(module) -> str:
         return "tlcm"
     if hasattr(module, "make_student"):
         return "lcm"
-    if hasattr(module, "save_lora"):
+    if hasattr(module, "lcm_lora_loss"):
         return "lora"
     fail(f"{module.__file__}: unknown recipe (expected an LCM, LCM-LoRA or TLCM recipe)")
 

@@ -78,10 +78,8 @@ def build(output_dir: str, resume: str | None = None, stop_in: int | None = None
     torch.manual_seed(args.seed)
     model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.SiLU(), torch.nn.Linear(16, 12))
     args.fused_adamw = fused  # the recipes' --fused_adamw / --no-fused_adamw
-    optimizer = loop.make_optimizer(model.parameters(), args, accelerator.num_processes)
+    optimizer, lr_scheduler = loop.make_optimizer(model.parameters(), args, STEPS, accelerator.num_processes)
     assert bool(optimizer.defaults["fused"]) is fused
-    lr_scheduler = loop.make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, STEPS,
-                                          accelerator.num_processes)
     loader = make_train_dataloader(samples(), args.train_batch_size, 0, args.seed)
     model, optimizer, lr_scheduler, loader = accelerator.prepare(model, optimizer, lr_scheduler, loader)
     rng = loop.TrainingRNG(args.seed, accelerator.device, accelerator.process_index)

@@ -44,8 +44,9 @@ def test_scale_lr_multiplies_by_the_samples_per_optimizer_step():
 
     args = argparse.Namespace(learning_rate=1e-4, scale_lr=True, train_batch_size=4, gradient_accumulation_steps=2,
                               adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8,
-                              use_8bit_adam=False)
+                              use_8bit_adam=False, lr_scheduler="constant", lr_warmup_steps=0)
     params = list(torch.nn.Linear(2, 1).parameters())
-    assert make_optimizer(params, args, num_processes=3).param_groups[0]["lr"] == pytest.approx(1e-4 * 4 * 2 * 3)
+    optimizer, _ = make_optimizer(params, args, 10, num_processes=3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 4 * 2 * 3)
     args.scale_lr = False
-    assert make_optimizer(params, args, num_processes=3).param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert make_optimizer(params, args, 10, num_processes=3)[0].param_groups[0]["lr"] == pytest.approx(1e-4)

@@ -81,8 +81,9 @@ def test_compile_keeps_the_state_dict_names_and_channels_last_the_values():
 @pytest.mark.parametrize("flag, expected", [(None, True), (True, True), (False, False)])
 def test_fused_adamw_flag(flag, expected):
     args = argparse.Namespace(learning_rate=1e-3, scale_lr=False, adam_beta1=0.9, adam_beta2=0.999,
-                              adam_weight_decay=0.0, adam_epsilon=1e-8, use_8bit_adam=False, fused_adamw=flag)
-    optimizer = loop.make_optimizer([torch.nn.Parameter(torch.zeros(3))], args)
+                              adam_weight_decay=0.0, adam_epsilon=1e-8, use_8bit_adam=False, fused_adamw=flag,
+                              lr_scheduler="constant", lr_warmup_steps=0)
+    optimizer, _ = loop.make_optimizer([torch.nn.Parameter(torch.zeros(3))], args, max_steps=1)
     assert bool(optimizer.defaults["fused"]) is expected
 
 

@@ -14,6 +14,7 @@ from utils.solvers import flow_renoise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAKE = tlcm_extras.FAKE_SCORE
+FEATURES = ("norm_out", "input")  # what the FLUX recipe's GAN head reads
 
 
 # ----------------------------------------------------------------------------- math
@@ -62,13 +63,25 @@ def test_flow_matching_loss_vanishes_at_the_true_velocity():
     assert float(losses.flow_matching_loss(torch.zeros_like(x0), x0, eps)) > 0.5
 
 
+def test_discriminator_head_reads_the_input_or_the_output_of_its_module_inside_the_block_only():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    for which, expected in (("input", model[0](x)), ("output", model(x))):
+        head = tlcm_extras.DiscriminatorHead(4 if which == "input" else 2, ("1", which), hidden=8)
+        with head.reading(model) as seen:
+            model(x)
+        model(x)  # outside the block: not recorded
+        assert len(seen) == 1 and torch.equal(seen[0], expected)
+
+
 def test_discriminator_head_learns_a_separable_toy():
     g = torch.Generator().manual_seed(3)
     direction = torch.randn(32, generator=g)
     real = torch.randn(16, 10, 32, generator=g) + 0.5 * direction
     fake = torch.randn(16, 10, 32, generator=g) - 0.5 * direction
-    head = tlcm_extras.DiscriminatorHead(32, hidden=16, seed=0)
-    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), tlcm_extras.DiscriminatorHead(32, 16, seed=0).parameters()))
+    head = tlcm_extras.DiscriminatorHead(32, FEATURES, hidden=16, seed=0)
+    same = tlcm_extras.DiscriminatorHead(32, FEATURES, 16, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), same.parameters()))
     opt = tlcm_extras.AuxOptimizer(head.parameters(), 1e-2)
     history = []
     for _ in range(30):
@@ -121,7 +134,7 @@ def test_fake_score_adapter_starts_at_the_base_learns_alone_and_stays_out_of_the
     with torch.no_grad(), lora.adapters_disabled(model):
         base = transformer_call(model)
     student = transformer_call(model).detach()
-    fake_params = tlcm_extras.add_fake_score(model, 4, 8, lora.FLUX_LORA_TARGETS)
+    fake_params = list(tlcm_extras.add_fake_score(model, 4, 8, lora.FLUX_LORA_TARGETS).values())
     assert fake_params and all(p.dtype == torch.float32 for p in fake_params)
     assert [p for p in model.parameters() if p.requires_grad] == student_params  # "default" is still the trained one
     assert torch.equal(transformer_call(model).detach(), student)
@@ -284,8 +297,9 @@ def test_extras_losses_each_reach_only_their_own_parameters(toy_world, tmp_path)
     from utils.solvers import flow_x0
 
     flow, cond, uncond = toy_flux_flow(toy_world, str(tmp_path / "out"), ["--dmd", "--gan"])
-    fake = tlcm_extras.add_fake_score(flow.base, 4, 8, lora.FLUX_LORA_TARGETS)
-    head = tlcm_extras.DiscriminatorHead(flow.base.config.num_attention_heads * flow.base.config.attention_head_dim, 16)
+    fake = list(tlcm_extras.add_fake_score(flow.base, 4, 8, lora.FLUX_LORA_TARGETS).values())
+    head = tlcm_extras.DiscriminatorHead(flow.base.config.num_attention_heads * flow.base.config.attention_head_dim,
+                                           ("norm_out", "input"), 16)
     named = dict(flow.base.named_parameters())
     student = [p for n, p in named.items() if ".default." in n]
     frozen = [p for n, p in named.items() if "lora_" not in n]

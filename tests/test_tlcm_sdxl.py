@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,8 +186,9 @@ def test_extras_losses_train_the_student_the_fake_score_and_the_head_apart(toy_w
     from utils import tlcm_extras
 
     recipe, diff, cond, uncond = toy_diffusion(toy_world, str(tmp_path / "out"), ["--dmd", "--gan"])
-    fake = tlcm_extras.add_fake_score(diff.base, 4, 8, lora.LCM_LORA_TARGETS)
-    head = tlcm_extras.DiscriminatorHead(diff.base.config.block_out_channels[-1], hidden=16, seed=0)
+    fake = list(tlcm_extras.add_fake_score(diff.base, 4, 8, lora.LCM_LORA_TARGETS).values())
+    head = tlcm_extras.DiscriminatorHead(diff.base.config.block_out_channels[-1], ("mid_block", "output"),
+                                           hidden=16, seed=0)
     gen = torch.Generator().manual_seed(0)
     loss, x = recipe.extras_loss(diff, diff.base, cond, uncond, ["a", "b"], gen, head=head)
     loss.backward()
@@ -247,11 +249,12 @@ def test_peft_and_diffusers_loading_give_the_in_memory_students_images(toy_world
     from helpers import unet_output
     from peft import LoraConfig, get_peft_model
 
-    from utils import lora_files, tlcm_stages
+    from utils import lora_files
 
     recipe, diff, _, _ = toy_diffusion(toy_world, str(tmp_path / "unused"))
     out = str(tmp_path / "lora")
-    tlcm_stages.save_stage_lora(diff.base, out, "unet")
+    one_process = SimpleNamespace(wait_for_everyone=lambda: None, is_main_process=True)
+    lora_files.save_trained_lora(one_process, diff.base, out, "unet", staged=True)
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "lora_kohya.safetensors",
                                        "pytorch_lora_weights.safetensors"]
     in_memory = pipeline_images(toy_world, unet=diff.base.eval())

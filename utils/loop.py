@@ -122,12 +122,16 @@ def deepspeed_settings(args: argparse.Namespace, num_processes: int) -> dict:
             "gradient_clipping": args.max_grad_norm}
 
 
-def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace, num_processes: int = 1,
-                   lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW (fused per --fused_adamw) or bitsandbytes' 8-bit AdamW with the run's hyper-parameters.
+def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace, max_steps: int,
+                   num_processes: int = 1, lr: float | None = None) -> tuple[torch.optim.Optimizer, Any]:
+    """(optimizer, lr_scheduler): AdamW (fused per --fused_adamw) or bitsandbytes' 8-bit AdamW with the run's
+    hyper-parameters, and diffusers' --lr_scheduler over max_steps optimizer steps, --lr_warmup_steps of them
+    linear warm-up.
 
     --scale_lr multiplies the learning rate by the samples per optimizer step (batch x accumulation x processes).
     """
+    from diffusers.optimization import get_scheduler
+
     params = [p for p in params if p.requires_grad]
     lr = args.learning_rate if lr is None else lr
     if args.scale_lr:
@@ -141,23 +145,19 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
             import bitsandbytes as bnb
         except ImportError:
             fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    # --fused_adamw unset: fused wherever every parameter lives on a device with the fused kernel (CPU, CUDA);
-    # on CPU it is ~6x faster than the per-tensor loop for a LoRA's hundreds of small tensors (docs/benchmarks.md, "Training speed-ups")
-    fused = getattr(args, "fused_adamw", None)
-    if fused is None:
-        fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
-
-
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int,
-                      num_processes: int = 1):
-    """diffusers' named LR schedule over max_steps optimizer steps, warmup_steps of linear warm-up."""
-    from diffusers.optimization import get_scheduler
-
+        optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+    else:
+        # --fused_adamw unset: fused wherever every parameter lives on a device with the fused kernel (CPU, CUDA); on
+        # CPU it is ~6x faster than the per-tensor loop for a LoRA's hundreds of small tensors (docs/benchmarks.md,
+        # "Training speed-ups")
+        fused = getattr(args, "fused_adamw", None)
+        if fused is None:
+            fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        optimizer = torch.optim.AdamW(params, fused=fused or None, **kwargs)
     # accelerate's wrapper steps the scheduler once per process per optimizer step
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps * num_processes,
-                         num_training_steps=max_steps * num_processes)
+    return optimizer, get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                    num_warmup_steps=args.lr_warmup_steps * num_processes,
+                                    num_training_steps=max_steps * num_processes)
 
 
 def train_steps(max_train_steps: int | None, num_train_epochs: int, batches_per_epoch: int | None,

@@ -42,8 +42,9 @@ from torch import nn
 
 from utils import files
 from utils.errors import UserError
-from utils.lora import (PEFT_DEFAULT_ALPHA, PEFT_PREFIX, add_lora, base_model, lora_alphas, lora_scalings,
-                        lora_state_dict)
+from utils.lora import (PEFT_DEFAULT_ALPHA, PEFT_PREFIX, add_lora, base_model, is_lora_weight, lora_alphas,
+                        lora_scalings, lora_state_dict)
+from utils.sharding import whole_parameters
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -419,6 +420,23 @@ def save_lora_outputs(model: nn.Module, out_dir: str, component: str = "unet", p
         prefix = "lora_te" if len(text_encoders) == 1 else KOHYA_TEXT_ENCODER_PREFIX[name]
         kohya.update(to_kohya(_text_model_keys(lora_state_dict(enc)), _text_model_keys(lora_alphas(enc)), prefix))
     save_file({k: v.detach().contiguous() for k, v in kohya.items()}, os.path.join(out_dir, KOHYA_WEIGHTS_NAME))
+
+
+def save_trained_lora(accelerator: Any, model: nn.Module, out_dir: str, component: str = "unet", staged: bool = False,
+                      text_encoders: Mapping[str, nn.Module] | None = None) -> None:
+    """Every process: the LoRA of a recipe's `model` (gathered where it is sharded), written by the main process with
+    save_lora_outputs. staged: every file, the PEFT folder's included, in out_dir itself, written to a temporary
+    folder renamed to out_dir once complete (an earlier out_dir is replaced)."""
+    accelerator.wait_for_everyone()
+    with whole_parameters(model, is_lora_weight):  # a collective: every process gathers
+        if not accelerator.is_main_process:
+            return
+        if not staged:
+            save_lora_outputs(model, out_dir, component, text_encoders=text_encoders)
+            return
+        with staged_output(out_dir, overwrite=True) as partial:
+            os.makedirs(partial)
+            save_lora_outputs(model, partial, component, peft_dir=partial, text_encoders=text_encoders)
 
 
 def write_lora(sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float], fmt: str, path: str,

@@ -20,10 +20,12 @@ from .sharding import is_sharded, shard_like, whole, whole_copy, write_whole
 
 
 class DiscriminatorHead(nn.Module):
-    """logit = w2 . mean_tokens(SiLU(W1 h_token)) + b: a 1x1 (per-token) projection, SiLU, token mean, linear."""
+    """logit = w2 . mean_tokens(SiLU(W1 h_token)) + b: a 1x1 (per-token) projection, SiLU, token mean, linear; it
+    reads `features` = (module name, "input" or "output") of the frozen teacher (`reading`)."""
 
-    def __init__(self, width: int, hidden: int = 256, seed: int = 0) -> None:
+    def __init__(self, width: int, features: tuple[str, str], hidden: int = 256, seed: int = 0) -> None:
         super().__init__()
+        self.features = features
         with torch.random.fork_rng(devices=[]):  # its initialisation is a function of the seed alone
             torch.manual_seed(seed)
             self.proj = nn.Linear(width, hidden)
@@ -34,13 +36,30 @@ class DiscriminatorHead(nn.Module):
         h = F.silu(self.proj(features.float()))
         return self.out(h.mean(1))[:, 0]
 
+    @contextmanager
+    def reading(self, model: nn.Module) -> Iterator[list[Tensor]]:
+        """A list that receives the head's features in each forward call of `model` inside the block: the first
+        positional input, or the output, of its module `features[0]`."""
+        name, which = self.features
+        seen: list[Tensor] = []
+        module = model.get_submodule(name)
+        if which == "input":
+            handle = module.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]))
+        else:
+            handle = module.register_forward_hook(lambda _mod, _args, out: seen.append(out))
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
 
 FAKE_SCORE = "fake_score"  # the adapter name of the DMD fake score model
 
 
 def add_fake_score(model: nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
-                   adapter_name: str = FAKE_SCORE) -> list[nn.Parameter]:
-    """A second LoRA adapter (B = 0, so it starts equal to the base) in fp32; "default" stays the active one."""
+                   adapter_name: str = FAKE_SCORE) -> dict[str, nn.Parameter]:
+    """A second LoRA adapter (B = 0, so it starts equal to the base) in fp32, "default" staying the active one: its
+    weights by their names in `model`."""
     import warnings
 
     from . import lora
@@ -49,16 +68,10 @@ def add_fake_score(model: nn.Module, rank: int, alpha: float, targets: list[str]
         warnings.simplefilter("ignore", UserWarning)
         lora.add_lora(model, rank, alpha, targets, dropout, adapter_name)
     model.set_adapter("default")  # PEFT: only the active adapter's weights require grad
-    held = dict(model.named_parameters())
-    params = [held[name] for name in fake_score_names(model, adapter_name)]
-    for p in params:  # fp32 like the student's adapter (the frozen base may be fp16/bf16)
+    params = {name: p for name, p in model.named_parameters() if f".{adapter_name}." in name}
+    for p in params.values():  # fp32 like the student's adapter (the frozen base may be fp16/bf16)
         p.data = p.data.float()
     return params
-
-
-def fake_score_names(model: nn.Module, adapter_name: str = FAKE_SCORE) -> list[str]:
-    """The names of the fake score adapter's weights in `model`."""
-    return [name for name, _ in model.named_parameters() if f".{adapter_name}." in name]
 
 
 @contextmanager
@@ -74,28 +87,6 @@ def adapter_active(model: nn.Module, adapter_name: str = FAKE_SCORE) -> Iterator
             yield
         finally:
             model.set_adapter(previous)
-
-
-@contextmanager
-def captured_input(module: nn.Module) -> Iterator[list[Tensor]]:
-    """A list that receives the first positional input of each forward call of `module` inside the block."""
-    seen: list[Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]))
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def captured_output(module: nn.Module) -> Iterator[list[Tensor]]:
-    """A list that receives the output of each forward call of `module` inside the block."""
-    seen: list[Tensor] = []
-    handle = module.register_forward_hook(lambda _mod, _args, out: seen.append(out))
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 class AuxOptimizer:
@@ -176,13 +167,15 @@ class Extras(NamedTuple):
     disc_opt: AuxOptimizer | None  # --gan: the head's optimizer
 
 
-def add_extras(args, model: nn.Module, device: torch.device | str, head_width: int, features: str) -> Extras:
+def add_extras(args, model: nn.Module, device: torch.device | str, head_width: int,
+               features: tuple[str, str]) -> Extras:
     """The extras --reward_model, --dmd and --gan ask for: the reward model on `device`; the fake score adapter added
-    to `model` (call it where the student's adapter was just added) and its optimizer; the GAN head reading the
-    output (of width head_width) of the model's module `features`, and its optimizer. The optimizers take the
-    run's Adam settings and the flags' own learning rates."""
-    if args.gan and getattr(model, features, None) is None:
-        fail(f"--gan reads the output of the model's {features}, and {args.pretrained_teacher_model} has none")
+    to `model` (call it where the student's adapter was just added) and its optimizer; the GAN head reading
+    `features` = (module name, "input" or "output"), of width head_width, of the model, and its optimizer. The
+    optimizers take the run's Adam settings and the flags' own learning rates."""
+    if args.gan and getattr(model, features[0], None) is None:
+        fail(f"--gan reads the {features[1]} of the model's {features[0]}, and "
+             f"{args.pretrained_teacher_model} has none")
     from .rewards import load_reward_model
 
     scorer = load_reward_model(args.reward_model, device) if args.reward_model else None
@@ -190,9 +183,9 @@ def add_extras(args, model: nn.Module, device: torch.device | str, head_width: i
                max_grad_norm=args.max_grad_norm)
     fake_opt = head = disc_opt = None
     if args.dmd:
-        params = add_fake_score(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-        fake_opt = AuxOptimizer(params, args.dmd_learning_rate, **aux, names=fake_score_names(model))
+        fake = add_fake_score(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        fake_opt = AuxOptimizer(fake.values(), args.dmd_learning_rate, **aux, names=list(fake))
     if args.gan:
-        head = DiscriminatorHead(head_width, seed=args.seed).to(device)
+        head = DiscriminatorHead(head_width, features, seed=args.seed).to(device)
         disc_opt = AuxOptimizer(head.parameters(), args.gan_learning_rate, **aux)
     return Extras(scorer, fake_opt, head, disc_opt)

@@ -17,10 +17,9 @@ from .checkpoint import resolve_resume
 from .errors import UserError, fail
 from .files import atomic_write
 from .flags import TLCM_STAGES
-from .lora import is_lora_weight
-from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_lora_outputs, staged_output
+from .lora_files import PEFT_WEIGHTS_NAME, load_into_adapter, save_trained_lora
 from .outputs import make_output_dir
-from .sharding import splits_weights, whole_parameters
+from .sharding import splits_weights
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +77,7 @@ class Stages:
 
     def save(self, base: nn.Module, stage: str) -> None:
         """Every process: the stage's LoRA (gathered where it is sharded), written by the main process."""
-        self.accelerator.wait_for_everyone()
-        with whole_parameters(base, is_lora_weight):
-            if self.accelerator.is_main_process:
-                save_stage_lora(base, os.path.join(self.dir(stage), "lora"), self.component)
+        save_trained_lora(self.accelerator, base, os.path.join(self.dir(stage), "lora"), self.component, staged=True)
 
     def copy_last_to_output(self) -> None:
         """Copy the last stage's LoRA files to --output_dir (main process); they change only once all are written."""
@@ -91,9 +87,3 @@ class Stages:
                 target = os.path.join(self.args.output_dir, name)
                 shutil.copy2(os.path.join(final, name), stack.enter_context(atomic_write(target)))
 
-
-def save_stage_lora(model: nn.Module, out_dir: str, component: str) -> None:
-    """PEFT folder + diffusers file + kohya file, written to a temporary folder and renamed when complete."""
-    with staged_output(out_dir, overwrite=True) as partial:
-        os.makedirs(partial)
-        save_lora_outputs(model, partial, component, peft_dir=partial)
