@@ -285,12 +285,6 @@ def read_lora(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     return sd, alphas, fmt
 
 
-def read_lora_file(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """PEFT state dict and per-module alphas of a LoRA file in any supported format, checked against the model."""
-    sd, alphas, _ = read_lora(path, model)
-    return sd, alphas
-
-
 def check_fits(sd: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Raise a one-line UserError when a key names a missing module or a shape does not fit its in/out dims."""
     modules = dict(base_model(model).named_modules())
@@ -340,7 +334,7 @@ def load_lora_file(path: str, model: nn.Module, adapter_name: str = "default") -
     """Add the LoRA in `path` (kohya, diffusers or PEFT .safetensors) to the model as a new adapter; return its config."""
     from peft import set_peft_model_state_dict
 
-    sd, alphas = read_lora_file(path, model)
+    sd, alphas, _ = read_lora(path, model)
     target = base_model(model)
     if adapter_name in (getattr(target, "peft_config", None) or {}):
         raise UserError(f"the model already has a LoRA adapter named {adapter_name!r}")
@@ -358,7 +352,7 @@ def load_into_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     """Copy a LoRA file (any format) into the model's existing adapter, rescaling B so outputs match the file."""
     from peft import set_peft_model_state_dict
 
-    sd, alphas = read_lora_file(path, model)
+    sd, alphas, _ = read_lora(path, model)
     ranks, scalings = lora_ranks(sd), lora_scalings(model, adapter_name)
     mine = lora_ranks(lora_state_dict(model, adapter_name))
     if set(ranks) != set(mine):
