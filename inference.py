@@ -186,20 +186,26 @@ def check_lora(path: str, base: str) -> None:
     from utils import lora_files
 
     try:
-        lora_files.read_lora(path, lora_files.denoiser_skeleton(base, flag="--base_model_path")[0])
+        lora_files.read_lora(path, lora_files.denoiser_skeleton(base, flag="--base_model_path")[0], text_encoders=True)
     except UserError as exc:
         raise UserError(f"{exc} (--lora_path)" if "(--" not in str(exc) else str(exc)) from None
 
 
-def load_lora(denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
+def load_lora(pipe: Any, denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
     """Add the LoRA file to the UNet/transformer (any format) at `scale` times its alpha/r, merged into the
-    weights when `fuse`; returns its format."""
+    weights when `fuse`; returns its format. A file that also holds a text-encoder LoRA (an LCM-LoRA trained with
+    --train_text_encoder_lora) goes to the text encoders too, through the pipeline's own load_lora_weights."""
     from peft.tuners.lora import LoraLayer
 
     from utils import lora, lora_files
 
     try:
-        fmt = lora_files.detect_format(lora_files.read_safetensors(path)[0])
+        raw = lora_files.read_safetensors(path)[0]
+        denoiser_part = {k: v for k, v in raw.items() if not k.startswith(lora_files.TEXT_ENCODER_PREFIXES)}
+        fmt = lora_files.detect_format(denoiser_part)
+        if len(denoiser_part) < len(raw):
+            load_pipeline_lora(pipe, path, scale, fuse)
+            return fmt
         lora_files.load_lora_file(path, denoiser)
     except UserError as exc:
         raise UserError(f"{exc} (--lora_path)") from None
@@ -210,6 +216,21 @@ def load_lora(denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
     if fuse:  # W + s B A once, instead of the rank-r branch in every step
         lora.merge_lora(denoiser)
     return fmt
+
+
+def load_pipeline_lora(pipe: Any, path: str, scale: float, fuse: bool) -> None:
+    """The LoRA of the denoiser and the text encoders in one file, loaded by diffusers into all of them at `scale`
+    (merged into their weights when `fuse`)."""
+    try:
+        pipe.load_lora_weights(path, adapter_name="default")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"LoRA file {path} (denoiser and text encoders) could not be loaded: {first}") from None
+    if fuse:
+        pipe.fuse_lora(lora_scale=scale)
+        pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    elif scale != 1.0:
+        pipe.set_adapters(["default"], adapter_weights=[scale])
 
 
 # ----------------------------------------------------------------------------- scheduler and guidance
@@ -412,7 +433,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
 
     pipe = load_pipeline(base, dtype, args.variant, args.revision)
     denoiser = pipe.transformer if arch == "flux" else pipe.unet
-    lora_format = load_lora(denoiser, lora_file, args.lora_scale, args.fuse_lora) if lora_file else None
+    lora_format = load_lora(pipe, denoiser, lora_file, args.lora_scale, args.fuse_lora) if lora_file else None
     extra = set_scheduler(pipe, arch, scheduler, args.infer_steps, renoise)
     guidance = args.guidance_scale if args.guidance_scale is not None else \
         default_guidance(arch, pipe, scheduler, lora_file is not None)

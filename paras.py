@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA .safetensors file, or a folder holding one: diffusers\n"
                         "(pytorch_lora_weights.safetensors), PEFT (adapter_model.safetensors +\n"
                         "adapter_config.json, also under unet/ or transformer/) or kohya/ComfyUI keys;\n"
-                        "the format is read from the keys (default: none, sample the base model)")
+                        "the format is read from the keys; a text-encoder LoRA in the same file (LCM-LoRA's\n"
+                        "--train_text_encoder_lora) is loaded into the text encoders (default: none, sample the\n"
+                        "base model)")
     m.add_argument("--lora_scale", type=float, default=1.0,
                    help="multiplier of the LoRA's alpha/r (default: %(default)s)")
     m.add_argument("--fuse_lora", action=argparse.BooleanOptionalAction, default=True,

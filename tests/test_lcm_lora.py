@@ -302,6 +302,37 @@ def test_text_encoder_lora_loads_through_diffusers_peft_and_kohya(toy_world, sdx
             lora_files.read_lora(path, pipe.unet)
 
 
+def test_inference_loads_a_text_encoder_lora_into_the_encoders_too(toy_world, sdxl_encoder_run, tmp_path):
+    """inference.py on the output of --train_text_encoder_lora: the UNet and both encoders carry the LoRA as diffusers'
+    load_lora_weights puts it there, from the diffusers or the kohya file, fused or not; scale 0 is the base model."""
+    import inference
+    from diffusers import StableDiffusionXLPipeline
+    from helpers import run_command, unet_output
+
+    out, base_path = sdxl_encoder_run, os.path.join(toy_world, "models/sdxl")
+    names = ["text_encoder", "text_encoder_2"]
+
+    def outputs(pipe):
+        return [encoder_output(getattr(pipe, n)) for n in names] + [unet_output(pipe.unet)]
+
+    base = outputs(StableDiffusionXLPipeline.from_pretrained(base_path))
+    reference = StableDiffusionXLPipeline.from_pretrained(base_path)
+    reference.load_lora_weights(out)
+    want = outputs(reference)
+    kohya = os.path.join(out, "lora_kohya.safetensors")
+    for path, fuse, scale, expected in ((out, True, 1.0, want), (kohya, False, 1.0, want), (out, True, 0.0, base)):
+        pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
+        lora_file = inference.resolve_lora_file(path)
+        inference.check_lora(lora_file, base_path)
+        fmt = inference.load_lora(pipe, pipe.unet, lora_file, scale, fuse)
+        assert fmt == ("kohya" if path == kohya else "diffusers")
+        for got, ref in zip(outputs(pipe), expected):
+            assert torch.allclose(got, ref, atol=1e-5), (path, fuse, scale)
+    run = run_command(["inference.py", "--base_model_path", base_path, "--lora_path", out, "--infer-steps", "2",
+                       "--output_dir", str(tmp_path / "images"), "--quiet"])
+    assert run.returncode == 0 and len(os.listdir(tmp_path / "images")) == 1, run.stderr[-2000:]
+
+
 def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     """With encoder LoRAs present the teacher's (and the unconditional) embeddings are exactly the base encoders'."""
     from utils import lora, models

@@ -306,7 +306,8 @@ def main() -> None:
             from . import lora_files
 
             try:
-                lora_files.read_lora(args.lora, lora_files.denoiser_skeleton(args.pipeline, flag="--pipeline")[0])
+                lora_files.read_lora(args.lora, lora_files.denoiser_skeleton(args.pipeline, flag="--pipeline")[0],
+                                     text_encoders=True)  # load_lora_weights loads a text-encoder LoRA too
             except UserError as exc:
                 raise UserError(f"{exc} (--lora)") from None
     real = load_real_images(args.real_images) if (use_judge or args.clip_model) else None

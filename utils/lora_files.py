@@ -55,6 +55,7 @@ KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_transformer"}
 KOHYA_TEXT_ENCODER_PREFIX = {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 ALPHAS_METADATA_KEY = "lora_alphas"
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+TEXT_ENCODER_PREFIXES = ("text_encoder", "lora_te")  # the keys of a text-encoder LoRA: diffusers', kohya's
 _DIFFUSERS_PREFIXES = ("unet.", "transformer.")
 
 
@@ -259,14 +260,19 @@ def _restore_alphas(sd: dict[str, torch.Tensor], alphas: dict[str, float],
     return _fold_scale(sd, {m: alphas[m] / source[m] for m in source}), source
 
 
-def read_lora(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
-    """PEFT state dict, per-module alphas and format of a LoRA (file or folder, any format), checked against the model."""
+def read_lora(path: str, model: nn.Module,
+              text_encoders: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+    """PEFT state dict, per-module alphas and format of a LoRA (file or folder, any format), checked against the model.
+
+    A file that also holds a text-encoder LoRA is refused, unless `text_encoders`: then its denoiser part is read
+    (the caller loads the whole file with the pipeline's load_lora_weights)."""
     path = find_lora_file(path)
     raw, metadata = read_safetensors(path)
-    encoder_key = next((k for k in raw if k.startswith(("text_encoder", "lora_te"))), None)
-    if encoder_key is not None:
+    encoder_key = next((k for k in raw if k.startswith(TEXT_ENCODER_PREFIXES)), None)
+    if encoder_key is not None and not text_encoders:
         raise UserError(f"LoRA file {path} holds a text-encoder LoRA ({encoder_key!r}); only UNet and "
                         "transformer LoRAs are supported here (load it with diffusers' load_lora_weights)")
+    raw = {k: v for k, v in raw.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
     fmt = detect_format(raw)
     if fmt == "kohya":
         sd, alphas = from_kohya(raw, model)
