@@ -181,15 +181,19 @@ def from_checkpoint(args) -> None:
         else:
             targets = lora.resolve_targets(args.lora_target_modules)
         lora_files.add_lora_from_state(model, lora_sd, args.lora_alpha, targets, args.lora_dropout)
+        encoders = encoders_with_lora(args)
         # train_lcm_distill_lora_sdxl.py keeps the PEFT folder in out/unet; FLUX LoRA runs keep it in out/.
         with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
-            lora_files.save_lora_outputs(model, tmp, component, None if component == "unet" else tmp)
+            lora_files.save_lora_outputs(model, tmp, component, None if component == "unet" else tmp,
+                                         text_encoders=encoders)
             if component == "unet":  # as train_lcm_distill_lora_sdxl.py: the LCMScheduler of the training grid
                 from utils.scheduling_lcm import lcm_scheduler
 
                 lcm_scheduler(models.load_noise_scheduler_config(args.base_model), args.num_ddim_timesteps,
                               args.timestep_scaling_factor).save_pretrained(os.path.join(tmp, "scheduler"))
-        print(f"LoRA of {args.checkpoint} (rank {max(lora_files.lora_ranks(lora_sd).values())}): {args.output_dir}")
+        with_encoders = f"; with the LoRA of {', '.join(encoders)}" if encoders else ""
+        print(f"LoRA of {args.checkpoint} (rank {max(lora_files.lora_ranks(lora_sd).values())}{with_encoders}): "
+              f"{args.output_dir}")
         return
     if args.ema:
         names = set(state)
@@ -204,6 +208,28 @@ def from_checkpoint(args) -> None:
         else:
             save_pipeline(args, student, component, tmp)
     print(f"{'EMA target' if args.ema else 'student'} of {args.checkpoint}: {args.output_dir}")
+
+
+def encoders_with_lora(args) -> dict:
+    """{folder name: text encoder with its LoRA} of a checkpoint of train_lcm_distill_lora_sdxl.py
+    --train_text_encoder_lora, whose prepared models 1 and 2 are the text encoders; {} for any other checkpoint."""
+    states = {}
+    for index, name in enumerate(("text_encoder", "text_encoder_2"), start=1):
+        if not any(os.path.isfile(os.path.join(args.checkpoint, f"{stem}_{index}.{ext}"))
+                   for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin"))):
+            break
+        with naming("CHECKPOINT"):
+            states[name] = lora_files.checkpoint_lora_state(checkpoint.read_model_state(args.checkpoint, index))
+    if not any(states.values()):
+        return {}
+    _, encoders = models.load_text_encoders(args.base_model)
+    if len(encoders) != len(states):
+        raise UserError(f"{args.checkpoint} holds {len(states)} text encoder(s), {args.base_model} has "
+                        f"{len(encoders)} (--base_model)")
+    for sd, encoder in zip(states.values(), encoders):
+        targets = lora.infer_targets(set(lora_files.lora_ranks(sd)), encoder)
+        lora_files.add_lora_from_state(encoder, sd, args.lora_alpha, targets, args.lora_dropout)
+    return dict(zip(states, encoders))
 
 
 def save_pipeline(args, student, component: str, out_dir: str) -> None:

@@ -333,6 +333,26 @@ def test_inference_loads_a_text_encoder_lora_into_the_encoders_too(toy_world, sd
     assert run.returncode == 0 and len(os.listdir(tmp_path / "images")) == 1, run.stderr[-2000:]
 
 
+def test_a_checkpoint_exports_the_text_encoders_lora_too(toy_world, sdxl_encoder_run, tmp_path):
+    """convert_lora.py from-checkpoint on the last checkpoint of a --train_text_encoder_lora run writes the recipe's
+    final files, the encoders' PEFT folders and the text-encoder keys of the diffusers and kohya files included."""
+    import json
+
+    from helpers import run_command
+
+    out = str(tmp_path / "export")
+    run = run_command(["convert_lora.py", "from-checkpoint", os.path.join(sdxl_encoder_run, "checkpoint-2"),
+                       "--base_model", os.path.join(toy_world, "models/sdxl"), "--output_dir", out])
+    assert run.returncode == 0 and "with the LoRA of text_encoder, text_encoder_2" in run.stdout, run.stderr[-2000:]
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors",
+                 *(f"{folder}/adapter_model.safetensors" for folder in ("unet", "text_encoder", "text_encoder_2"))):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(sdxl_encoder_run, name), "rb").read()
+    for folder in ("text_encoder", "text_encoder_2"):
+        got, want = (json.load(open(os.path.join(d, folder, "adapter_config.json"))) for d in (out, sdxl_encoder_run))
+        got["target_modules"], want["target_modules"] = set(got["target_modules"]), set(want["target_modules"])
+        assert got == want
+
+
 def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     """With encoder LoRAs present the teacher's (and the unconditional) embeddings are exactly the base encoders'."""
     from utils import lora, models

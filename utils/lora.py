@@ -126,7 +126,7 @@ def targeted_modules(model: nn.Module, targets: list[str]) -> set[str]:
 
 def infer_targets(modules: set[str] | list[str], model: nn.Module) -> list[str]:
     """A target_modules list for a LoRA on exactly these modules: the recipes' preset that adapts them, else the names."""
-    for preset in (LCM_LORA_TARGETS, DIFFUSERS_LORA_TARGETS, FLUX_LORA_TARGETS):
+    for preset in (LCM_LORA_TARGETS, DIFFUSERS_LORA_TARGETS, FLUX_LORA_TARGETS, TEXT_ENCODER_LORA_TARGETS):
         if targeted_modules(model, preset) == set(modules):
             return list(preset)
     return sorted(modules)
