@@ -57,6 +57,18 @@ def kill_while_saving(script: str, args: list[str], partial_dir: str, timeout: f
     proc.wait()
 
 
+def assert_lora_moves_the_weights(pipeline_cls, teacher: str, lora_dir: str) -> None:
+    """The LoRA of lora_dir loads into the teacher's pipeline, fuses, and changes its denoiser's weights."""
+    pipe = pipeline_cls.from_pretrained(teacher)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    pipe.load_lora_weights(lora_dir)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay, under the base model's own names
+    after = denoiser.state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def assert_same(a, b, where: str = "state") -> None:
     """Exact (bit-for-bit, same dtype) equality of nested dicts/lists of tensors and plain values."""
     if isinstance(a, torch.Tensor):

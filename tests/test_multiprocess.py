@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_lora_moves_the_weights
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,14 +166,7 @@ def test_lcm_lora_with_two_processes(toy_world, tmp_path):
     per_rank = batches(log)
     check_split(per_rank, image_captions(toy_world))
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(toy_world, "models/sdxl"))
-    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    pipe.load_lora_weights(straight)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()  # the fused weights stay, under the base model's own names
-    after = pipe.unet.state_dict()
-    # the trained LoRA moves the weights
-    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert_lora_moves_the_weights(StableDiffusionXLPipeline, os.path.join(toy_world, "models/sdxl"), straight)
 
     resumed, log2 = str(tmp_path / "resumed"), str(tmp_path / "batches_resumed")
     resume_from_copy(script, args, straight, resumed, log2, ["checkpoint-2"])
@@ -204,13 +198,7 @@ def test_tlcm_with_two_processes_via_torchrun(toy_world, tmp_path):
     stage2 = {r: b[2:] for r, b in logged.items()}  # each process: 2 batches of stage 1, then 4 of stage 2
     check_split(stage2, data.load_prompts(prompts_file=prompts_file, max_samples=SAMPLES))
 
-    pipe = FluxPipeline.from_pretrained(os.path.join(toy_world, "models/flux"))
-    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    pipe.load_lora_weights(straight)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    after = pipe.transformer.state_dict()
-    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert_lora_moves_the_weights(FluxPipeline, os.path.join(toy_world, "models/flux"), straight)
 
     resumed, log2 = str(tmp_path / "resumed"), str(tmp_path / "batches_resumed")
     output = resume_from_copy(script, args, straight, resumed, log2, ["stage1", "stage2/checkpoint-2"],
