@@ -270,8 +270,8 @@ def read_lora(path: str, model: nn.Module,
     raw, metadata = read_safetensors(path)
     encoder_key = next((k for k in raw if k.startswith(TEXT_ENCODER_PREFIXES)), None)
     if encoder_key is not None and not text_encoders:
-        raise UserError(f"LoRA file {path} holds a text-encoder LoRA ({encoder_key!r}); only UNet and "
-                        "transformer LoRAs are supported here (load it with diffusers' load_lora_weights)")
+        raise UserError(f"LoRA file {path} holds a text-encoder LoRA ({encoder_key!r}); only UNet and transformer "
+                        "LoRAs are supported here (load it with diffusers' load_lora_weights, or inference.py)")
     raw = {k: v for k, v in raw.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
     fmt = detect_format(raw)
     if fmt == "kohya":
