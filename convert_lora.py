@@ -215,8 +215,7 @@ def encoders_with_lora(args) -> dict:
     --train_text_encoder_lora, whose prepared models 1 and 2 are the text encoders; {} for any other checkpoint."""
     states = {}
     for index, name in enumerate(("text_encoder", "text_encoder_2"), start=1):
-        if not any(os.path.isfile(os.path.join(args.checkpoint, f"{stem}_{index}.{ext}"))
-                   for stem, ext in (("model", "safetensors"), ("pytorch_model", "bin"))):
+        if not checkpoint.holds_model(args.checkpoint, index):
             break
         with naming("CHECKPOINT"):
             states[name] = lora_files.checkpoint_lora_state(checkpoint.read_model_state(args.checkpoint, index))

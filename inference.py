@@ -201,7 +201,7 @@ def load_lora(pipe: Any, denoiser: Any, path: str, scale: float, fuse: bool = Tr
 
     try:
         raw = lora_files.read_safetensors(path)[0]
-        denoiser_part = {k: v for k, v in raw.items() if not k.startswith(lora_files.TEXT_ENCODER_PREFIXES)}
+        denoiser_part = lora_files.without_text_encoders(raw)
         fmt = lora_files.detect_format(denoiser_part)
         if len(denoiser_part) < len(raw):
             load_pipeline_lora(pipe, path, scale, fuse)

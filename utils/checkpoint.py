@@ -303,6 +303,20 @@ def check_checkpoint(path: str, flag: str = "checkpoint") -> None:
         raise UserError(f"{path} is not a complete training checkpoint (no {STATE_FILE}; a .partial one?) ({flag})")
 
 
+def _model_paths(path: str, index: int) -> tuple[str, str, str, str]:
+    """Where a checkpoint keeps its index-th prepared model: accelerate's model[_i].safetensors and
+    pytorch_model[_i].bin, FSDP's pytorch_model_fsdp_<i>/, DeepSpeed's pytorch_model[_i]/."""
+    suffix = f"_{index}" if index else ""
+    return (os.path.join(path, f"model{suffix}.safetensors"), os.path.join(path, f"pytorch_model{suffix}.bin"),
+            os.path.join(path, f"pytorch_model_fsdp_{index}"), os.path.join(path, f"pytorch_model{suffix}"))
+
+
+def holds_model(path: str, index: int = 0) -> bool:
+    """Whether the checkpoint holds an index-th prepared model (in any engine's layout)."""
+    safe, pickled, shards, zero = _model_paths(path, index)
+    return os.path.isfile(safe) or os.path.isfile(pickled) or os.path.isdir(shards) or os.path.isdir(zero)
+
+
 def read_model_state(path: str, index: int = 0) -> dict:
     """State dict of the index-th prepared model of a checkpoint, whole: accelerate's model[_i].safetensors / .bin,
     FSDP's shards (pytorch_model_fsdp_<i>/) or DeepSpeed's partitions (pytorch_model[_i]/, fp32 master weights)."""
@@ -310,9 +324,7 @@ def read_model_state(path: str, index: int = 0) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    suffix = f"_{index}" if index else ""
-    safe, pickled = os.path.join(path, f"model{suffix}.safetensors"), os.path.join(path, f"pytorch_model{suffix}.bin")
-    shards, zero = os.path.join(path, f"pytorch_model_fsdp_{index}"), os.path.join(path, f"pytorch_model{suffix}")
+    safe, pickled, shards, zero = _model_paths(path, index)
     try:
         if os.path.isfile(safe):
             return load_file(safe)
@@ -327,7 +339,8 @@ def read_model_state(path: str, index: int = 0) -> dict:
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: cannot read the model weights (truncated or corrupt?): {first}") from None
-    raise UserError(f"{path} holds no model{suffix}.safetensors or pytorch_model{suffix}.bin (not an accelerate checkpoint?)")
+    raise UserError(f"{path} holds no {os.path.basename(safe)} or {os.path.basename(pickled)} "
+                    "(not an accelerate checkpoint?)")
 
 
 def _read_fsdp_shards(folder: str) -> dict:

@@ -260,6 +260,11 @@ def _restore_alphas(sd: dict[str, torch.Tensor], alphas: dict[str, float],
     return _fold_scale(sd, {m: alphas[m] / source[m] for m in source}), source
 
 
+def without_text_encoders(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors but a text encoder's (diffusers' `text_encoder*`, kohya's `lora_te*` keys)."""
+    return {k: v for k, v in tensors.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
+
+
 def read_lora(path: str, model: nn.Module,
               text_encoders: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
     """PEFT state dict, per-module alphas and format of a LoRA (file or folder, any format), checked against the model.
@@ -272,7 +277,7 @@ def read_lora(path: str, model: nn.Module,
     if encoder_key is not None and not text_encoders:
         raise UserError(f"LoRA file {path} holds a text-encoder LoRA ({encoder_key!r}); only UNet and transformer "
                         "LoRAs are supported here (load it with diffusers' load_lora_weights, or inference.py)")
-    raw = {k: v for k, v in raw.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    raw = without_text_encoders(raw)
     fmt = detect_format(raw)
     if fmt == "kohya":
         sd, alphas = from_kohya(raw, model)

@@ -86,4 +86,3 @@ class Stages:
             for name in os.listdir(final):
                 target = os.path.join(self.args.output_dir, name)
                 shutil.copy2(os.path.join(final, name), stack.enter_context(atomic_write(target)))
-
