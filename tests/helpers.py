@@ -290,3 +290,24 @@ def toy_flux_flow(world: str, output_dir: str, extra_args: list[str] = (), batch
         return {"embeds": torch.randn(n, 8, c.joint_attention_dim, generator=g),
                 "pooled": torch.randn(n, c.pooled_projection_dim, generator=g), "text_ids": torch.zeros(8, 3)}
     return flow, condition(batch), condition(1)
+
+
+def save_tiny_clip(folder: str) -> str:
+    """A small random transformers CLIP (32 px images, 16-d embeddings) and its processor, saved as a folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from utils.toy.tokenizers import build_clip_tokenizer
+
+    tok = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(folder)
+    return folder

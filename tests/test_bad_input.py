@@ -105,6 +105,7 @@ CASES = [
     ("infer", "steps-1001", {"--infer-steps": "1001"}, "--infer-steps"),
     ("eval", "steps-0", {"--steps": "0"}, "--steps"),
     ("eval", "steps-1001", {"--steps": "1001"}, "--steps"),
+    ("eval", "metric-not-installable", {"--metrics": "fid,image_reward"}, "timm==0.6.13"),
     # numbers that are not finite or out of their range
     *[(e, f"{name}-{value}", {f"--{name}": value}, f"--{name}") for e, name, value in [
         ("sd", "learning_rate", "nan"), ("lora", "learning_rate", "inf"), ("tlcm", "stage1_learning_rate", "nan"),

@@ -237,6 +237,47 @@ def test_transform_random_crop_reproducible_and_in_range():
     assert torch.allclose(full, torch.ones_like(full))  # white is exactly 1
 
 
+def diffusers_script_transform(image: Image.Image, resolution: int, center_crop: bool, flip: bool):
+    """The image transform of diffusers' SDXL example scripts (train_text_to_image_sdxl.py and the LCM/wds
+    scripts), written out here: resize, flip, centre crop or RandomCrop.get_params on torch's global RNG."""
+    from torchvision import transforms
+    from torchvision.transforms.functional import crop
+
+    image = transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR)(image)
+    if flip:
+        image = transforms.RandomHorizontalFlip(p=1.0)(image)
+    if center_crop:
+        y1 = max(0, int(round((image.height - resolution) / 2.0)))
+        x1 = max(0, int(round((image.width - resolution) / 2.0)))
+        image = transforms.CenterCrop(resolution)(image)
+    else:
+        y1, x1, h, w = transforms.RandomCrop(resolution).get_params(image, (resolution, resolution))
+        image = crop(image, y1, x1, h, w)
+    pixels = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])(image)
+    return pixels, (y1, x1)
+
+
+@pytest.mark.parametrize("size", [(46, 30), (30, 47), (37, 37)])
+def test_transform_gives_the_pixels_of_diffusers_scripts(size):
+    """The same dataset image and seed give the same pixel tensor (and crop origin) as diffusers' scripts."""
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    for center_crop in (True, False):
+        for seed in range(3):
+            torch.manual_seed(seed)
+            expected, origin = diffusers_script_transform(image, RES, center_crop, flip=False)
+            torch.manual_seed(seed)  # ours draws the crop from torch's global RNG when given no generator
+            out = ImageTransform(RES, center_crop=center_crop)(image)
+            assert torch.equal(out["pixel_values"], expected) and out["crop_top_left"] == origin
+    flips = set()
+    for seed in range(8):  # with --random_flip: the flip where ours draws one (its own generator decides)
+        flip = bool(torch.rand((), generator=torch.Generator().manual_seed(seed)) < 0.5)
+        out = ImageTransform(RES, center_crop=True, random_flip=True, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(out(image)["pixel_values"], diffusers_script_transform(image, RES, True, flip)[0])
+        flips.add(flip)
+    assert flips == {True, False}
+
+
 def test_random_flip_really_flips():
     half = np.zeros((RES, RES, 3), dtype=np.uint8)
     half[:, RES // 2:] = 255

@@ -157,26 +157,12 @@ def test_evaluate_cli_writes_metrics_and_grid(toy_world, tmp_path):
 
 def test_clip_metrics_on_a_local_clip_model(toy_world, tmp_path):
     """CLIP score / CLIP FD (the real-model metrics) with a small CLIP folder, here a random one."""
-    from helpers import run_command
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from helpers import run_command, save_tiny_clip
 
     from utils.evaluate import ClipScorer, load_real_images
     from utils.toy.judge import frechet_distance
 
-    tok = build_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(0)
-    folder = str(tmp_path / "clip")
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tok).save_pretrained(folder)
-
+    folder = save_tiny_clip(str(tmp_path / "clip"))
     scorer = ClipScorer(folder)
     real = load_real_images(os.path.join(toy_world, "data/test"), limit=64)
     feats = scorer.image_features(real)

@@ -21,7 +21,6 @@ import random
 import struct
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -67,43 +66,39 @@ class ImageTransform:
         self.generator = generator
 
     def __call__(self, image: Image.Image) -> Sample:
-        """Resize the shorter side to R, flip (maybe), crop to R x R, scale to [-1, 1]."""
+        """Resize the shorter side to R, flip (maybe), crop to R x R, scale to [-1, 1] (torchvision's transforms)."""
+        from torchvision.transforms import functional as TF
+
         image = image if image.mode == "RGB" else image.convert("RGB")
         width, height = image.size
-        resized = self._resize(image)
+        resized = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BILINEAR)
         if self.random_flip and torch.rand((), generator=self.generator).item() < 0.5:
             # flip before cropping so crop_top_left is measured in the image as the model sees it
-            resized = ImageOps.mirror(resized)
+            resized = TF.hflip(resized)
         top, left = self._crop_origin(resized.height, resized.width)
         r = self.resolution
-        cropped = resized.crop((left, top, left + r, top + r))
         return {
-            "pixel_values": to_pixel_values(cropped),
+            "pixel_values": to_pixel_values(TF.crop(resized, top, left, r, r)),
             "original_size": (height, width),
             "crop_top_left": (top, left),
         }
 
-    def _resize(self, image: Image.Image) -> Image.Image:
-        """Bilinear resize so the shorter side is exactly R (the longer side is never below R)."""
-        width, height = image.size
-        scale = self.resolution / min(width, height)
-        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-        return image if size == image.size else image.resize(size, Image.BILINEAR)
-
     def _crop_origin(self, height: int, width: int) -> tuple[int, int]:
-        """(top, left) of the R x R crop inside a (height, width) image."""
+        """(top, left) of the R x R crop inside a (height, width) image, as diffusers' SDXL scripts draw it."""
         r = self.resolution
         if self.center_crop:
-            return int(round((height - r) / 2.0)), int(round((width - r) / 2.0))
-        top = int(torch.randint(0, height - r + 1, (), generator=self.generator))
-        left = int(torch.randint(0, width - r + 1, (), generator=self.generator))
+            return max(0, int(round((height - r) / 2.0))), max(0, int(round((width - r) / 2.0)))
+        # the draws of torchvision's RandomCrop.get_params, from our generator
+        top = int(torch.randint(0, height - r + 1, size=(1,), generator=self.generator))
+        left = int(torch.randint(0, width - r + 1, size=(1,), generator=self.generator))
         return top, left
 
 
 def to_pixel_values(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a float tensor (3, H, W) in [-1, 1]."""
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    """An RGB PIL image as a float tensor (3, H, W) in [-1, 1]: ToTensor, then Normalize(0.5, 0.5)."""
+    from torchvision.transforms import functional as TF
+
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
 
 
 # ----------------------------------------------------------------------------- decoding samples

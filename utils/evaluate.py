@@ -30,6 +30,8 @@ import torch
 from PIL import Image
 
 from .errors import fail, user_errors
+from .eval_protocol import add_protocol_args, run_protocol
+from .metrics import ClipEmbedder, clip_score, frechet_distance as features_frechet_distance
 from .grids import save_grid, to_uint8
 from .samplers import SAMPLERS, check_sampler, set_sampler, uses_milestones
 
@@ -56,35 +58,12 @@ def row_labels(results: list[Result]) -> list[str]:
             + ("" if r.guidance_scale is None else f", CFG {r.guidance_scale:g}") for r in results]
 
 
-class ClipScorer:
-    """CLIP score and CLIP-feature Frechet distance with a CLIP model from a local folder (or hub id)."""
-
-    def __init__(self, path: str) -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(path).eval()
-        self.processor = CLIPProcessor.from_pretrained(path)
-
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit-norm CLIP image embeddings of images in [-1, 1]."""
-        pil = [Image.fromarray(a) for a in to_uint8(images)]
-        inputs = self.processor(images=pil, return_tensors="pt")
-        emb = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        emb = getattr(emb, "pooler_output", emb)
-        return torch.nn.functional.normalize(emb.float(), dim=-1)
-
-    @torch.no_grad()
-    def text_features(self, prompts: list[str]) -> torch.Tensor:
-        inputs = self.processor(text=prompts, return_tensors="pt", padding=True, truncation=True)
-        emb = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        emb = getattr(emb, "pooler_output", emb)
-        return torch.nn.functional.normalize(emb.float(), dim=-1)
+class ClipScorer(ClipEmbedder):
+    """CLIP score and CLIP FD of the old --clip_model path: embeddings from open_clip or transformers (utils/metrics.py)."""
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> float:
-        """100 * mean(max(cos(image, prompt), 0)): the usual CLIP score."""
-        cos = (self.image_features(images) * self.text_features(prompts)).sum(-1)
-        return 100.0 * cos.clamp(min=0).mean().item()
+        """Mean over images of 100 * max(cos(image, prompt), 0): the usual CLIP score."""
+        return clip_score(self.image_features(images), self.text_features(prompts)).mean().item()
 
 
 def eval_prompts(per_combo: int = 1) -> list[tuple[str, int, int]]:
@@ -180,7 +159,7 @@ def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge
     """
     labelled = eval_prompts(per_combo) if prompts is None else None
     texts = [p[0] for p in labelled] if labelled else list(prompts)
-    if judge is not None or clip_real_feats is not None:  # the toy judge's module (and FD) only when needed
+    if judge is not None:  # the toy judge's module only when needed
         from .toy.judge import frechet_distance, judge_images, prompt_accuracy
     results, images = [], []
     for steps in steps_list:
@@ -197,7 +176,8 @@ def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge
         if clip is not None:
             result.clip_score = clip.score(imgs, texts)
             if clip_real_feats is not None:
-                result.clip_fd = frechet_distance(clip.image_features(imgs), clip_real_feats)
+                result.clip_fd = features_frechet_distance(clip.image_features(imgs).double().numpy(),
+                                                           clip_real_feats.double().numpy())
         results.append(result)
         images.append(imgs)
     return results, images
@@ -258,7 +238,8 @@ def main() -> None:
                         help="CFG scale, diffusers convention (for an LCM student: w + 1)")
     parser.add_argument("--teacher", default=None,
                         help="teacher pipeline folder: also report RMSE to its --teacher_steps sample from the same noise")
-    parser.add_argument("--teacher_steps", type=int, default=50, help="steps of the teacher reference (default: %(default)s)")
+    parser.add_argument("--teacher_steps", type=int, nargs="+", default=[50],
+                        help="teacher step counts; the largest is the reference (default: %(default)s)")
     parser.add_argument("--teacher_guidance_scale", type=float, default=None, help="teacher CFG (default: --guidance_scale)")
     parser.add_argument("--judge", default="toy_world/judge",
                         help='toy judge folder, or "none" for real models (default: %(default)s)')
@@ -270,12 +251,13 @@ def main() -> None:
     parser.add_argument("--output_dir", default="results/eval", help="where metrics and the grid go")
     parser.add_argument("--per_combo", type=int, default=1, help="toy prompts per shape x colour (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="image i is sampled from seed + i")
+    add_protocol_args(parser)
     args = parser.parse_args()
     if any(s < 1 or s > 1000 for s in args.steps):
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
-    use_judge = args.judge.lower() != "none"
+    use_judge = args.judge.lower() != "none" and not args.metrics  # the protocol reads no judge
     for flag, path, needed in (("--judge", args.judge, use_judge),
-                               ("--real_images", args.real_images, use_judge or args.clip_model)):
+                               ("--real_images", args.real_images, use_judge or (args.clip_model and not args.metrics))):
         if needed and not os.path.isdir(path):
             fail(f"{flag} {path} does not exist (for the toy world: python -m utils.toy build)")
     check_output_dir(args.output_dir)
@@ -310,6 +292,8 @@ def main() -> None:
                                      text_encoders=True)  # load_lora_weights loads a text-encoder LoRA too
             except UserError as exc:
                 raise UserError(f"{exc} (--lora)") from None
+    if args.metrics:
+        return run_protocol(args, prompts or [p[0] for p in eval_prompts(args.per_combo)])
     real = load_real_images(args.real_images) if (use_judge or args.clip_model) else None
     ev = dict(per_combo=args.per_combo, seed=args.seed, prompts=prompts)
     if use_judge:
@@ -318,19 +302,17 @@ def main() -> None:
         ev["judge"] = ToyJudge.from_pretrained(args.judge)
         ev["real_feats"] = judge_images(ev["judge"], real)[2]
     if args.clip_model:
-        try:
+        with user_errors():
             ev["clip"] = ClipScorer(args.clip_model)
-        except OSError as exc:
-            fail(f"--clip_model {args.clip_model} could not be loaded: {str(exc).splitlines()[0]}")
         ev["clip_real_feats"] = ev["clip"].image_features(real)
     reference, rows, results = None, [], []
     if args.teacher:
         teacher = DiffusionPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
         teacher.set_progress_bar_config(disable=True)
         g = args.guidance_scale if args.teacher_guidance_scale is None else args.teacher_guidance_scale
-        results, (reference,) = evaluate(teacher, [args.teacher_steps], g,
-                                         label=f"teacher ({type(teacher.scheduler).__name__})", **ev)
-        rows.append(reference)
+        results, rows = evaluate(teacher, sorted(set(args.teacher_steps)), g,
+                                 label=f"teacher ({type(teacher.scheduler).__name__})", **ev)
+        reference = rows[-1]
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if args.lora:
