@@ -24,7 +24,13 @@ def save_inception(path: str) -> str:
     from torchvision.models import inception_v3
 
     torch.manual_seed(0)
-    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=False).state_dict(), path)
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    for layer in net.modules():  # BatchNorm statistics from one batch, so features still depend on the image
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = 1.0
+    with torch.no_grad():
+        net.train()(torch.rand(2, 3, 299, 299) * 2 - 1)
+    torch.save(net.state_dict(), path)
     return path
 
 
@@ -225,26 +231,26 @@ def test_protocol_command_on_the_toy_world(toy_world, tmp_path, metric_models):
     out = tmp_path / "eval"
     argv = ["-m", "utils.evaluate", "--metrics", "fid,kid,clip_score,clip_fd,pick_score,lpips_to_teacher",
             "--pipeline", os.path.join(toy_world, "models/sd"), "--scheduler", "ddim", "--steps", "1", "2",
-            "--teacher", os.path.join(toy_world, "models/sd"), "--teacher_steps", "2", "4", "--guidance_scale", "3",
+            "--teacher", os.path.join(toy_world, "models/sd"), "--teacher_steps", "3", "--guidance_scale", "3",
             "--num_samples", "5", "--batch_size", "4", "--real_images", os.path.join(toy_world, "data/test"),
-            "--num_real", "4", "--fid_inception", metric_models["inception"], "--clip_model", metric_models["open_clip"],
+            "--num_real", "4", "--fid_reference", "teacher", "--fid_inception", metric_models["inception"], "--clip_model", metric_models["open_clip"],
             "--pick_score_model", metric_models["clip"], "--pick_score_processor", metric_models["clip"],
             "--lpips_backbone", metric_models["alexnet"], "--output_dir", str(out)]
     proc = run_command(argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(out / "metrics.json"))
     rows = report["results"]
-    assert [(r["label"].split(" ")[0], r["steps"]) for r in rows] == [("teacher", 2), ("teacher", 4), ("sd", 1),
-                                                                     ("sd", 2)]
-    assert all(r["fid"] > 0 and 0 <= r["clip_score"] <= 100 and r["clip_fd"] > 0 for r in rows)
-    full_teacher = rows[1]
-    assert full_teacher["lpips_to_teacher"] is None and full_teacher["teacher_rmse"] is None
-    assert rows[0]["lpips_to_teacher"] > 0 and rows[0]["teacher_rmse"] > 0
+    assert [(r["label"].split(" ")[0], r["steps"]) for r in rows] == [("teacher", 3), ("sd", 1), ("sd", 2)]
+    assert all(0 <= r["clip_score"] <= 100 and r["clip_fd"] > 0 for r in rows)
+    # FID to the teacher: ~0 for the teacher's full-step row (its own reference), > 0 for the student
+    assert abs(rows[0]["fid"]) < 1e-6 * rows[1]["fid"] and all(r["fid"] > 0 for r in rows[1:])
+    assert rows[0]["lpips_to_teacher"] is None and rows[0]["teacher_rmse"] is None  # the reference itself
+    assert all(r["lpips_to_teacher"] > 0 and r["teacher_rmse"] > 0 for r in rows[1:])
     assert "biased" in report["settings"]["notes"][0]
     for name in ("metrics.md", "metrics.png", "grid.png"):
         assert (out / name).stat().st_size > 100
     pngs = sorted((out / "images").glob("*/0*.png"))
-    assert len(pngs) == 4 * 5
+    assert len(pngs) == 3 * 5
     stamps = [p.stat().st_mtime_ns for p in pngs]
 
     again = run_command(argv + ["--metrics", "lpips_to_teacher"])
