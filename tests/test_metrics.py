@@ -62,12 +62,21 @@ def save_alexnet_features(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def metric_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("metric_models")
-    return {"inception": save_inception(str(root / "inception_v3.pth")),
-            "clip": save_tiny_clip(str(root / "clip")),
-            "open_clip": save_open_clip(str(root / "open_clip")),
-            "alexnet": save_alexnet_features(str(root / "alexnet_features.pth"))}
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("metric_models")
+
+
+@pytest.fixture(scope="module")
+def inception_file(models_dir):
+    return save_inception(str(models_dir / "inception_v3.pth"))
+
+
+@pytest.fixture(scope="module")
+def metric_models(models_dir):
+    """The small metric models (CLIPs and the LPIPS trunk); the Inception has its own fixture (the slow one)."""
+    return {"clip": save_tiny_clip(str(models_dir / "clip")),
+            "open_clip": save_open_clip(str(models_dir / "open_clip")),
+            "alexnet": save_alexnet_features(str(models_dir / "alexnet_features.pth"))}
 
 
 def random_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -99,24 +108,24 @@ def kid_closed_form(x: np.ndarray, y: np.ndarray) -> float:
     return float(off - 2 * kxy.sum() / m ** 2)
 
 
-def test_fid_kid_on_inception_features_match_the_closed_forms(metric_models):
+def test_fid_kid_on_inception_features_match_the_closed_forms(inception_file):
     from cleanfid.resize import build_resizer
 
     from utils.errors import UserError
     from utils.metrics import InceptionFeatures, frechet_distance, kernel_inception_distance
 
-    net = InceptionFeatures(metric_models["inception"], resize="clean")
-    a, b = net(random_images(4, 0)), net(random_images(4, 1))
-    assert a.shape == (4, 2048) and np.isfinite(a).all() and a.std() > 0
+    net = InceptionFeatures(inception_file, resize="clean")
+    a, b = net(random_images(3, 0)), net(random_images(3, 1))
+    assert a.shape == (3, 2048) and np.isfinite(a).all() and a.std() > 0
     assert abs(frechet_distance(a, a)) < 1e-9 * np.trace(np.cov(a, rowvar=False))
     fid = frechet_distance(a, b)
     assert fid > 0 and fid == pytest.approx(frechet_in_span(a, b), rel=1e-6)
-    # every KID subset holds all 4 samples, and the unbiased estimate does not depend on their order
+    # every KID subset holds all 3 samples, and the unbiased estimate does not depend on their order
     assert kernel_inception_distance(a, b) == pytest.approx(kid_closed_form(a, b), rel=1e-9)
     net.resizer = build_resizer("legacy_pytorch")  # bilinear without antialias: other features, another FID
-    assert not np.allclose(net(random_images(2, 0)), a[:2])
+    assert not np.allclose(net(random_images(1, 0)), a[:1])
     with pytest.raises(UserError, match="--fid_resize"):
-        InceptionFeatures(metric_models["inception"], resize="legacy_tensorflow")
+        InceptionFeatures(inception_file, resize="legacy_tensorflow")
     with pytest.raises(UserError, match="--fid_inception"):
         InceptionFeatures("/no/such/inception.pth")
 
@@ -224,7 +233,7 @@ def test_image_cache_resumes_without_regenerating(tmp_path):
 
 
 @pytest.mark.slow
-def test_protocol_command_on_the_toy_world(toy_world, tmp_path, metric_models):
+def test_protocol_command_on_the_toy_world(toy_world, tmp_path, metric_models, inception_file):
     """python -m utils.evaluate --metrics ... writes the table, the plot and the grid; a rerun samples nothing."""
     from helpers import run_command
 
@@ -233,7 +242,7 @@ def test_protocol_command_on_the_toy_world(toy_world, tmp_path, metric_models):
             "--pipeline", os.path.join(toy_world, "models/sd"), "--scheduler", "ddim", "--steps", "1", "2",
             "--teacher", os.path.join(toy_world, "models/sd"), "--teacher_steps", "3", "--guidance_scale", "3",
             "--num_samples", "5", "--batch_size", "4", "--real_images", os.path.join(toy_world, "data/test"),
-            "--num_real", "4", "--fid_reference", "teacher", "--fid_inception", metric_models["inception"], "--clip_model", metric_models["open_clip"],
+            "--num_real", "4", "--fid_reference", "teacher", "--fid_inception", inception_file, "--clip_model", metric_models["open_clip"],
             "--pick_score_model", metric_models["clip"], "--pick_score_processor", metric_models["clip"],
             "--lpips_backbone", metric_models["alexnet"], "--output_dir", str(out)]
     proc = run_command(argv)

@@ -15,8 +15,8 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -299,6 +299,7 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     from diffusers import DiffusionPipeline
 
     from .evaluate import default_resolution, sample
+    from .models import detect_architecture
     from .samplers import set_sampler
 
     names = parse_metrics(args.metrics)
@@ -309,8 +310,9 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     cache_root = args.image_cache or os.path.join(args.output_dir, "images")
     prompts_sha = settings_hash({"prompts": prompts})
 
-    def load(path: str, lora: str | None, scheduler: str) -> tuple[Any, str]:
-        is_flux = os.path.isfile(os.path.join(path, "transformer", "config.json"))
+    def load(path: str, lora: str | None, scheduler: str, flag: str) -> tuple[Any, str]:
+        with user_errors():
+            is_flux = detect_architecture(path, flag=flag) == "flux"
         pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=choose_dtype(args.dtype, device, is_flux))
         pipe.set_progress_bar_config(disable=True)
         if lora:
@@ -338,12 +340,12 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     runs: list[Run] = []
     if args.teacher:
         g = args.guidance_scale if args.teacher_guidance_scale is None else args.teacher_guidance_scale
-        teacher, sampler = load(args.teacher, None, "default")
+        teacher, sampler = load(args.teacher, None, "default", "--teacher")
         model = dict(pipeline=os.path.abspath(args.teacher) if os.path.isdir(args.teacher) else args.teacher,
                      lora=None, scheduler=sampler)
         runs += runs_of(teacher, f"teacher ({sampler})", model, sorted(set(args.teacher_steps)), g, True)
         del teacher
-    pipe, sampler = load(args.pipeline, args.lora, args.scheduler)
+    pipe, sampler = load(args.pipeline, args.lora, args.scheduler, "--pipeline")
     name = os.path.basename(os.path.normpath(args.lora or args.pipeline))
     model = dict(pipeline=os.path.abspath(args.pipeline) if os.path.isdir(args.pipeline) else args.pipeline,
                  lora=os.path.abspath(args.lora) if args.lora else None, scheduler=sampler)
@@ -359,7 +361,7 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     rows = [_row(r, a, count, names, real_feats) for r, a in zip(runs, accs)]
     notes = [w for w in [M.small_count_warning(count) if {"fid", "kid"} & set(names) else None] if w]
     for note in notes:
-        warnings.warn(note, stacklevel=1)
+        print(f"warning: {note}", file=sys.stderr)
     _write_outputs(args, names, rows, runs, prompts, count, notes)
 
 
@@ -383,7 +385,8 @@ def _reference_features(args: argparse.Namespace, names: list[str], scorers: Sco
         fail(f"--real_images {args.real_images} holds {len(files)} image(s); FID needs at least 2")
     key = settings_hash(dict(files=[os.path.abspath(f) for f in files], mtimes=[os.path.getmtime(f) for f in files],
                              resolution=resolution, inception=args.fid_inception, resize=args.fid_resize,
-                             clip=args.clip_model, names=sorted(names)))
+                             clip=args.clip_model, parts=[wants_fid and args.fid_reference == "real",
+                                                          "clip_fd" in names]))
     path = os.path.join(cache_root, f"real-features-{key}.npz")
     if os.path.exists(path):
         with np.load(path) as stored:
@@ -439,6 +442,7 @@ def plot(rows: list[dict[str, Any]], names: list[str], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cols = [n for n in PLOTTED if (n in names or n == "teacher_rmse") and any(r.get(n) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.4), squeeze=False)
@@ -453,6 +457,9 @@ def plot(rows: list[dict[str, Any]], names: list[str], path: str) -> None:
         if full is not None and full.get(col) is not None:
             ax.axhline(full[col], color="gray", linestyle="--", label=f"teacher, {full['steps']} steps")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["steps"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 1 2 4 8, not 2^0 2^1 ...
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("steps")
         ax.set_title(TITLES[col])
     axes[0][0].legend(fontsize=7)

@@ -154,10 +154,11 @@ def torchvision_inception(path: str) -> torch.nn.Module:
     from torchvision.models import inception_v3
 
     state = _load_state_dict(path, "--fid_inception")
-    network = inception_v3(weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False,
-                           transform_input=True)  # as torchvision's own ImageNet weights expect
+    with torch.device("meta"):  # no random initialisation of 27M weights that the file replaces
+        network = inception_v3(weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False,
+                               transform_input=True)  # as torchvision's own ImageNet weights expect
     try:
-        network.load_state_dict(state)
+        network.load_state_dict(state, assign=True)
     except RuntimeError as exc:
         raise UserError(f"{path} is not an inception_v3 state dict: {str(exc).splitlines()[0]} (--fid_inception)")
     network.fc = torch.nn.Identity()
