@@ -25,8 +25,8 @@ METRICS = ("fid", "kid", "clip_score", "clip_fd", "pick_score", "lpips_to_teache
 NOT_INSTALLABLE = {
     "hps": "hpsv2 1.2.0 requires protobuf<4 and pytest==7.2.0, and this project pins protobuf 7.36.2 and pytest 9.0.3: "
            "score the cached images with hpsv2 in its own environment (docs/evaluation.md#hpsv2-and-imagereward)",
-    "image_reward": "image-reward 1.5 pins timm==0.6.13, which open-clip-torch 3.3.0 cannot run with: score the cached "
-                    "images with ImageReward in its own environment (docs/evaluation.md#hpsv2-and-imagereward)",
+    "image_reward": "image-reward 1.5 pins timm==0.6.13 and open-clip-torch 3.3.0 requires timm>=1.0.17: score the "
+                    "cached images with ImageReward in its own environment (docs/evaluation.md#hpsv2-and-imagereward)",
 }
 FID_RESIZE_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 CLEAN_FID_INCEPTION = "inception-2015-12-05.pt"  # clean-fid's file name for the TensorFlow FID Inception
