@@ -125,7 +125,11 @@ class InceptionFeatures:
         if source == "clean-fid":
             folder = os.path.join(os.path.expanduser("~"), ".cache", "clean-fid")
             os.makedirs(folder, exist_ok=True)
-            return True, InceptionV3W(folder, download=True, resize_inside=self.resize_mode == "legacy_tensorflow")
+            try:
+                return True, InceptionV3W(folder, download=True, resize_inside=self.resize_mode == "legacy_tensorflow")
+            except OSError as exc:  # no network: say which file to fetch by hand
+                raise UserError(f"clean-fid could not download {CLEAN_FID_INCEPTION} ({exc}): put it in a folder and "
+                                "give that folder (--fid_inception)") from None
         path = os.path.expanduser(source)
         if os.path.isdir(path):
             path = os.path.join(path, CLEAN_FID_INCEPTION)
@@ -299,7 +303,11 @@ class Lpips:
         build = torchvision.models.alexnet if net == "alex" else torchvision.models.vgg16
         if backbone == "torchvision":
             weights = (torchvision.models.AlexNet_Weights if net == "alex" else torchvision.models.VGG16_Weights)
-            classifier = build(weights=weights.IMAGENET1K_V1)
+            try:
+                classifier = build(weights=weights.IMAGENET1K_V1)
+            except OSError as exc:  # no network and nothing in torch's cache
+                raise UserError(f"torchvision could not fetch its {net} weights ({exc}): give a state dict file "
+                                "(--lpips_backbone)") from None
         else:
             if not os.path.isfile(os.path.expanduser(backbone)):
                 raise UserError(f"LPIPS trunk weights {backbone!r} not found: a torchvision {net} state dict, "
