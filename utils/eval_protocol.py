@@ -341,14 +341,12 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     if args.teacher:
         g = args.guidance_scale if args.teacher_guidance_scale is None else args.teacher_guidance_scale
         teacher, sampler = load(args.teacher, None, "default", "--teacher")
-        model = dict(pipeline=os.path.abspath(args.teacher) if os.path.isdir(args.teacher) else args.teacher,
-                     lora=None, scheduler=sampler)
+        model = dict(pipeline=model_identity(args.teacher), lora=None, scheduler=sampler)
         runs += runs_of(teacher, f"teacher ({sampler})", model, sorted(set(args.teacher_steps)), g, True)
         del teacher
     pipe, sampler = load(args.pipeline, args.lora, args.scheduler, "--pipeline")
     name = os.path.basename(os.path.normpath(args.lora or args.pipeline))
-    model = dict(pipeline=os.path.abspath(args.pipeline) if os.path.isdir(args.pipeline) else args.pipeline,
-                 lora=os.path.abspath(args.lora) if args.lora else None, scheduler=sampler)
+    model = dict(pipeline=model_identity(args.pipeline), lora=model_identity(args.lora), scheduler=sampler)
     runs += runs_of(pipe, f"{name} ({sampler})", model, args.steps, args.guidance_scale, False)
     resolution = default_resolution(pipe)
     del pipe
@@ -363,6 +361,15 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     _write_outputs(args, names, rows, runs, prompts, count, notes)
+
+
+def model_identity(path: str | None) -> dict[str, Any] | None:
+    """A local model folder or file by absolute path and newest file time (a retrained LoRA gets a new cache);
+    a hub id as given."""
+    if not path or not os.path.exists(path):
+        return None if not path else {"id": path}
+    files = [path] if os.path.isfile(path) else [os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns]
+    return {"path": os.path.abspath(path), "newest": max((os.path.getmtime(f) for f in files), default=0.0)}
 
 
 def _slug(text: str) -> str:
