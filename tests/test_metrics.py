@@ -153,19 +153,19 @@ def test_clip_score_is_100_max_cos_of_the_embeddings(metric_models, kind):
     img, txt = model.image_features(images), model.text_features(PROMPTS)
     assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
     # independently: the library's raw embeddings, normalised here
+    from PIL import Image
+
+    from utils.grids import to_uint8
+
+    pil = [Image.fromarray(a) for a in to_uint8(images)]
     with torch.no_grad():
         if kind == "open_clip":
-            from PIL import Image
-
-            from utils.grids import to_uint8
-
-            raw_i = model.model.encode_image(torch.stack([model.preprocess(Image.fromarray(a))
-                                                          for a in to_uint8(images)]))
+            raw_i = model.model.encode_image(torch.stack([model.preprocess(p) for p in pil]))
             raw_t = model.model.encode_text(model.tokenizer(PROMPTS))
         else:
+            raw_i = model.model.get_image_features(**model.processor(images=pil, return_tensors="pt"))
             raw_t = model.model.get_text_features(**model.processor(text=PROMPTS, return_tensors="pt", padding=True))
-            raw_t = getattr(raw_t, "pooler_output", raw_t)
-            raw_i = img  # the image path is the processor's own; checked for norm above
+            raw_i, raw_t = (getattr(x, "pooler_output", x) for x in (raw_i, raw_t))
     cos = (raw_i / raw_i.norm(dim=-1, keepdim=True) * (raw_t / raw_t.norm(dim=-1, keepdim=True))).sum(-1)
     expected = 100 * np.maximum(cos.numpy(), 0)
     assert np.allclose(clip_score(img, txt).numpy(), expected, atol=1e-4)
