@@ -1,7 +1,13 @@
-"""One-line errors for bad input: `error: <what> (<flag>)` on stderr and exit code 2, no traceback."""
+"""One-line errors for bad input: `error: <what> (<flag>)` on stderr and exit code 2, no traceback.
+
+The same holds for what stops a program from outside: a disk that fills up or turns read-only while it writes
+(`write_failure`) and Ctrl-C arriving before a program installed its own stop handler (utils/outputs.py does).
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator, NoReturn
@@ -9,6 +15,42 @@ from typing import Iterator, NoReturn
 
 class UserError(Exception):
     """A problem with the user's input (a flag, a path, a file), reported as one line."""
+
+
+# errno values of a write that the machine, not the program, refused: full disk or quota, read-only or lost mount
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+# torch.save's zip writer reports a failed write (a full disk) as a RuntimeError carrying one of these
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container")
+_outputs: dict[str, str] = {}  # real path of each output of this program -> the flag that named it
+
+
+def note_output(path: str, flag: str) -> None:
+    """Remember that `path` is written for `flag`, so a failed write below it names the flag."""
+    _outputs[os.path.realpath(os.path.abspath(path))] = flag
+
+
+def _flag_of(filename: str | None) -> str:
+    """The flag of the registered output that holds `filename` (or the only one registered), else ""."""
+    if filename:
+        real = os.path.realpath(os.path.abspath(str(filename)))
+        for path, flag in _outputs.items():
+            if real == path or real.startswith(path.rstrip(os.sep) + os.sep) or os.path.dirname(path) == real:
+                return flag
+    return next(iter(_outputs.values())) if len(_outputs) == 1 else ""
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """The one-line message of an exception that is a failed write (full disk, quota, read-only file system), or
+    None when it is something else (a bug keeps its traceback)."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        filename = exc.filename
+        what = f"cannot write {filename}" if filename else "a write failed"
+        flag = _flag_of(filename)
+        return f"{what}: {exc.strerror or exc}{f' ({flag})' if flag else ''}"
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in TORCH_WRITE_FAILURES):
+        flag = _flag_of(None)
+        return (f"a write failed (full disk?): {str(exc).strip().splitlines()[0]}{f' ({flag})' if flag else ''}")
+    return None
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -19,8 +61,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a UserError raised inside the block into `fail(message)`."""
+    """Turn a UserError raised inside the block into `fail(message)`; so too a failed write (`write_failure`) and
+    a Ctrl-C that reaches the block as KeyboardInterrupt (exit 130, as a shell reports SIGINT)."""
     try:
         yield
     except UserError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("stopped by SIGINT (Ctrl-C); finished outputs are kept", 130)
+    except (OSError, RuntimeError) as exc:
+        message = write_failure(exc)
+        if message is None:
+            raise
+        fail(message)

@@ -268,6 +268,9 @@ def main() -> None:
     parser.add_argument("--prompts_file", default=None,
                         help="evaluation prompts, one per line (default: the toy prompts, every shape x colour)")
     parser.add_argument("--output_dir", default="results/eval", help="where metrics and the grid go")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output_dir holding files utils.evaluate did not write (its metrics.json, "
+                             "metrics.md and grid.png are replaced, the others kept)")
     parser.add_argument("--per_combo", type=int, default=1, help="toy prompts per shape x colour (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="image i is sampled from seed + i")
     args = parser.parse_args()
@@ -278,7 +281,15 @@ def main() -> None:
                                ("--real_images", args.real_images, use_judge or args.clip_model)):
         if needed and not os.path.isdir(path):
             fail(f"{flag} {path} does not exist (for the toy world: python -m utils.toy build)")
-    check_output_dir(args.output_dir)
+        metadata = os.path.join(path, "metadata.jsonl")
+        if needed and flag == "--real_images" and not (os.path.isfile(metadata) and os.path.getsize(metadata)):
+            fail(f"--real_images {path} holds no images: an imagefolder has them listed in metadata.jsonl")
+    from .outputs import prepare_output  # the output rule: not an input, not a folder of others' files
+
+    prepare_output(args.output_dir, "--output_dir", {"--pipeline": args.pipeline, "--lora": args.lora,
+                   "--teacher": args.teacher, "--judge": args.judge, "--real_images": args.real_images,
+                   "--clip_model": args.clip_model, "--prompts_file": args.prompts_file}, "utils.evaluate",
+                   args.overwrite)
 
     import diffusers
     import transformers

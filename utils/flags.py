@@ -343,6 +343,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         fail("--mixed_precision fp16 needs a CUDA GPU (accelerate sets up no fp16 autocast or loss scaling on CPU); "
              "use bf16 or no")
+    check_report_to(args.report_to)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         fail("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one of them")
     if args.resume_from_checkpoint not in (None, "latest"):  # a named checkpoint must exist: say so before loading
@@ -352,6 +353,22 @@ def check_training_args(args: argparse.Namespace) -> None:
             resolve_resume(args.output_dir, args.resume_from_checkpoint)
     outputs.check_not_an_input(args)
     outputs.make_output_dir(args.output_dir)  # a run that fails before writing anything leaves no empty folder
+
+
+def check_report_to(value: str) -> None:
+    """--report_to names trackers accelerate knows and this machine has installed (or none, or all installed)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    if value in ("none", "all"):
+        return
+    if value not in known:
+        fail(f"--report_to {value}: not a tracker; choose none, all or one of {', '.join(known)}")
+    if value not in available:
+        fail(f"--report_to {value}: its package is not installed here (installed: {', '.join(available) or 'none'}); "
+             f"pip install {value.replace('_', '-')}, or use --report_to none")
 
 
 def check_tlcm_args(args: argparse.Namespace, script: str, integer_timesteps: bool = False) -> None:

@@ -505,11 +505,16 @@ def check_output(path: str, overwrite: bool = False) -> None:
 
 
 @contextmanager
-def staged_output(path: str, overwrite: bool = False) -> Iterator[str]:
+def staged_output(path: str, overwrite: bool = False, program: str | None = None) -> Iterator[str]:
     """Yield a temporary sibling of `path` to write (a file or a folder), installed as `path` once the block succeeds.
 
-    On any error the temporary and the folders created for it are removed, so nothing partial is left behind.
+    A folder written onto an existing folder replaces only the entries of the names it writes (files.install_into):
+    what that folder holds under other names stays. program: mark a folder output as that program's
+    (outputs.MARKER). On any error the temporary and the folders created for it are removed, so nothing partial
+    is left behind.
     """
+    from utils import outputs
+
     check_output(path, overwrite)
     path = os.path.abspath(path)
     created = parent = os.path.dirname(path)
@@ -518,8 +523,10 @@ def staged_output(path: str, overwrite: bool = False) -> Iterator[str]:
     made = not os.path.exists(parent)
     os.makedirs(parent, exist_ok=True)
     try:
-        with files.atomic_write(path) as tmp:
+        with files.atomic_write(path, into=True) as tmp:
             yield tmp
+            if program and os.path.isdir(tmp):
+                outputs.mark(tmp, program)
     except BaseException:
         if made:
             shutil.rmtree(created, ignore_errors=True)

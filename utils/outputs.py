@@ -22,14 +22,18 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
-from . import checkpoint, files
+from . import checkpoint, errors, files
 from .errors import UserError, fail, user_errors
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"  # {"pid", "host"} of the run writing to the folder
+# {"program"}: the folder is an output of ours, written by that program ("training" for every recipe); a folder
+# without it, not empty, holds what someone else wrote (see `foreign`)
+MARKER = ".distill_output.json"
+TRAINING = "training"
 FINAL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")  # what the recipes write when a run is done
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # where a run reads (local paths only: a hub id names no folder of this machine)
@@ -76,18 +80,114 @@ def check_not_an_input(args: argparse.Namespace) -> None:
     """Refuse an --output_dir that is, contains or lies inside a local input of the run (teacher, VAE, data, prompts,
     init LoRA, latent LPIPS net, reward model): the run would write over or among the user's files."""
     out = os.path.realpath(os.path.expanduser(args.output_dir))
+    inputs = {}
     for name in INPUT_FLAGS:
         value = getattr(args, name, None)
         path = _local_path(str(value)) if value else None
-        if path is None or (name == "init_lora" and _earlier_stage_lora(args, out, path)):
+        if path is not None and not (name == "init_lora" and _earlier_stage_lora(args, out, path)):
+            inputs[f"--{name}"] = value
+    check_output_not_input(args.output_dir, "--output_dir", inputs)
+
+
+def check_output_not_input(output: str, flag: str, inputs: dict[str, Any]) -> None:
+    """Refuse an output (file or folder) that is, contains or lies inside one of `inputs` ({flag or argument name:
+    local path, or None}), whatever --overwrite says: a program never writes over or among what it reads."""
+    out = os.path.realpath(os.path.expanduser(output))
+    for name, value in inputs.items():
+        path = _local_path(str(value)) if value else None
+        if path is None:
             continue
         if path == out:
-            fail(f"--output_dir {args.output_dir} is the --{name} input: the run would write over it; "
-                 "choose another --output_dir")
+            fail(f"{flag} {output} is the {name} input: the run would write over it; choose another {flag}")
         if _inside(path, out):
-            fail(f"--output_dir {args.output_dir} contains the --{name} input {value}: choose a folder of its own")
+            fail(f"{flag} {output} contains the {name} input {value}: choose a folder of its own")
         if _inside(out, path):
-            fail(f"--output_dir {args.output_dir} lies inside the --{name} input {value}: choose a folder outside it")
+            fail(f"{flag} {output} lies inside the {name} input {value}: choose a folder outside it")
+
+
+# ----------------------------------------------------------------------------- folders of our own
+
+
+def _internal(name: str) -> bool:
+    """Whether a folder entry is bookkeeping of ours: the marker, a run's lock, a hidden temporary name."""
+    return name in (MARKER, LOCK_FILE) or (name.startswith(".") and any(
+        tag in name for tag in (".write_test.", ".partial-", ".old-", ".partial", ".deleting")))
+
+
+def owner(folder: str) -> str | None:
+    """The program whose output `folder` is, as its MARKER says (None: no marker, or unreadable)."""
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            return str(json.load(f)["program"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark(folder: str, program: str) -> None:
+    """Record in `folder` that it is `program`'s output (the MARKER file), unless it says so already."""
+    if owner(folder) != program:
+        with files.atomic_write(os.path.join(folder, MARKER)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"program": program}, f)
+
+
+def foreign(folder: str, program: str, own: Callable[[str], bool] | None = None) -> str | None:
+    """What in `folder` is not `program`'s own, in words, or None: a missing or empty folder, or one MARKER names
+    `program`'s, is its own; one marked by another program is that program's output; else its entries are a user's
+    (but those `own(name)` says the program writes: its folders from before the marker)."""
+    if not os.path.isdir(folder):
+        return None
+    names = sorted(n for n in os.listdir(folder) if not _internal(n) and not (own and own(n)))
+    marked = owner(folder)
+    if not names or marked == program:
+        return None
+    if marked is not None:
+        return f"the output of {marked}"
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"files it did not write ({shown})"
+
+
+def refuse_foreign(folder: str, flag: str, program: str, overwrite: bool, overwrite_flag: str | None,
+                   own: Callable[[str], bool] | None = None) -> None:
+    """The rule for a folder holding what another wrote (`foreign`): refused unless `overwrite`, then written among
+    (files of the names the program writes are replaced, the others kept)."""
+    what = foreign(folder, program, own)
+    if what is None or overwrite:
+        return
+    how = (f", or pass {overwrite_flag} to write into it (files of the names it writes are replaced, "
+           "the others kept)") if overwrite_flag else ""
+    fail(f"{flag} {folder} holds {what}: choose a new or empty folder{how}")
+
+
+def prepare_output(path: str, flag: str, inputs: dict[str, Any], program: str, overwrite: bool = False,
+                   overwrite_flag: str | None = "--overwrite", folder: bool = True,
+                   own: Callable[[str], bool] | None = None) -> None:
+    """The output rule for the programs that are not training recipes, called where the output enters: stop signals
+    end the program with one line (SIGTERM, Ctrl-C); an output that is, holds or lies inside an input is refused;
+    a folder output (folder=True) that is a file, or holds what another wrote (unless `overwrite`), is refused, else
+    created (`release` removes it again if the program ends before writing into it) and marked as `program`'s."""
+    _install(stop_now)
+    errors.note_output(path, flag)
+    check_output_not_input(path, flag, inputs)
+    if not folder:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder")
+    refuse_foreign(path, flag, program, overwrite, overwrite_flag, own)
+    make_output_dir(path, flag)
+    mark(path, program)
+
+
+def remove_if_unused(folder: str) -> None:
+    """Remove `folder` if it holds nothing but our bookkeeping (the marker, a lock of ours)."""
+    try:
+        names = os.listdir(folder)
+        if all(_internal(n) for n in names):
+            for name in names:
+                if name == MARKER:
+                    os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- creating, claiming, releasing
@@ -95,6 +195,8 @@ def check_not_an_input(args: argparse.Namespace) -> None:
 
 def make_output_dir(path: str, flag: str = "--output_dir") -> None:
     """Create `path` (and missing parents), checked writable; what it creates is removed by `release` if left empty."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder")
     missing, head = [], os.path.abspath(path)
     while not os.path.exists(head):
         missing.append(head)
@@ -117,6 +219,7 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
     refuses an earlier run's folder unless --resume_from_checkpoint or --overwrite_output_dir says what to do with
     it, and for --overwrite_output_dir deletes that run's checkpoints."""
     _install(stop_now)
+    errors.note_output(args.output_dir, "--output_dir")
     make_output_dir(args.output_dir)  # done already where the flags were checked; not every caller runs it
     if accelerator.is_main_process:
         with user_errors():
@@ -128,8 +231,12 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
             if what and args.resume_from_checkpoint is not None and nothing_to_resume(args):
                 raise UserError(f"--output_dir {args.output_dir} already holds {what} and no checkpoint to resume "
                                 "from (--resume_from_checkpoint); start over with --overwrite_output_dir")
+        if not what:  # a folder of an earlier run is ours (marked or not); any other is checked for others' files
+            refuse_foreign(args.output_dir, "--output_dir", TRAINING, args.overwrite_output_dir,
+                           "--overwrite_output_dir")
         if args.overwrite_output_dir:
             clear_earlier_run(args)
+        mark(args.output_dir, TRAINING)
     accelerator.wait_for_everyone()  # no process looks at the folder before the earlier run's state is gone
 
 
@@ -150,10 +257,8 @@ def release() -> None:
     if _excepthooks:  # an in-process run that was stopped leaves the caller's excepthook as it found it
         sys.excepthook = _excepthooks.pop()
     while _created:
-        try:
-            os.rmdir(_created.pop())  # only ever removes an empty folder
-        except OSError:
-            pass
+        remove_if_unused(_created.pop())  # only ever removes a folder holding nothing but our bookkeeping
+    errors._outputs.clear()
 
 
 atexit.register(release)
