@@ -26,7 +26,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from helpers import import_script, run_recipe
+from helpers import import_script, listing, run_recipe
 
 from utils import checkpoint, flags, loop, outputs
 from utils.errors import UserError
@@ -277,7 +277,7 @@ def test_an_earlier_run_is_continued_or_replaced_only_when_asked(tmp_path, capsy
         assert f"already holds {what}" in line and "--overwrite_output_dir" in line, line
         claim(out, "--resume_from_checkpoint", "latest")  # continuing it is fine
     claim(unfinished, "--overwrite_output_dir")
-    assert os.listdir(unfinished) == [outputs.LOCK_FILE]  # its checkpoints are gone: no resume can pick them up
+    assert listing(unfinished) == [outputs.LOCK_FILE]  # its checkpoints are gone: no resume can pick them up
     _finished(str(tmp_path / "no_checkpoint"), checkpoints=())
     with pytest.raises(SystemExit):  # "latest" would find nothing and start over on the finished run
         claim(str(tmp_path / "no_checkpoint"), "--resume_from_checkpoint", "latest")
@@ -300,7 +300,7 @@ def test_tlcm_stages_count_one_by_one(tmp_path):
     assert outputs.earlier_run(args) == f"checkpoints of an unfinished run ({os.path.join('stage2', 'checkpoint-2')})"
     args.stages = ["2"]
     outputs.clear_earlier_run(args)
-    assert sorted(os.listdir(out)) == ["stage1"]  # the stage to train again is gone, the one it starts from kept
+    assert listing(out) == ["stage1"]  # the stage to train again is gone, the one it starts from kept
     # an init LoRA in the folder of a stage the run does not train is allowed; in one it trains, refused
     args = SimpleNamespace(output_dir=out, stages=["2"], init_lora=os.path.join(out, "stage1", "lora"))
     outputs.check_not_an_input(args)
@@ -325,7 +325,7 @@ def test_overwrite_replaces_a_finished_run_and_push_to_hub_uploads_it_without_ch
             "--w_max", "6", "--validation_steps", "1000", "--report_to", "none"]
     refused = run_recipe("train_lcm_distill_sd.py", argv, check=False)
     assert refused.returncode == 2 and "already holds a finished run" in error_lines(refused.stderr)[0]
-    assert sorted(os.listdir(out)) == ["checkpoint-7", "model_index.json"]
+    assert listing(out) == ["checkpoint-7", "model_index.json"]
     assert open(f"{out}/model_index.json").read() == "{}"  # untouched
 
     calls = []

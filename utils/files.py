@@ -90,14 +90,16 @@ def atomic_write(path: str, overwrite: bool = True, into: bool = False) -> Itera
     """Yield a temporary sibling of `path` to write a file or a folder at; once the block succeeds it is installed
     as `path` (see `install`); if the block or the install fails it is removed and `path` is left as it was.
     into: a folder written onto an existing folder `path` is moved into it entry by entry (`install_into`)
-    instead of replacing it whole, so the files `path` holds under other names are kept."""
-    tmp = _sibling(path, "partial")
+    instead of replacing it whole, so the files `path` holds under other names are kept; the temporary is then
+    made inside `path` (same file system, nothing written beside the folder)."""
+    into_folder = into and os.path.isdir(path) and not os.path.islink(path)
+    tmp = os.path.join(path, f".partial-{os.getpid()}") if into_folder else _sibling(path, "partial")
     _remove(tmp)
     try:
         yield tmp
         if not os.path.lexists(tmp):
             raise RuntimeError(f"nothing was written to {tmp}")
-        if into and os.path.isdir(tmp) and os.path.isdir(path) and not os.path.islink(path):
+        if into_folder and os.path.isdir(tmp):
             install_into(tmp, path)
         else:
             install(tmp, path, overwrite=overwrite)

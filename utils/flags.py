@@ -317,6 +317,7 @@ def check_lora_args(args: argparse.Namespace, presets: tuple[str, ...]) -> None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """Reject impossible combinations before any model is loaded; create --output_dir (see utils/outputs.py)."""
+    outputs.handle_stop_signals()  # a stop while the libraries and models load: one line, not a silent exit -15
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
                 "num_train_epochs", "max_nan_steps"]
     for name in positive:

@@ -48,6 +48,7 @@ _locks: list[str] = []  # lock files this process holds
 _handlers: dict[int, Any] = {}  # the signal handlers found before ours, restored by release()
 _stop_signals: list[int] = []  # the stop signals stop_now acted on
 _excepthooks: list[Any] = []  # the excepthook found before stop_now's, restored by release()
+_marked: list[str] = []  # folders this process marked as its output; unmarked again if it wrote nothing there
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -128,6 +129,7 @@ def mark(folder: str, program: str) -> None:
     if owner(folder) != program:
         with files.atomic_write(os.path.join(folder, MARKER)) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump({"program": program}, f)
+        _marked.append(folder)
 
 
 def foreign(folder: str, program: str, own: Callable[[str], bool] | None = None) -> str | None:
@@ -256,6 +258,13 @@ def release() -> None:
         _handlers.clear()
     if _excepthooks:  # an in-process run that was stopped leaves the caller's excepthook as it found it
         sys.excepthook = _excepthooks.pop()
+    while _marked:
+        folder = _marked.pop()
+        if os.path.isdir(folder) and all(_internal(n) for n in os.listdir(folder)):
+            try:
+                os.remove(os.path.join(folder, MARKER))
+            except OSError:
+                pass
     while _created:
         remove_if_unused(_created.pop())  # only ever removes a folder holding nothing but our bookkeeping
     errors._outputs.clear()
@@ -265,6 +274,11 @@ atexit.register(release)
 
 
 # ----------------------------------------------------------------------------- stop signals
+
+
+def handle_stop_signals() -> None:
+    """From now on SIGTERM and SIGINT end the program at once with one line (`stop_now`); call it first thing."""
+    _install(stop_now)
 
 
 def _install(handler) -> None:
