@@ -353,6 +353,7 @@ def check_training_args(args: argparse.Namespace) -> None:
         with user_errors():
             resolve_resume(args.output_dir, args.resume_from_checkpoint)
     outputs.check_not_an_input(args)
+    outputs.check_others_files(args)  # before anything is written there (claim checks again, holding the lock)
     outputs.make_output_dir(args.output_dir)  # a run that fails before writing anything leaves no empty folder
 
 

@@ -233,9 +233,7 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
             if what and args.resume_from_checkpoint is not None and nothing_to_resume(args):
                 raise UserError(f"--output_dir {args.output_dir} already holds {what} and no checkpoint to resume "
                                 "from (--resume_from_checkpoint); start over with --overwrite_output_dir")
-        if not what:  # a folder of an earlier run is ours (marked or not); any other is checked for others' files
-            refuse_foreign(args.output_dir, "--output_dir", TRAINING, args.overwrite_output_dir,
-                           "--overwrite_output_dir")
+        check_others_files(args)
         if args.overwrite_output_dir:
             clear_earlier_run(args)
         mark(args.output_dir, TRAINING)
@@ -392,6 +390,13 @@ def earlier_run(args: argparse.Namespace) -> str | None:
         if not final and found:
             return f"checkpoints of an unfinished run ({os.path.relpath(found[-1], args.output_dir)})"
     return None
+
+
+def check_others_files(args: argparse.Namespace) -> None:
+    """Refuse an --output_dir holding files no training run wrote (a user's README.md, another program's output)
+    unless --overwrite_output_dir; the folder of an earlier run is a run's own, marked or not (older versions)."""
+    if not earlier_run(args):
+        refuse_foreign(args.output_dir, "--output_dir", TRAINING, args.overwrite_output_dir, "--overwrite_output_dir")
 
 
 def nothing_to_resume(args: argparse.Namespace) -> bool:
