@@ -190,7 +190,7 @@ def from_checkpoint(args) -> None:
             if component == "unet":  # as train_lcm_distill_lora_sdxl.py: the LCMScheduler of the training grid
                 from utils.scheduling_lcm import lcm_scheduler
 
-                lcm_scheduler(models.load_noise_scheduler_config(args.base_model), args.num_ddim_timesteps,
+                lcm_scheduler(models.load_noise_scheduler_config(args.base_model, flag="--base_model"), args.num_ddim_timesteps,
                               args.timestep_scaling_factor).save_pretrained(os.path.join(tmp, "scheduler"))
         with_encoders = f"; with the LoRA of {', '.join(encoders)}" if encoders else ""
         print(f"LoRA of {args.checkpoint} (rank {max(lora_files.lora_ranks(lora_sd).values())}{with_encoders}): "
@@ -241,7 +241,7 @@ def save_pipeline(args, student, component: str, out_dir: str) -> None:
     pipe, _ = load_pipeline(args.base_model)
     pipe.register_modules(**{component: student})
     if component == "unet":
-        config = models.load_noise_scheduler_config(args.base_model)
+        config = models.load_noise_scheduler_config(args.base_model, flag="--base_model")
         pipe.register_modules(scheduler=lcm_scheduler(config, args.num_ddim_timesteps, args.timestep_scaling_factor))
     pipe.to(torch.float32)  # as the recipe saves it
     pipe.save_pretrained(out_dir)

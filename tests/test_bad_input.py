@@ -172,6 +172,13 @@ CASES = [
     ("lora", "teacher-unet-truncated", {"--pretrained_teacher_model": "{T}/teacher_unet_cut"},
      "--pretrained_teacher_model"),
     ("merge", "base-unet-truncated", {"--base_model": "{T}/teacher_unet_cut"}, "--base_model"),
+    ("sd", "teacher-scheduler-config-truncated", {"--pretrained_teacher_model": "{T}/teacher_scheduler_cut"},
+     "--pretrained_teacher_model"),
+    # more flags whose bad values failed inside a library
+    ("sd", "cache-dir-is-a-file", {"--cache_dir": "{T}/notes.txt"}, "--cache_dir"),
+    ("sd", "logging-dir-under-a-file", {"--logging_dir": "{T}/notes.txt/logs"}, "--logging_dir"),
+    ("eval", "per_combo-0", {"--per_combo": "0"}, "--per_combo"),
+    ("eval", "teacher_steps-0", {"--teacher": "{W}/models/sd", "--teacher_steps": "0"}, "--teacher_steps"),
     # metadata rows without a caption (a missing key, null) trained as empty prompts without a word
     *[(e, "data-caption-null", {"--train_data_dir": "{T}/null_caption_data"}, "--caption_column")
       for e in ("sd", "lora")],
@@ -299,7 +306,8 @@ def assets(toy_world, tmp_path_factory) -> str:
     sd[key] = sd[key][:, : RANK - 1].contiguous()  # lora_up of rank 3 against lora_down of rank 4
     save_file(sd, os.path.join(t, "bad_rank.safetensors"))
     for name, part in [("teacher_te_cut", "text_encoder/model.safetensors"),
-                       ("teacher_unet_cut", "unet/diffusion_pytorch_model.safetensors"), ("merge_base", None)]:
+                       ("teacher_unet_cut", "unet/diffusion_pytorch_model.safetensors"),
+                       ("teacher_scheduler_cut", "scheduler/scheduler_config.json"), ("merge_base", None)]:
         shutil.copytree(os.path.join(toy_world, "models/sd"), os.path.join(t, name))
         if part:
             data = (root / name / part).read_bytes()

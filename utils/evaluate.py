@@ -276,6 +276,9 @@ def main() -> None:
     args = parser.parse_args()
     if any(s < 1 or s > 1000 for s in args.steps):
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    for flag, value in (("--teacher_steps", args.teacher_steps), ("--per_combo", args.per_combo)):
+        if value < 1:
+            fail(f"{flag} must be at least 1, got {value}")
     use_judge = args.judge.lower() != "none"
     for flag, path, needed in (("--judge", args.judge, use_judge),
                                ("--real_images", args.real_images, use_judge or args.clip_model)):

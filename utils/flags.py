@@ -355,6 +355,21 @@ def check_training_args(args: argparse.Namespace) -> None:
     outputs.check_not_an_input(args)
     outputs.check_others_files(args)  # before anything is written there (claim checks again, holding the lock)
     outputs.make_output_dir(args.output_dir)  # a run that fails before writing anything leaves no empty folder
+    check_folder_flags(args)
+
+
+def check_folder_flags(args: argparse.Namespace) -> None:
+    """--cache_dir and --logging_dir (under --output_dir unless absolute) must be folders or creatable ones:
+    a regular file there, or above them, fails inside datasets or the tracker otherwise."""
+    import os
+
+    for flag, path in (("--cache_dir", getattr(args, "cache_dir", None)),
+                       ("--logging_dir", os.path.join(args.output_dir, args.logging_dir))):
+        head = os.path.abspath(os.path.expanduser(path)) if path else None
+        while head and not os.path.exists(head):
+            head = os.path.dirname(head)
+        if head and not os.path.isdir(head):
+            fail(f"{flag} {path} cannot be a folder: {head} is a file")
 
 
 def check_report_to(value: str) -> None:

@@ -228,12 +228,12 @@ def load_text_encoders(path: str, arch: str | None = None, revision: str | None 
     return tokenizers, encoders
 
 
-def load_noise_scheduler_config(path: str, revision: str | None = None) -> dict:
-    """The config dict of the pipeline's scheduler subfolder (its _class_name included)."""
-    _check_exists(path)
+def load_noise_scheduler_config(path: str, revision: str | None = None, flag: str | None = None) -> dict:
+    """The config dict of the pipeline's scheduler subfolder (its _class_name included; a load error names `flag`)."""
+    _check_exists(path, flag)
     # load_config only reads scheduler_config.json; any scheduler class reads the same file, whatever
     # class the file itself names, so this works for DDIM, Euler and flow-matching schedulers alike.
-    return load_config(DDPMScheduler, path, "scheduler", revision)
+    return load_config(DDPMScheduler, path, "scheduler", revision, flag)
 
 
 # ----------------------------------------------------------------------------- prompt encoding
@@ -516,7 +516,7 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
     path, device = args.pretrained_teacher_model, accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     arch = require_architecture(path, archs, revision=args.revision)
-    config = load_noise_scheduler_config(path, args.revision)
+    config = load_noise_scheduler_config(path, args.revision, TEACHER_FLAG)
     alphas_cumprod = prediction_type = None
     if arch != "flux":
         prediction_type = config.get("prediction_type", "epsilon")
