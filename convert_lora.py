@@ -267,6 +267,7 @@ COMMANDS = {"convert": convert, "merge": merge, "from-checkpoint": from_checkpoi
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    outputs.handle_stop_signals()  # SIGTERM / Ctrl-C while the libraries and the models load: one line
     import diffusers
     import transformers
 

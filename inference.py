@@ -477,6 +477,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
 def main(argv: Sequence[str] | None = None, console_factory: Callable[[bool], Console] = Console) -> list[str]:
     """Parse the flags and sample; returns the written PNG paths (bad input: one line on stderr, exit 2)."""
     args = parse_args(argv)
+    outputs.handle_stop_signals()  # SIGTERM / Ctrl-C while the libraries and the pipeline load: one line
     with user_errors():
         return run(args, console_factory(args.quiet))
 

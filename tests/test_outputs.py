@@ -176,3 +176,35 @@ def test_a_16_bit_grayscale_image_is_scaled_not_clipped_to_white(tmp_path):
     assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert np.abs(rgb[..., 0].astype(int) - np.rint(values / 257.0)).max() == 0
     assert rgb.min() == 0 and rgb.max() == 255 and abs(rgb.mean() - 127.5) < 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 28 MiB tmpfs (root only; skipped elsewhere): room for one toy checkpoint (17 MiB), not for two."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=28m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_while_training_is_one_line_and_keeps_the_last_checkpoint(toy_world, small_disk):
+    """The disk fills up while checkpoint-2 is written (torch's writer, or safetensors, reports it in its own
+    class): one line naming --output_dir, exit 2; the half-written checkpoint is gone, checkpoint-1 stays."""
+    out = str(small_disk / "out")
+    run = run_command(["train_lcm_distill_sd.py", "--pretrained_teacher_model", os.path.join(toy_world, "models/sd"),
+                       "--train_data_dir", os.path.join(toy_world, "data/train"), "--output_dir", out,
+                       "--resolution", "32", "--train_batch_size", "2", "--max_train_samples", "8",
+                       "--max_train_steps", "2", "--checkpointing_steps", "1", "--validation_steps", "1000",
+                       "--report_to", "none"])
+    errors_said = [line for line in run.stderr.splitlines() if line.startswith("error")]  # beside the INFO lines
+    assert len(errors_said) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    line = errors_said[0]
+    assert run.returncode == 2 and line.startswith(f"error: cannot write checkpoint-2 in {out}: "), line
+    assert line.endswith(f"{out}/checkpoint-1 stays the latest checkpoint (--output_dir)"), line
+    assert listing(out) == ["checkpoint-1"]

@@ -45,7 +45,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from utils import files
-from utils.errors import TORCH_WRITE_FAILURES, UserError
+from utils.errors import UserError, write_failure
 
 if TYPE_CHECKING:  # accelerate is heavy to import; only the annotations need it
     from accelerate import Accelerator
@@ -189,9 +189,9 @@ def save_checkpoint(
         if writer:
             with files.atomic_write(os.path.join(partial, STATE_FILE)) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
-    except (OSError, RuntimeError) as exc:  # a full disk, a quota, a lost mount: the half-written checkpoint goes
-        if isinstance(exc, RuntimeError) and not any(s in str(exc) for s in TORCH_WRITE_FAILURES):
-            raise  # torch.save reports a full disk as a RuntimeError; any other is a bug, with its traceback
+    except Exception as exc:  # a full disk, a quota, a lost mount: the half-written checkpoint goes
+        if not isinstance(exc, OSError) and write_failure(exc) is None:
+            raise  # torch and safetensors report a full disk in their own classes; any other is a bug
         shutil.rmtree(partial, ignore_errors=True)
         latest = list_checkpoints(output_dir)
         kept = f"{latest[-1]} stays the latest checkpoint" if latest else "no earlier checkpoint exists"

@@ -19,8 +19,10 @@ class UserError(Exception):
 
 # errno values of a write that the machine, not the program, refused: full disk or quota, read-only or lost mount
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
-# torch.save's zip writer reports a failed write (a full disk) as a RuntimeError carrying one of these
-TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container")
+# how libraries that do not raise OSError report one: torch.save's zip writer (a RuntimeError from
+# inline_container.cc), safetensors (a SafetensorError "I/O error: No space left on device (os error 28)")
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container",
+                        *(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)))
 _outputs: dict[str, str] = {}  # real path of each output of this program -> the flag that named it
 
 
@@ -47,9 +49,9 @@ def write_failure(exc: BaseException) -> str | None:
         what = f"cannot write {filename}" if filename else "a write failed"
         flag = _flag_of(filename)
         return f"{what}: {exc.strerror or exc}{f' ({flag})' if flag else ''}"
-    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in TORCH_WRITE_FAILURES):
+    if not isinstance(exc, OSError) and any(s in str(exc) for s in TORCH_WRITE_FAILURES):
         flag = _flag_of(None)
-        return (f"a write failed (full disk?): {str(exc).strip().splitlines()[0]}{f' ({flag})' if flag else ''}")
+        return f"a write failed: {str(exc).strip().splitlines()[0]}{f' ({flag})' if flag else ''}"
     return None
 
 
@@ -69,7 +71,7 @@ def user_errors() -> Iterator[None]:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("stopped by SIGINT (Ctrl-C); finished outputs are kept", 130)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- re-raised unless it is a failed write
         message = write_failure(exc)
         if message is None:
             raise
