@@ -37,7 +37,10 @@ def parse_args(argv: list[str] | None = None):
     def base_flags(p):
         p.add_argument("--base_model", required=True,
                        help="diffusers pipeline folder (or hub id) the LoRA belongs to: SD/SDXL UNet or FLUX transformer")
-        p.add_argument("--overwrite", action="store_true", help="replace the output if it already exists")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the output if it already exists (into a folder: the files of the names written "
+                            "are replaced, the others kept); an output that is, holds or lies in an input is refused "
+                            "even so")
 
     c = sub.add_parser("convert", help="a LoRA in one format -> another format",
                        description="Rewrite a LoRA (any format) as diffusers, PEFT or kohya; outputs are unchanged.")

@@ -31,26 +31,30 @@ def note_output(path: str, flag: str) -> None:
     _outputs[os.path.realpath(os.path.abspath(path))] = flag
 
 
-def _flag_of(filename: str | None) -> str:
-    """The flag of the registered output that holds `filename` (or the only one registered), else ""."""
+def _output_of(filename: str | None) -> tuple[str, str]:
+    """(path, flag) of the registered output that holds `filename` or its temporary sibling (or of the only one
+    registered), else ("", "")."""
     if filename:
         real = os.path.realpath(os.path.abspath(str(filename)))
         for path, flag in _outputs.items():
-            if real == path or real.startswith(path.rstrip(os.sep) + os.sep) or os.path.dirname(path) == real:
-                return flag
-    return next(iter(_outputs.values())) if len(_outputs) == 1 else ""
+            if real == path or real.startswith(path.rstrip(os.sep) + os.sep) or os.path.dirname(path) == real or (
+                    os.path.dirname(real) == os.path.dirname(path) and ".partial" in os.path.basename(real)):
+                return path, flag
+    return next(iter(_outputs.items())) if len(_outputs) == 1 else ("", "")
 
 
 def write_failure(exc: BaseException) -> str | None:
     """The one-line message of an exception that is a failed write (full disk, quota, read-only file system), or
     None when it is something else (a bug keeps its traceback)."""
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-        filename = exc.filename
+        filename = str(exc.filename) if exc.filename else None
+        path, flag = _output_of(filename)
+        if filename and os.path.basename(filename).startswith(".") and ".partial" in filename and path:
+            filename = path  # a temporary name of ours means nothing to the user: name the output
         what = f"cannot write {filename}" if filename else "a write failed"
-        flag = _flag_of(filename)
         return f"{what}: {exc.strerror or exc}{f' ({flag})' if flag else ''}"
     if not isinstance(exc, OSError) and any(s in str(exc) for s in TORCH_WRITE_FAILURES):
-        flag = _flag_of(None)
+        flag = _output_of(None)[1]
         return f"a write failed: {str(exc).strip().splitlines()[0]}{f' ({flag})' if flag else ''}"
     return None
 
