@@ -193,8 +193,9 @@ def from_checkpoint(args) -> None:
             if component == "unet":  # as train_lcm_distill_lora_sdxl.py: the LCMScheduler of the training grid
                 from utils.scheduling_lcm import lcm_scheduler
 
-                lcm_scheduler(models.load_noise_scheduler_config(args.base_model, flag="--base_model"), args.num_ddim_timesteps,
-                              args.timestep_scaling_factor).save_pretrained(os.path.join(tmp, "scheduler"))
+                config = models.load_noise_scheduler_config(args.base_model, flag="--base_model")
+                scheduler = lcm_scheduler(config, args.num_ddim_timesteps, args.timestep_scaling_factor)
+                scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
         with_encoders = f"; with the LoRA of {', '.join(encoders)}" if encoders else ""
         print(f"LoRA of {args.checkpoint} (rank {max(lora_files.lora_ranks(lora_sd).values())}{with_encoders}): "
               f"{args.output_dir}")

@@ -270,8 +270,8 @@ def compare_flags(path: str, saved: dict | None, current: dict) -> list[str]:
     changed = [n for n in current if n in saved and saved[n] != current[n]]
     for name in changed:
         if name in REFUSED_CHANGES:
-            raise UserError(f"{path} was trained with --{name} {_shown(saved[name])}, this run has {_shown(current[name])}"
-                            f": it changes {REFUSED_CHANGES[name]}; resume with --{name} {_shown(saved[name])} "
+            raise UserError(f"{path} was trained with --{name} {_shown(saved[name])}, this run has "
+                            f"{_shown(current[name])}: it changes {REFUSED_CHANGES[name]}; resume with --{name} {_shown(saved[name])} "
                             f"or start over (--resume_from_checkpoint, --{name})")
     return [f"resuming {path} with --{n} {_shown(current[n])} (it was trained with {_shown(saved[n])}): the run goes "
             "on from there, but not as an exact continuation" for n in changed]

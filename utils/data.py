@@ -273,7 +273,7 @@ def _load_table(dataset_name: str | None, train_data_dir: str | None, cache_dir:
     return _train_split(loaded, "--train_data_dir", train_data_dir), "--train_data_dir", train_data_dir
 
 
-def _check_captions(table: Any, caption_column: str, flag: str, value: str) -> None:
+def _check_captions(table: Any, caption_column: str, value: str) -> None:
     """Every row has a caption: a metadata row without the key, or with null, would train as the empty prompt
     without a word. An intended empty prompt is the empty string."""
     missing = [i for i, cell in enumerate(table[caption_column]) if cell is None]
@@ -437,7 +437,7 @@ def load_image_caption_dataset(
     _check_columns(list(table.column_names), image_column, caption_column, f"dataset {value!r}")
     if len(table) == 0:
         raise UserError(f"dataset {value!r} has no samples ({flag})")
-    _check_captions(table, caption_column, flag, value)
+    _check_captions(table, caption_column, value)
     if max_train_samples is not None:
         # the first N of a seeded shuffle: a random but reproducible subset
         table = table.shuffle(seed=seed).select(range(min(max_train_samples, len(table))))

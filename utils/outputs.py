@@ -1,13 +1,22 @@
-"""The output folder of a training run: never an input, never an earlier run's unless asked, one run at a time,
-tidied when the run ends early, and published to the hub at the end (--push_to_hub).
+"""Where a program writes: the output rule every program follows, and a training run's output folder (one run at
+a time, tidied when the run ends early, published to the hub at the end with --push_to_hub).
 
-A run's life: `check_not_an_input` and `make_output_dir` (flags.check_training_args, before any model is loaded);
-`claim` (loop.make_accelerator: the folder's lock, the earlier-run rule, --overwrite_output_dir); the recipe's
-work; `publish` (the model card, then --push_to_hub); `release` (at exit, or after an in-process run): the lock
-dropped, the signal handlers restored, and the folders the run created but left empty removed.
+The rule, for the recipes, convert_lora.py, inference.py, utils.evaluate and demo.py alike: an output that is,
+contains or lies inside an input is refused, even when asked to overwrite (`check_output_not_input`); a folder that
+holds what the program did not write (a user's files, another program's output) is refused unless asked, and then
+written among: the files of the names the program writes are replaced, nothing else is deleted (`foreign`,
+`refuse_foreign`; files.atomic_write(into=True) moves a finished folder in entry by entry). A program's own folder
+is known by the MARKER file it writes there (`mark`, `owner`). Every program calls `prepare_output` (the others)
+or, through flags.check_training_args and loop.make_accelerator, `check_not_an_input`, `check_others_files`,
+`make_output_dir` and `claim` (the recipes) where its output enters.
 
-SIGTERM or SIGINT outside the training loop ends the run at once with one line (a SystemExit, so `release` still
-runs); inside it, loop.TrainLoop stops after the current step and keeps a checkpoint of it.
+A run's life: those checks (before any model is loaded); `claim` (loop.make_accelerator: the folder's lock, the
+earlier-run rule, --overwrite_output_dir, the marker); the recipe's work; `publish` (the model card, then
+--push_to_hub); `release` (at exit, or after an in-process run): the lock dropped, the signal handlers restored,
+and the folders the run created but left empty removed.
+
+SIGTERM or SIGINT outside the training loop ends the program at once with one line (a SystemExit, so `release`
+still runs); inside it, loop.TrainLoop stops after the current step and keeps a checkpoint of it.
 """
 
 from __future__ import annotations
@@ -167,7 +176,7 @@ def prepare_output(path: str, flag: str, inputs: dict[str, Any], program: str, o
     end the program with one line (SIGTERM, Ctrl-C); an output that is, holds or lies inside an input is refused;
     a folder output (folder=True) that is a file, or holds what another wrote (unless `overwrite`), is refused, else
     created (`release` removes it again if the program ends before writing into it) and marked as `program`'s."""
-    _install(stop_now)
+    handle_stop_signals()
     errors.note_output(path, flag)
     check_output_not_input(path, flag, inputs)
     if not folder:
