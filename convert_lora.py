@@ -21,11 +21,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from utils import checkpoint, flags, lora, lora_files, models
+from utils import checkpoint, flags, lora, lora_files, models, outputs
 from utils.errors import UserError, user_errors
 
 _NAMED = re.compile(r"\((--[\w-]+|[A-Z]+)\)")  # a message that already names its flag or positional argument
 SAVE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PROGRAM = "convert_lora.py"  # as its folder outputs' marker names it (utils/outputs.py)
 
 
 def parse_args(argv: list[str] | None = None):
@@ -36,7 +37,10 @@ def parse_args(argv: list[str] | None = None):
     def base_flags(p):
         p.add_argument("--base_model", required=True,
                        help="diffusers pipeline folder (or hub id) the LoRA belongs to: SD/SDXL UNet or FLUX transformer")
-        p.add_argument("--overwrite", action="store_true", help="replace the output if it already exists")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the output if it already exists (into a folder: the files of the names written "
+                            "are replaced, the others kept); an output that is, holds or lies in an input is refused "
+                            "even so")
 
     c = sub.add_parser("convert", help="a LoRA in one format -> another format",
                        description="Rewrite a LoRA (any format) as diffusers, PEFT or kohya; outputs are unchanged.")
@@ -105,7 +109,7 @@ def convert(args) -> None:
     with naming("LORA"):
         sd, alphas, fmt = lora_files.read_lora(args.lora, model)
     targets = lora.infer_targets(set(lora_files.lora_ranks(sd)), model) if args.to == "peft" else None
-    with lora_files.staged_output(target, args.overwrite) as tmp:
+    with lora_files.staged_output(target, args.overwrite, PROGRAM) as tmp:
         lora_files.write_lora(sd, alphas, args.to, tmp, component, targets)
     print(f"{fmt} -> {args.to}: {target}")
 
@@ -126,7 +130,7 @@ def merge(args) -> None:
     with naming("LORA"):  # bad input fails before the big load
         lora_files.read_lora(args.lora, lora_files.denoiser_skeleton(args.base_model)[0])
     if args.denoiser_only:
-        pipe, merged = None, models.load_denoiser(args.base_model)
+        pipe, merged = None, models.load_denoiser(args.base_model, flag="--base_model")
     else:
         pipe, component = load_pipeline(args.base_model)
         merged = getattr(pipe, component)
@@ -138,7 +142,7 @@ def merge(args) -> None:
     saved = merged if pipe is None else pipe
     if args.save_dtype != "fp32":
         saved.to(getattr(torch, SAVE_DTYPES[args.save_dtype]))
-    with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
+    with lora_files.staged_output(args.output_dir, args.overwrite, PROGRAM) as tmp:
         saved.save_pretrained(tmp)
     print(f"merged {args.lora} into {args.base_model}: {args.output_dir}")
 
@@ -175,7 +179,7 @@ def from_checkpoint(args) -> None:
     if lora_sd:
         if args.ema or args.denoiser_only:
             raise UserError(f"{args.checkpoint} holds a LoRA: --ema and --denoiser_only are for full-model checkpoints")
-        model = models.load_denoiser(args.base_model)
+        model = models.load_denoiser(args.base_model, flag="--base_model")
         if args.lora_target_modules == "auto":
             targets = lora.infer_targets(set(lora_files.lora_ranks(lora_sd)), model)
         else:
@@ -183,14 +187,15 @@ def from_checkpoint(args) -> None:
         lora_files.add_lora_from_state(model, lora_sd, args.lora_alpha, targets, args.lora_dropout)
         encoders = encoders_with_lora(args)
         # train_lcm_distill_lora_sdxl.py keeps the PEFT folder in out/unet; FLUX LoRA runs keep it in out/.
-        with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
+        with lora_files.staged_output(args.output_dir, args.overwrite, PROGRAM) as tmp:
             lora_files.save_lora_outputs(model, tmp, component, None if component == "unet" else tmp,
                                          text_encoders=encoders)
             if component == "unet":  # as train_lcm_distill_lora_sdxl.py: the LCMScheduler of the training grid
                 from utils.scheduling_lcm import lcm_scheduler
 
-                lcm_scheduler(models.load_noise_scheduler_config(args.base_model), args.num_ddim_timesteps,
-                              args.timestep_scaling_factor).save_pretrained(os.path.join(tmp, "scheduler"))
+                config = models.load_noise_scheduler_config(args.base_model, flag="--base_model")
+                scheduler = lcm_scheduler(config, args.num_ddim_timesteps, args.timestep_scaling_factor)
+                scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
         with_encoders = f"; with the LoRA of {', '.join(encoders)}" if encoders else ""
         print(f"LoRA of {args.checkpoint} (rank {max(lora_files.lora_ranks(lora_sd).values())}{with_encoders}): "
               f"{args.output_dir}")
@@ -202,7 +207,7 @@ def from_checkpoint(args) -> None:
             raise UserError(f"{args.checkpoint} holds no EMA copy of the model (--ema)")
         state = found[0]
     student = denoiser_from_state(args.base_model, component, state)
-    with lora_files.staged_output(args.output_dir, args.overwrite) as tmp:
+    with lora_files.staged_output(args.output_dir, args.overwrite, PROGRAM) as tmp:
         if args.denoiser_only:
             student.save_pretrained(tmp)
         else:
@@ -221,7 +226,7 @@ def encoders_with_lora(args) -> dict:
             states[name] = lora_files.checkpoint_lora_state(checkpoint.read_model_state(args.checkpoint, index))
     if not any(states.values()):
         return {}
-    _, encoders = models.load_text_encoders(args.base_model)
+    _, encoders = models.load_text_encoders(args.base_model, flag="--base_model")
     if len(encoders) != len(states):
         raise UserError(f"{args.checkpoint} holds {len(states)} text encoder(s), {args.base_model} has "
                         f"{len(encoders)} (--base_model)")
@@ -240,10 +245,25 @@ def save_pipeline(args, student, component: str, out_dir: str) -> None:
     pipe, _ = load_pipeline(args.base_model)
     pipe.register_modules(**{component: student})
     if component == "unet":
-        config = models.load_noise_scheduler_config(args.base_model)
+        config = models.load_noise_scheduler_config(args.base_model, flag="--base_model")
         pipe.register_modules(scheduler=lcm_scheduler(config, args.num_ddim_timesteps, args.timestep_scaling_factor))
     pipe.to(torch.float32)  # as the recipe saves it
     pipe.save_pretrained(out_dir)
+
+
+def check_numbers(args) -> None:
+    """from-checkpoint's numbers are written into the outputs (adapter_config.json, the scheduler): refuse the
+    values no run could have trained with, naming the flag."""
+    if args.command != "from-checkpoint":
+        return
+    if args.lora_alpha <= 0:
+        raise UserError(f"--lora_alpha must be positive, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not 1 <= args.num_ddim_timesteps <= 1000:
+        raise UserError(f"--num_ddim_timesteps must be in 1..1000, got {args.num_ddim_timesteps}")
+    if args.timestep_scaling_factor <= 0:
+        raise UserError(f"--timestep_scaling_factor must be positive, got {args.timestep_scaling_factor}")
 
 
 COMMANDS = {"convert": convert, "merge": merge, "from-checkpoint": from_checkpoint}
@@ -251,6 +271,7 @@ COMMANDS = {"convert": convert, "merge": merge, "from-checkpoint": from_checkpoi
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    outputs.handle_stop_signals()  # SIGTERM / Ctrl-C while the libraries and the models load: one line
     import diffusers
     import transformers
 
@@ -262,6 +283,16 @@ def main(argv: list[str] | None = None) -> None:
             path = getattr(args, flag, None)
             if path is not None and not os.path.exists(path):
                 raise UserError(f"{path} does not exist ({flag.upper()})")
+        check_numbers(args)
+        # the output rule (utils/outputs.py): never over, into or around an input, even with --overwrite; an
+        # existing output is replaced only with --overwrite, and then a folder keeps the files of other names
+        output, flag = (args.output_path, "--output_path") if args.command == "convert" else (args.output_dir,
+                                                                                           "--output_dir")
+        inputs = {"LORA": getattr(args, "lora", None), "CHECKPOINT": getattr(args, "checkpoint", None),
+                  "--base_model": args.base_model}
+        outputs.prepare_output(output, flag, inputs, PROGRAM, args.overwrite, folder=False)
+        if os.path.isfile(output) and (args.command != "convert" or args.to == "peft"):
+            raise UserError(f"{output} is a file; {args.command} writes a folder there ({flag})")
         COMMANDS[args.command](args)
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict
 import torch
 
 import utils  # noqa: F401  (quiets optional-dependency warnings before diffusers is imported)
+from utils import outputs
 from utils.evaluate import eval_prompts, evaluate, load_real_images, markdown_table, read_labels, row_labels
 from utils.grids import save_grid
 from utils.samplers import set_sampler
@@ -156,6 +157,14 @@ def compare(world: str, teacher: str, samplers: list[str], g: float, reference_s
     return results
 
 
+RUNS = ("lcm-sd", "lcm-sdxl", "lcm-lora-sdxl", "tlcm-flux", "tlcm-sdxl")
+
+
+def demo_file(name: str) -> bool:
+    """Whether a file or folder name in --output_dir is one the demo writes (its runs, grids and metrics)."""
+    return name in RUNS or name.endswith("_grid.png") or name in ("metrics.md", "metrics.json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy_world", default=DEFAULT_OUT, help="where the toy world is (re)built")
@@ -167,7 +176,9 @@ def main() -> None:
     parser.add_argument("--per_combo", type=int, default=2, help="evaluation prompts per shape x colour")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    os.makedirs(args.output_dir, exist_ok=True)
+    # the output rule (utils/outputs.py); a results folder of an earlier demo, marked or not, is its own and reused
+    outputs.prepare_output(args.output_dir, "--output_dir", {"--toy_world": args.toy_world}, "demo.py",
+                           overwrite_flag=None, own=demo_file)
 
     world = build(args.toy_world)
     judge = ToyJudge.from_pretrained(os.path.join(world, "judge"))
@@ -193,7 +204,7 @@ def main() -> None:
 
     # each recipe on its toy teacher, then student vs the teacher's own samplers at the same step counts
     sd_dir, sdxl_dir, lora_dir, tlcm_dir, tlcm_sdxl_dir = (
-        os.path.join(args.output_dir, n) for n in ("lcm-sd", "lcm-sdxl", "lcm-lora-sdxl", "tlcm-flux", "tlcm-sdxl"))
+        os.path.join(args.output_dir, n) for n in RUNS)
     distill_sd(world, sd_dir, args.distill_steps, args.seed)
     g = TEACHERS["sd"]
     # the full LCM student embeds w = guidance_scale - 1: the same CFG strength as the teacher's scale g

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,7 +33,7 @@ from paras import (
     ROOT,
     parse_args,
 )
-from utils import files
+from utils import files, outputs
 from utils.errors import UserError, user_errors
 from utils.samplers import SAMPLERS, check_sampler, set_sampler, uses_milestones
 
@@ -290,17 +289,12 @@ def call_kwargs(pipe: Any, scale: float, mode: str, negative_prompt: str | None,
 # ----------------------------------------------------------------------------- output
 
 
-def prepare_output_dir(path: str) -> bool:
-    """Create --output_dir and check it is writable; returns whether it was created now."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{path} exists and is not a folder (--output_dir)")
-    created = not os.path.exists(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise UserError(f"{path} is not a writable folder (--output_dir): {exc.strerror or exc}") from None
+def prepare_output_dir(args: argparse.Namespace, base: str) -> bool:
+    """The output rule (utils/outputs.py) for --output_dir: not an input, not a folder of others' files unless
+    --overwrite; created, writable; SIGTERM / Ctrl-C from here on end with one line. Returns whether it was created."""
+    created = not os.path.exists(args.output_dir)
+    inputs = {"--base_model_path": base, "--lora_path": args.lora_path, "--prompts_file": args.prompts_file}
+    outputs.prepare_output(args.output_dir, "--output_dir", inputs, "inference.py", args.overwrite)
     return created
 
 
@@ -414,14 +408,14 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
         prompts = load_prompts(prompts_file=args.prompts_file)
     else:
         prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
-    created = prepare_output_dir(args.output_dir)
+    created = prepare_output_dir(args, base)
     written: list[str] = []
     try:
         written = _generate(args, console, base, arch, scheduler, renoise, height, width, device, dtype,
                             lora_file, prompts, written)
     finally:
-        if created and not written and os.path.isdir(args.output_dir) and not os.listdir(args.output_dir):
-            os.rmdir(args.output_dir)
+        if created and not written:
+            outputs.remove_if_unused(args.output_dir)
     return written
 
 
@@ -483,6 +477,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
 def main(argv: Sequence[str] | None = None, console_factory: Callable[[bool], Console] = Console) -> list[str]:
     """Parse the flags and sample; returns the written PNG paths (bad input: one line on stderr, exit 2)."""
     args = parse_args(argv)
+    outputs.handle_stop_signals()  # SIGTERM / Ctrl-C while the libraries and the pipeline load: one line
     with user_errors():
         return run(args, console_factory(args.quiet))
 

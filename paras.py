@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder for the PNGs (created; existing files are never overwritten: new names get\n"
                          "a -1, -2, ... suffix). Each PNG holds the prompt and all settings in its text\n"
                          "metadata (default: %(default)s)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="write into an --output_dir that holds files inference.py did not write (they are kept:\n"
+                         "the PNGs take free names); without it such a folder is refused")
     io.add_argument("--num_images", type=int, default=1,
                     help="images per prompt; image i is drawn from seed + i (default: %(default)s)")
     io.add_argument("--batch_size", type=int, default=1,

@@ -36,7 +36,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from utils import cache, flags, loop, models, outputs
+from utils import cache, files, flags, loop, models, outputs
 from utils.consistency import (LCMSchedule, consistency_fn, guidance_scale_embedding,
                                scalings_for_boundary_conditions)
 from utils.ema import ema_update
@@ -286,7 +286,9 @@ def save_pipeline(args, student, teacher: models.Teacher) -> None:
     """Write `unet/` and the whole StableDiffusionPipeline (LCMScheduler with this run's grid) to --output_dir."""
     for part in (teacher.vae, *teacher.text_encoders):
         part.to(torch.float32)  # saved as fp32 weights, like the student
-    lcm_pipeline(args, copy.deepcopy(student).to(torch.float32), teacher).save_pretrained(args.output_dir)
+    pipe = lcm_pipeline(args, copy.deepcopy(student).to(torch.float32), teacher)
+    with files.atomic_write(args.output_dir, into=True) as tmp:  # a stop or a full disk leaves nothing half-written
+        pipe.save_pretrained(tmp)
 
 
 def model_card(args, arch: str) -> str:

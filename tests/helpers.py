@@ -172,6 +172,15 @@ def run_recipe(script: str, args: list[str], env: dict | None = None, check: boo
     return run
 
 
+def listing(folder) -> list[str]:
+    """The sorted entries of a folder but the output marker every program writes (utils.outputs.MARKER)."""
+    import os
+
+    from utils.outputs import MARKER
+
+    return sorted(n for n in os.listdir(folder) if n != MARKER)
+
+
 def run_command(argv: list[str], env: dict | None = None) -> RecipeRun:
     """`python *argv` (a script of the repo and its arguments, or `-m module ...`) run in this process
     (`as_a_process`), its `if __name__ == "__main__":` block included: an uncaught exception prints its

@@ -33,6 +33,8 @@ ENTRY_POINTS = {
     "infer": ["inference.py"],
     "convert": ["convert_lora.py"],
     "eval": ["-m", "utils.evaluate"],
+    "merge": ["convert_lora.py"],
+    "export": ["convert_lora.py"],
 }
 
 
@@ -54,6 +56,8 @@ def valid_command(entry: str) -> list[str]:
                     "--output_path", "{OUT}/lora.safetensors"],
         "eval": ["--pipeline", "{W}/models/sd", "--steps", "1", "--judge", "{W}/judge", "--real_images",
                  "{W}/data/test", "--output_dir", "{OUT}"],
+        "merge": ["merge", "{T}/sd_lora.safetensors", "--base_model", "{W}/models/sd", "--output_dir", "{OUT}"],
+        "export": ["from-checkpoint", "{T}/run/checkpoint-1", "--base_model", "{W}/models/sd", "--output_dir", "{OUT}"],
     }[entry]
 
 
@@ -160,6 +164,44 @@ CASES = [
     # resuming from a checkpoint that does not exist
     *[(e, "resume-missing", {"--resume_from_checkpoint": "checkpoint-77"}, "--resume_from_checkpoint")
       for e in ("sd", "lora", "tlcm")],
+    # a flag whose bad value raised inside a library
+    ("sd", "report-to-nonsense", {"--report_to": "nonsense"}, "--report_to"),
+    ("lora", "report-to-not-installed", {"--report_to": "wandb"}, "--report_to"),
+    # truncated teacher weights (the text encoder's file raised a traceback, the UNet's named no flag)
+    ("sd", "teacher-text-encoder-truncated", {"--pretrained_teacher_model": "{T}/teacher_te_cut"},
+     "--pretrained_teacher_model"),
+    ("lora", "teacher-unet-truncated", {"--pretrained_teacher_model": "{T}/teacher_unet_cut"},
+     "--pretrained_teacher_model"),
+    ("merge", "base-unet-truncated", {"--base_model": "{T}/teacher_unet_cut"}, "--base_model"),
+    ("sd", "teacher-scheduler-config-truncated", {"--pretrained_teacher_model": "{T}/teacher_scheduler_cut"},
+     "--pretrained_teacher_model"),
+    # more flags whose bad values failed inside a library
+    ("sd", "cache-dir-is-a-file", {"--cache_dir": "{T}/notes.txt"}, "--cache_dir"),
+    ("sd", "logging-dir-under-a-file", {"--logging_dir": "{T}/notes.txt/logs"}, "--logging_dir"),
+    ("eval", "per_combo-0", {"--per_combo": "0"}, "--per_combo"),
+    ("eval", "teacher_steps-0", {"--teacher": "{W}/models/sd", "--teacher_steps": "0"}, "--teacher_steps"),
+    # metadata rows without a caption (a missing key, null) trained as empty prompts without a word
+    *[(e, "data-caption-null", {"--train_data_dir": "{T}/null_caption_data"}, "--caption_column")
+      for e in ("sd", "lora")],
+    ("eval", "real-images-empty", {"--real_images": "{T}/empty_data"}, "--real_images"),
+    # outputs: never over, into or around an input, even with --overwrite; never a folder of others' files unasked
+    ("convert", "output-is-the-lora", {1: "{T}/lora_copy.safetensors", "--output_path": "{T}/lora_copy.safetensors",
+                                       "--overwrite": ""}, "is the LORA input"),
+    ("merge", "output-is-the-base-model", {"--base_model": "{T}/merge_base", "--output_dir": "{T}/merge_base",
+                                           "--overwrite": ""}, "is the --base_model input"),
+    ("export", "output-holds-the-checkpoint", {"--output_dir": "{T}/run", "--overwrite": ""},
+     "contains the CHECKPOINT input"),
+    ("merge", "output-is-a-file", {"--output_dir": "{T}/notes.txt", "--overwrite": ""}, "is a file"),
+    ("infer", "output-holds-the-lora", {"--lora_path": "{T}/run/pytorch_lora_weights.safetensors",
+                                        "--output_dir": "{T}/run"}, "contains the --lora_path input"),
+    ("eval", "output-inside-the-pipeline", {"--pipeline": "{T}/teacher", "--output_dir": "{T}/teacher/eval"},
+     "lies inside the --pipeline input"),
+    ("sd", "output-is-a-file", {"--output_dir": "{T}/notes.txt"}, "is a file, not a folder"),
+    *[(e, "output-holds-user-files", {"--output_dir": "{T}/user_folder"}, "holds files it did not write (README.md)")
+      for e in ("sd", "tlcm", "infer", "eval")],
+    # numbers convert_lora.py from-checkpoint writes into its outputs
+    *[("export", f"{name}-{value}", {f"--{name}": value}, f"--{name}") for name, value in [
+        ("lora_alpha", "0"), ("num_ddim_timesteps", "0"), ("timestep_scaling_factor", "0"), ("lora_dropout", "1")]],
 ]
 
 # inputs that must not stop the run: (entry, case, flags, text that must appear in the output)
@@ -264,18 +306,47 @@ def assets(toy_world, tmp_path_factory) -> str:
     key = next(k for k in sd if k.endswith("lora_up.weight") and sd[k].ndim == 2)
     sd[key] = sd[key][:, : RANK - 1].contiguous()  # lora_up of rank 3 against lora_down of rank 4
     save_file(sd, os.path.join(t, "bad_rank.safetensors"))
+    for name, part in [("teacher_te_cut", "text_encoder/model.safetensors"),
+                       ("teacher_unet_cut", "unet/diffusion_pytorch_model.safetensors"),
+                       ("teacher_scheduler_cut", "scheduler/scheduler_config.json"), ("merge_base", None)]:
+        shutil.copytree(os.path.join(toy_world, "models/sd"), os.path.join(t, name))
+        if part:
+            data = (root / name / part).read_bytes()
+            (root / name / part).write_bytes(data[: len(data) // 2])
+    _copy_images(train, os.path.join(t, "null_caption_data"), 4, 0)
+    with open(os.path.join(t, "null_caption_data", "metadata.jsonl"), "a") as f:  # a row without, one with null
+        f.write('{"file_name": "000000.png"}\n{"file_name": "000001.png", "text": null}\n')
+    shutil.copy(os.path.join(t, "sd_lora.safetensors"), os.path.join(t, "lora_copy.safetensors"))
+    os.makedirs(os.path.join(t, "run", "checkpoint-1"))  # a LoRA run's folder: its LoRA, a checkpoint
+    shutil.copy(os.path.join(t, "sd_lora.safetensors"), os.path.join(t, "run", "pytorch_lora_weights.safetensors"))
+    (root / "run" / "checkpoint-1" / "training_state.json").write_text('{"epoch": 0, "batches_in_epoch": 1}')
+    (root / "notes.txt").write_text("a user's notes\n")
+    (root / "user_folder").mkdir()
+    (root / "user_folder" / "README.md").write_text("a user's own read-me\n")
     return t
+
+
+def _tree(folder: str) -> dict[str, tuple[int, int]]:
+    """{path: (size, mtime)} of every file and folder under `folder`: what a failed command must leave as it was."""
+    found = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            info = os.stat(os.path.join(root, name))
+            found[os.path.relpath(os.path.join(root, name), folder)] = (info.st_size, info.st_mtime_ns)
+    return found
 
 
 @pytest.mark.parametrize("entry, case, flags, needle", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(toy_world, assets, tmp_path, entry, case, flags, needle):
     out = str(tmp_path / "out")
+    before = _tree(assets)
     run = run_command(command(entry, flags, assets, toy_world, out))
     code, stderr = run.returncode, run.stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr[-3000:]
     assert not os.path.exists(out), os.listdir(out) if os.path.isdir(out) else out  # not even an empty folder
+    assert _tree(assets) == before  # no input, no user's file touched (nor a marker left in a folder it refused)
 
 
 @pytest.mark.parametrize("entry, case, flags, needle", TOLERATED, ids=[f"{c[0]}-{c[1]}" for c in TOLERATED])
@@ -284,8 +355,9 @@ def test_tolerated_input_warns_and_runs(toy_world, assets, tmp_path, entry, case
     run = run_command(command(entry, flags, assets, toy_world, out))
     code, stdout, stderr = run.returncode, run.stdout, run.stderr
     assert code == 0, stderr[-3000:]
-    warnings = [line for line in (stdout + stderr).splitlines() if "warning" in line.lower() and needle in line]
-    assert warnings, (stdout + stderr)[-3000:]
+    warnings = [line for line in stderr.splitlines() if "warning" in line.lower() and needle in line]
+    assert warnings, (stdout + stderr)[-3000:]  # on stderr, with the errors: stdout may be kept in a log file
+    assert "warning" not in stdout.lower(), stdout[-3000:]
     assert os.listdir(out)  # the run wrote its outputs
 
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import run_command
+from helpers import listing, run_command
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -92,7 +92,7 @@ def test_default_command_writes_png_with_metadata(toy_world: str, tmp_path) -> N
     out = tmp_path / "out"
     result = _cli("--infer-steps", "4", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
-    (name,) = os.listdir(out)
+    (name,) = listing(out)
     assert name.endswith(".png")
     image = Image.open(out / name)
     assert image.size == (32, 32)  # the toy pipeline's own size, read from its VAE config
@@ -116,7 +116,7 @@ def test_second_run_does_not_overwrite(toy_world: str, tmp_path) -> None:
     with open(first, "rb") as f:
         assert f.read() == before
     assert np.array_equal(_pixels(first), _pixels(second))  # same seed, same image
-    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (first, second))  # no temporaries
+    assert listing(tmp_path) == sorted(os.path.basename(p) for p in (first, second))  # no temporaries
     text = Image.open(first).text
     assert text["prompt"] == "a small blue square on a black background"
     assert text["scheduler"] == "lcm" and text["guidance_scale"] == "0.0" and text["guidance"] == "none"

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from helpers import import_script, kill_while_saving, run_recipe, unet_output
+from helpers import import_script, kill_while_saving, listing, run_recipe, unet_output
 
 SCRIPT = "train_lcm_distill_lora_sdxl.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -330,7 +330,7 @@ def test_inference_loads_a_text_encoder_lora_into_the_encoders_too(toy_world, sd
             assert torch.allclose(got, ref, atol=1e-5), (path, fuse, scale)
     run = run_command(["inference.py", "--base_model_path", base_path, "--lora_path", out, "--infer-steps", "2",
                        "--output_dir", str(tmp_path / "images"), "--quiet"])
-    assert run.returncode == 0 and len(os.listdir(tmp_path / "images")) == 1, run.stderr[-2000:]
+    assert run.returncode == 0 and len(listing(tmp_path / "images")) == 1, run.stderr[-2000:]
 
 
 def test_a_checkpoint_exports_the_text_encoders_lora_too(toy_world, sdxl_encoder_run, tmp_path):

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_lora_moves_the_weights
+from helpers import assert_lora_moves_the_weights, listing
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def check_split(per_rank: dict[int, list[list[str]]], captions: list[str]) -> No
 
 def check_one_writer(out: str, expected: set[str], output: str, checkpoints: list[str]) -> None:
     """Exactly the expected files, no debris of a second writer, each checkpoint saved (and logged) once."""
-    assert set(os.listdir(out)) == expected
+    assert set(listing(out)) == expected
     for root, dirs, files in os.walk(out):
         for name in dirs + files:
             assert not name.endswith(DEBRIS) and not name.startswith(".write_test"), os.path.join(root, name)

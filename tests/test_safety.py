@@ -26,7 +26,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from helpers import import_script, run_recipe
+from helpers import import_script, listing, run_recipe
 
 from utils import checkpoint, flags, loop, outputs
 from utils.errors import UserError
@@ -154,8 +154,15 @@ def test_a_second_stop_signal_stops_at_once(tmp_path, capsys):
 # ----------------------------------------------------------------------------- a full disk
 
 
+# a full disk as the OS reports it, and as torch.save's zip writer does (a RuntimeError from inline_container.cc)
+FULL_DISK = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+             RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 64: "
+                          "PytorchStreamWriter failed writing file data/0: file write failed")]
+
+
+@pytest.mark.parametrize("error", FULL_DISK, ids=["oserror", "torch-writer"])
 def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, error):
     out = str(tmp_path / "out")
     run = ToyRun(training_args(out, "--checkpointing_steps", "1"))
     save_state = run.accelerator.save_state
@@ -163,7 +170,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous
     def fills_the_disk(folder, *a, **kw):
         if folder.endswith("checkpoint-2.partial"):
             open(os.path.join(folder, "model.safetensors"), "wb").write(b"half a file")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise error
         return save_state(folder, *a, **kw)
 
     monkeypatch.setattr(run.accelerator, "save_state", fills_the_disk)
@@ -171,10 +178,36 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_previous
         run.run()
     lines = error_lines(capsys.readouterr().err)
     assert info.value.code == 2 and len(lines) == 1, lines
-    assert f"cannot write checkpoint-2 in {out}: No space left on device" in lines[0]
+    said = "No space left on device" if isinstance(error, OSError) else "PytorchStreamWriter failed writing file"
+    assert f"cannot write checkpoint-2 in {out}: " in lines[0] and said in lines[0], lines[0]
     assert f"{os.path.join(out, 'checkpoint-1')} stays the latest checkpoint (--output_dir)" in lines[0]
     assert sorted(os.listdir(out)) == ["checkpoint-1"]  # the half-written checkpoint-2.partial is gone
     assert checkpoint.resolve_resume(out, "latest") == os.path.join(out, "checkpoint-1")
+
+
+def test_resuming_with_changed_flags_refuses_a_new_skip_grid_and_warns_of_what_changes_the_course(tmp_path, caplog):
+    """The checkpoint records the flags; another --num_ddim_timesteps (the skip grid the weights learnt) is refused
+    naming the flag, another --train_batch_size is one warning and the position in the epoch is kept in samples."""
+    out = str(tmp_path / "out")
+
+    def args(*extra, grid=50):
+        parsed = training_args(out, "--checkpointing_steps", "4", "--max_train_steps", "4", *extra)
+        parsed.num_ddim_timesteps = grid  # an LCM recipe's flag
+        return parsed
+
+    ToyRun(args()).run()
+    with pytest.raises(UserError, match=r"trained with --num_ddim_timesteps 50, this run has 25: it changes the skip "
+                                        r"grid.*\(--resume_from_checkpoint, --num_ddim_timesteps\)"):
+        ToyRun(args("--resume_from_checkpoint", "latest", grid=25))
+    with caplog.at_level("WARNING"):
+        resumed = ToyRun(args("--resume_from_checkpoint", "latest", "--train_batch_size", "2", "--seed", "7"))
+    warned = [r.getMessage() for r in caplog.records if "not as an exact continuation" in r.getMessage()]
+    assert len(warned) == 2 and "--train_batch_size 2 (it was trained with 1)" in warned[0] and "--seed 7" in warned[1]
+    assert resumed.train.global_step == 4 and resumed.train.batches_done == 2  # 4 samples: 2 batches of 2
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ToyRun(args("--resume_from_checkpoint", "latest"))  # the same flags: not a word
+    assert not [r for r in caplog.records if "exact continuation" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------- resuming from a bad checkpoint
@@ -264,6 +297,33 @@ def _finished(folder: str, final: str = "model_index.json", checkpoints=(7,)) ->
         open(os.path.join(folder, f"checkpoint-{step}", checkpoint.STATE_FILE), "w").write('{"global_step": 7}')
 
 
+def test_a_folder_of_a_users_files_is_refused_unless_asked_and_then_only_its_own_names_replaced(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes on this project\n")
+    (out / "data.csv").write_text("1,2\n")
+    with pytest.raises(SystemExit) as info:
+        claim(str(out))
+    line = error_lines(capsys.readouterr().err)[-1]
+    assert info.value.code == 2 and "holds files it did not write (README.md, data.csv)" in line, line
+    outputs.release()  # what the exit does: the lock goes, nothing of the refused run is left
+    assert "--overwrite_output_dir" in line and sorted(os.listdir(out)) == ["README.md", "data.csv"]
+    claim(str(out), "--overwrite_output_dir")  # asked: the run writes among them
+    args = training_args(str(out), "--overwrite_output_dir")
+    outputs.publish(args, "a run")  # the model card replaces README.md, a name the run writes; data.csv stays
+    assert (out / "data.csv").read_text() == "1,2\n" and (out / "README.md").read_text().startswith("# a run")
+    assert outputs.owner(str(out)) == outputs.TRAINING
+    outputs.release()
+    claim(str(out))  # a run's folder now: a rerun meets the earlier-run rules only
+    outputs.release()
+    (tmp_path / "theirs").mkdir()
+    outputs.mark(str(tmp_path / "theirs"), "inference.py")
+    (tmp_path / "theirs" / "image.png").write_bytes(b"png")
+    with pytest.raises(SystemExit):
+        claim(str(tmp_path / "theirs"))
+    assert "holds the output of inference.py" in error_lines(capsys.readouterr().err)[-1]
+
+
 def test_an_earlier_run_is_continued_or_replaced_only_when_asked(tmp_path, capsys):
     finished, unfinished = str(tmp_path / "finished"), str(tmp_path / "unfinished")
     _finished(finished)
@@ -277,7 +337,7 @@ def test_an_earlier_run_is_continued_or_replaced_only_when_asked(tmp_path, capsy
         assert f"already holds {what}" in line and "--overwrite_output_dir" in line, line
         claim(out, "--resume_from_checkpoint", "latest")  # continuing it is fine
     claim(unfinished, "--overwrite_output_dir")
-    assert os.listdir(unfinished) == [outputs.LOCK_FILE]  # its checkpoints are gone: no resume can pick them up
+    assert listing(unfinished) == [outputs.LOCK_FILE]  # its checkpoints are gone: no resume can pick them up
     _finished(str(tmp_path / "no_checkpoint"), checkpoints=())
     with pytest.raises(SystemExit):  # "latest" would find nothing and start over on the finished run
         claim(str(tmp_path / "no_checkpoint"), "--resume_from_checkpoint", "latest")
@@ -300,7 +360,7 @@ def test_tlcm_stages_count_one_by_one(tmp_path):
     assert outputs.earlier_run(args) == f"checkpoints of an unfinished run ({os.path.join('stage2', 'checkpoint-2')})"
     args.stages = ["2"]
     outputs.clear_earlier_run(args)
-    assert sorted(os.listdir(out)) == ["stage1"]  # the stage to train again is gone, the one it starts from kept
+    assert listing(out) == ["stage1"]  # the stage to train again is gone, the one it starts from kept
     # an init LoRA in the folder of a stage the run does not train is allowed; in one it trains, refused
     args = SimpleNamespace(output_dir=out, stages=["2"], init_lora=os.path.join(out, "stage1", "lora"))
     outputs.check_not_an_input(args)
@@ -325,7 +385,7 @@ def test_overwrite_replaces_a_finished_run_and_push_to_hub_uploads_it_without_ch
             "--w_max", "6", "--validation_steps", "1000", "--report_to", "none"]
     refused = run_recipe("train_lcm_distill_sd.py", argv, check=False)
     assert refused.returncode == 2 and "already holds a finished run" in error_lines(refused.stderr)[0]
-    assert sorted(os.listdir(out)) == ["checkpoint-7", "model_index.json"]
+    assert listing(out) == ["checkpoint-7", "model_index.json"]
     assert open(f"{out}/model_index.json").read() == "{}"  # untouched
 
     calls = []

@@ -332,7 +332,7 @@ def test_killed_stage2_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch
     assert sorted(d for d in os.listdir(os.path.join(crashed, "stage2")) if "." not in d) == ["checkpoint-2"]
 
     resumed = run(base_args(toy_world, crashed) + args + ["--resume_from_checkpoint", "latest"])
-    assert "stage 1 already finished" in resumed.stdout
+    assert "stage 1 already finished" in resumed.stderr
     a, b = adapter(straight), adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -368,6 +368,6 @@ def test_killed_stage_resumes_to_the_same_lora(toy_world, straight_run, tmp_path
     assert sorted(d for d in os.listdir(os.path.join(crashed, f"stage{stage}")) if "." not in d) == ["checkpoint-2"]
 
     resumed = run(base_args(toy_world, crashed) + RESUME_ARGS + ["--resume_from_checkpoint", "latest"])
-    assert ("stage 1 already finished" in resumed.stdout) == (stage == "2")
+    assert ("stage 1 already finished" in resumed.stderr) == (stage == "2")
     a, b = adapter(straight_run), adapter(crashed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

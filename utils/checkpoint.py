@@ -45,7 +45,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from utils import files
-from utils.errors import UserError
+from utils.errors import UserError, write_failure
 
 if TYPE_CHECKING:  # accelerate is heavy to import; only the annotations need it
     from accelerate import Accelerator
@@ -58,6 +58,25 @@ _NAME_RE = re.compile(r"^checkpoint-(\d+)$")
 # Suffixes of directories that are never complete checkpoints: being written, being replaced, being deleted.
 _PARTIAL, _OLD, _DELETING = ".partial", ".old", ".deleting"
 _REQUIRED_KEYS = ("epoch", "batches_in_epoch")
+FLAGS_KEY = "flags"  # the flags below, as the run that saved the checkpoint had them
+# A resume with another value of one of these is refused: the weights were trained for the old one, and going on
+# mixes two objectives (or two layouts) in one model; why, for each:
+REFUSED_CHANGES = {
+    "num_ddim_timesteps": "the skip grid: which timestep pairs the consistency loss links, and the saved sampler's",
+    "timestep_scaling_factor": "the boundary condition c_skip/c_out the weights were trained against",
+    "num_segments": "TLCM's segments: the consistency targets and the sampler's milestones",
+    "skip": "TLCM's skip: the consistency targets",
+    "lora_rank": "the LoRA's shape",
+    "lora_alpha": "the LoRA's scale: the same weights would mean another update",
+    "lora_target_modules": "which layers the LoRA adapts",
+    "unet_time_cond_proj_dim": "the guidance embedding's shape",
+}
+# Another value of one of these only changes the course of the training from here on: warned, one line; an
+# exact continuation needs the old value. (--train_batch_size keeps the position in the epoch in samples.)
+WARNED_CHANGES = ("train_batch_size", "gradient_accumulation_steps", "resolution", "seed", "learning_rate",
+                  "stage1_learning_rate", "stage2_learning_rate", "loss_type", "huber_c", "w_min", "w_max",
+                  "guidance_scale", "mixed_precision", "center_crop", "random_flip", "proportion_empty_prompts",
+                  "max_train_samples", "ema_decay", "lr_scheduler", "lr_warmup_steps", "max_grad_norm")
 
 
 def _is_writer(accelerator: Accelerator) -> bool:
@@ -170,11 +189,14 @@ def save_checkpoint(
         if writer:
             with files.atomic_write(os.path.join(partial, STATE_FILE)) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
-    except OSError as exc:  # a full disk, a quota, a lost mount: the half-written checkpoint goes, the last one stays
+    except Exception as exc:  # a full disk, a quota, a lost mount: the half-written checkpoint goes
+        if not isinstance(exc, OSError) and write_failure(exc) is None:
+            raise  # torch and safetensors report a full disk in their own classes; any other is a bug
         shutil.rmtree(partial, ignore_errors=True)
         latest = list_checkpoints(output_dir)
         kept = f"{latest[-1]} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
-        raise UserError(f"cannot write checkpoint-{int(global_step)} in {output_dir}: {exc.strerror or exc}; "
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+        raise UserError(f"cannot write checkpoint-{int(global_step)} in {output_dir}: {why}; "
                         f"{kept} (--output_dir)") from None
 
     if writer:
@@ -228,12 +250,41 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None) -> str |
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: str, run: str | None = None) -> dict:
+def recorded_flags(args: Any) -> dict:
+    """The flags of REFUSED_CHANGES and WARNED_CHANGES this run has, as a checkpoint records them (JSON values)."""
+    names = [*REFUSED_CHANGES, *WARNED_CHANGES]
+    return {n: json.loads(json.dumps(getattr(args, n), default=str)) for n in names if hasattr(args, n)}
+
+
+def _shown(value: Any) -> str:
+    """A flag's value as a command line would give it."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def compare_flags(path: str, saved: dict | None, current: dict) -> list[str]:
+    """Refuse (UserError naming the flag) a resume whose flags change one of REFUSED_CHANGES from what the checkpoint
+    at `path` recorded; returns one warning line per changed flag of WARNED_CHANGES. A checkpoint that recorded no
+    flags (older versions) is not compared."""
+    if not saved:
+        return []
+    changed = [n for n in current if n in saved and saved[n] != current[n]]
+    for name in changed:
+        if name in REFUSED_CHANGES:
+            raise UserError(f"{path} was trained with --{name} {_shown(saved[name])}, this run has "
+                            f"{_shown(current[name])}: it changes {REFUSED_CHANGES[name]}; resume with --{name} {_shown(saved[name])} "
+                            f"or start over (--resume_from_checkpoint, --{name})")
+    return [f"resuming {path} with --{n} {_shown(current[n])} (it was trained with {_shown(saved[n])}): the run goes "
+            "on from there, but not as an exact continuation" for n in changed]
+
+
+def load_checkpoint(accelerator: Accelerator, path: str, run: str | None = None, flags: dict | None = None) -> dict:
     """Restore everything save_checkpoint saved into the prepared/registered objects; returns the training state.
 
     Every problem is a UserError naming --resume_from_checkpoint: an unreadable (truncated) or missing file, a
     checkpoint saved by another run (`run`: the name this one's state must carry, e.g. TrainLoop's) or of other
-    shapes. Missing or unreadable random states only warn: the resume is then not an exact continuation.
+    shapes, or of flags that change the math (`compare_flags`: `flags` are this run's, `recorded_flags`). Missing or
+    unreadable random states, and flags that change only the course of training, warn: the resume is then not an
+    exact continuation.
     """
     flag = "(--resume_from_checkpoint)"
     if not _is_complete(path):
@@ -246,6 +297,8 @@ def load_checkpoint(accelerator: Accelerator, path: str, run: str | None = None)
     saved_by = state.get("run")
     if run is not None and saved_by is not None and saved_by != run:
         raise UserError(f"{path} is a checkpoint of another run ({saved_by}), not of this one ({run}) {flag}")
+    for line in compare_flags(path, state.get(FLAGS_KEY), flags or {}):
+        logger.warning(line)
     _warn_unless_random_states(path, accelerator.process_index)
     try:
         accelerator.load_state(path)

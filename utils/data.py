@@ -118,7 +118,19 @@ def open_image(value: Any) -> Image.Image:
         raise ValueError(f"not an image: {type(value).__name__}")
     # phone photos store their orientation in EXIF; the model should see them upright
     image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")  # forces the full decode, so truncated files fail here
+    return to_rgb(image)  # forces the full decode, so truncated files fail here
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (PNG, TIFF), as PIL opens it
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image; 16-bit grayscale is scaled, v8 = round(v16 / 257), where PIL's own
+    conversion clips every value above 255 to white."""
+    if image.mode in HIGH_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def caption_text(value: Any) -> str:
@@ -254,6 +266,16 @@ def _load_table(dataset_name: str | None, train_data_dir: str | None, cache_dir:
     _check_metadata_text(data_dir)
     loaded = _load_hf("--train_data_dir", train_data_dir, "imagefolder", data_dir=data_dir, cache_dir=cache_dir)
     return _train_split(loaded, "--train_data_dir", train_data_dir), "--train_data_dir", train_data_dir
+
+
+def _check_captions(table: Any, caption_column: str, value: str) -> None:
+    """Every row has a caption: a metadata row without the key, or with null, would train as the empty prompt
+    without a word. An intended empty prompt is the empty string."""
+    missing = [i for i, cell in enumerate(table[caption_column]) if cell is None]
+    if missing:
+        raise UserError(f"{len(missing)} row(s) of dataset {value!r} have no caption (no {caption_column!r} or "
+                        f"null), e.g. row {missing[0] + 1}: give each a caption, or \"\" for an empty prompt "
+                        f"(--caption_column)")
 
 
 def _check_columns(columns: Sequence[str], image_column: str, caption_column: str, source: str) -> None:
@@ -410,6 +432,7 @@ def load_image_caption_dataset(
     _check_columns(list(table.column_names), image_column, caption_column, f"dataset {value!r}")
     if len(table) == 0:
         raise UserError(f"dataset {value!r} has no samples ({flag})")
+    _check_captions(table, caption_column, value)
     if max_train_samples is not None:
         # the first N of a seeded shuffle: a random but reproducible subset
         table = table.shuffle(seed=seed).select(range(min(max_train_samples, len(table))))

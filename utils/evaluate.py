@@ -210,18 +210,6 @@ def write_report(results: list[Result], out_dir: str, name: str = "metrics") -> 
     return table
 
 
-def check_output_dir(path: str) -> None:
-    """One-line error, before any sampling, when --output_dir cannot be created or written (nothing is created)."""
-    existing = path
-    while existing and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    existing = existing or "."
-    if not os.path.isdir(existing):
-        fail(f"--output_dir {path} cannot be created: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        fail(f"--output_dir {path} is not writable")
-
-
 def main() -> None:
     from .flags import Parser
 
@@ -249,18 +237,32 @@ def main() -> None:
     parser.add_argument("--prompts_file", default=None,
                         help="evaluation prompts, one per line (default: the toy prompts, every shape x colour)")
     parser.add_argument("--output_dir", default="results/eval", help="where metrics and the grid go")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --output_dir holding files utils.evaluate did not write (its metrics.json, "
+                             "metrics.md and grid.png are replaced, the others kept)")
     parser.add_argument("--per_combo", type=int, default=1, help="toy prompts per shape x colour (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="image i is sampled from seed + i")
     add_protocol_args(parser)
     args = parser.parse_args()
     if any(s < 1 or s > 1000 for s in args.steps):
         fail(f"--steps must be between 1 and 1000, got {args.steps}")
+    for flag, value in (("--teacher_steps", min(args.teacher_steps)), ("--per_combo", args.per_combo)):
+        if value < 1:
+            fail(f"{flag} must be at least 1, got {value}")
     use_judge = args.judge.lower() != "none" and not args.metrics  # the protocol reads no judge
     for flag, path, needed in (("--judge", args.judge, use_judge),
                                ("--real_images", args.real_images, use_judge or (args.clip_model and not args.metrics))):
         if needed and not os.path.isdir(path):
             fail(f"{flag} {path} does not exist (for the toy world: python -m utils.toy build)")
-    check_output_dir(args.output_dir)
+        metadata = os.path.join(path, "metadata.jsonl")
+        if needed and flag == "--real_images" and not (os.path.isfile(metadata) and os.path.getsize(metadata)):
+            fail(f"--real_images {path} holds no images: an imagefolder has them listed in metadata.jsonl")
+    from .outputs import prepare_output  # the output rule: not an input, not a folder of others' files
+
+    prepare_output(args.output_dir, "--output_dir", {"--pipeline": args.pipeline, "--lora": args.lora,
+                   "--teacher": args.teacher, "--judge": args.judge, "--real_images": args.real_images,
+                   "--clip_model": args.clip_model, "--prompts_file": args.prompts_file}, "utils.evaluate",
+                   args.overwrite)
 
     import diffusers
     import transformers

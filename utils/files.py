@@ -76,16 +76,32 @@ def install(tmp: str, path: str, aside: str | None = None, overwrite: bool = Tru
     _fsync(os.path.dirname(os.path.abspath(path)))
 
 
+def install_into(tmp: str, folder: str) -> None:
+    """Move each entry of the finished folder `tmp` into `folder` (see `install`: an entry of the same name is
+    replaced) and remove `tmp`. What `folder` holds under other names stays: a program replaces only its own files."""
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(tmp)):
+        install(os.path.join(tmp, name), os.path.join(folder, name))
+    _remove(tmp)
+
+
 @contextmanager
-def atomic_write(path: str, overwrite: bool = True) -> Iterator[str]:
+def atomic_write(path: str, overwrite: bool = True, into: bool = False) -> Iterator[str]:
     """Yield a temporary sibling of `path` to write a file or a folder at; once the block succeeds it is installed
-    as `path` (see `install`); if the block or the install fails it is removed and `path` is left as it was."""
-    tmp = _sibling(path, "partial")
+    as `path` (see `install`); if the block or the install fails it is removed and `path` is left as it was.
+    into: a folder written onto an existing folder `path` is moved into it entry by entry (`install_into`)
+    instead of replacing it whole, so the files `path` holds under other names are kept; the temporary is then
+    made inside `path` (same file system, nothing written beside the folder)."""
+    into_folder = into and os.path.isdir(path) and not os.path.islink(path)
+    tmp = os.path.join(path, f".partial-{os.getpid()}") if into_folder else _sibling(path, "partial")
     _remove(tmp)
     try:
         yield tmp
         if not os.path.lexists(tmp):
             raise RuntimeError(f"nothing was written to {tmp}")
-        install(tmp, path, overwrite=overwrite)
+        if into_folder and os.path.isdir(tmp):
+            install_into(tmp, path)
+        else:
+            install(tmp, path, overwrite=overwrite)
     finally:
         _remove(tmp)

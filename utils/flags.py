@@ -317,6 +317,7 @@ def check_lora_args(args: argparse.Namespace, presets: tuple[str, ...]) -> None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """Reject impossible combinations before any model is loaded; create --output_dir (see utils/outputs.py)."""
+    outputs.handle_stop_signals()  # a stop while the libraries and models load: one line, not a silent exit -15
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
                 "num_train_epochs", "max_nan_steps"]
     for name in positive:
@@ -343,6 +344,7 @@ def check_training_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         fail("--mixed_precision fp16 needs a CUDA GPU (accelerate sets up no fp16 autocast or loss scaling on CPU); "
              "use bf16 or no")
+    check_report_to(args.report_to)
     if args.overwrite_output_dir and args.resume_from_checkpoint is not None:
         fail("--overwrite_output_dir starts over and --resume_from_checkpoint continues: give one of them")
     if args.resume_from_checkpoint not in (None, "latest"):  # a named checkpoint must exist: say so before loading
@@ -351,7 +353,39 @@ def check_training_args(args: argparse.Namespace) -> None:
         with user_errors():
             resolve_resume(args.output_dir, args.resume_from_checkpoint)
     outputs.check_not_an_input(args)
+    outputs.check_others_files(args)  # before anything is written there (claim checks again, holding the lock)
     outputs.make_output_dir(args.output_dir)  # a run that fails before writing anything leaves no empty folder
+    check_folder_flags(args)
+
+
+def check_folder_flags(args: argparse.Namespace) -> None:
+    """--cache_dir and --logging_dir (under --output_dir unless absolute) must be folders or creatable ones:
+    a regular file there, or above them, fails inside datasets or the tracker otherwise."""
+    import os
+
+    for flag, path in (("--cache_dir", getattr(args, "cache_dir", None)),
+                       ("--logging_dir", os.path.join(args.output_dir, args.logging_dir))):
+        head = os.path.abspath(os.path.expanduser(path)) if path else None
+        while head and not os.path.exists(head):
+            head = os.path.dirname(head)
+        if head and not os.path.isdir(head):
+            fail(f"{flag} {path} cannot be a folder: {head} is a file")
+
+
+def check_report_to(value: str) -> None:
+    """--report_to names trackers accelerate knows and this machine has installed (or none, or all installed)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    if value in ("none", "all"):
+        return
+    if value not in known:
+        fail(f"--report_to {value}: not a tracker; choose none, all or one of {', '.join(known)}")
+    if value not in available:
+        fail(f"--report_to {value}: its package is not installed here (installed: {', '.join(available) or 'none'}); "
+             f"pip install {value.replace('_', '-')}, or use --report_to none")
 
 
 def check_tlcm_args(args: argparse.Namespace, script: str, integer_timesteps: bool = False) -> None:

@@ -48,8 +48,9 @@ def make_accelerator(args: argparse.Namespace):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
+    # stderr, as Python's own logging: a warning reaches whoever watches the errors, stdout stays for results
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        stream=sys.stdout, force=True)
+                        stream=sys.stderr, force=True)
     config = ProjectConfiguration(project_dir=args.output_dir,
                                   logging_dir=os.path.join(args.output_dir, args.logging_dir))
     report_to = None if args.report_to == "none" else args.report_to
@@ -356,9 +357,12 @@ class TrainLoop:
         resume = args.resume_from_checkpoint if resume == "flag" else resume
         path = checkpoint.resolve_resume(self.output_dir, resume)
         if path:
-            state = checkpoint.load_checkpoint(accelerator, path, run=name)
+            state = checkpoint.load_checkpoint(accelerator, path, run=name, flags=checkpoint.recorded_flags(args))
             self.global_step, self.epoch, self.batches_done = (
                 state["global_step"], state["epoch"], state["batches_in_epoch"])
+            saved_batch = state.get(checkpoint.FLAGS_KEY, {}).get("train_batch_size", args.train_batch_size)
+            if saved_batch != args.train_batch_size:  # the position in the epoch is kept in samples, rounded down
+                self.batches_done = self.batches_done * saved_batch // args.train_batch_size
             self.nan_streak, self.skipped_images = state.get("nan_streak", 0), state.get("skipped_images", 0)
             logger.info(f"resumed from {path} at step {self.global_step}")
         elif resume:
@@ -452,7 +456,8 @@ class TrainLoop:
         """Everything an exact resume needs (accelerate's state + the loop's position), crash-safe. A failed write
         (a full disk) ends the run with one line; the previous checkpoint stays the latest."""
         state = {"epoch": self.epoch, "batches_in_epoch": self.batches_done, "nan_streak": self.nan_streak,
-                 "skipped_images": self.skipped_images, "run": self.name}
+                 "skipped_images": self.skipped_images, "run": self.name,
+                 checkpoint.FLAGS_KEY: checkpoint.recorded_flags(self.args)}
         try:
             path = checkpoint.save_checkpoint(self.accelerator, self.output_dir, self.global_step, state,
                                               self.args.checkpoints_total_limit)

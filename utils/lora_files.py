@@ -430,18 +430,17 @@ def save_lora_outputs(model: nn.Module, out_dir: str, component: str = "unet", p
 def save_trained_lora(accelerator: Any, model: nn.Module, out_dir: str, component: str = "unet", staged: bool = False,
                       text_encoders: Mapping[str, nn.Module] | None = None) -> None:
     """Every process: the LoRA of a recipe's `model` (gathered where it is sharded), written by the main process with
-    save_lora_outputs. staged: every file, the PEFT folder's included, in out_dir itself, written to a temporary
-    folder renamed to out_dir once complete (an earlier out_dir is replaced)."""
+    save_lora_outputs, to a temporary folder whose files then replace those of the same names in out_dir (the others,
+    e.g. checkpoints, stay). staged: every file, the PEFT folder's included, in out_dir itself."""
     accelerator.wait_for_everyone()
     with whole_parameters(model, is_lora_weight):  # a collective: every process gathers
         if not accelerator.is_main_process:
             return
-        if not staged:
-            save_lora_outputs(model, out_dir, component, text_encoders=text_encoders)
-            return
+        # written aside, then moved in file by file: a stop or a full disk leaves nothing half-written
         with staged_output(out_dir, overwrite=True) as partial:
             os.makedirs(partial)
-            save_lora_outputs(model, partial, component, peft_dir=partial, text_encoders=text_encoders)
+            save_lora_outputs(model, partial, component, peft_dir=partial if staged else None,
+                              text_encoders=text_encoders)
 
 
 def write_lora(sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float], fmt: str, path: str,
@@ -505,11 +504,16 @@ def check_output(path: str, overwrite: bool = False) -> None:
 
 
 @contextmanager
-def staged_output(path: str, overwrite: bool = False) -> Iterator[str]:
+def staged_output(path: str, overwrite: bool = False, program: str | None = None) -> Iterator[str]:
     """Yield a temporary sibling of `path` to write (a file or a folder), installed as `path` once the block succeeds.
 
-    On any error the temporary and the folders created for it are removed, so nothing partial is left behind.
+    A folder written onto an existing folder replaces only the entries of the names it writes (files.install_into):
+    what that folder holds under other names stays. program: mark a folder output as that program's
+    (outputs.MARKER). On any error the temporary and the folders created for it are removed, so nothing partial
+    is left behind.
     """
+    from utils import outputs
+
     check_output(path, overwrite)
     path = os.path.abspath(path)
     created = parent = os.path.dirname(path)
@@ -518,8 +522,10 @@ def staged_output(path: str, overwrite: bool = False) -> Iterator[str]:
     made = not os.path.exists(parent)
     os.makedirs(parent, exist_ok=True)
     try:
-        with files.atomic_write(path) as tmp:
+        with files.atomic_write(path, into=True) as tmp:
             yield tmp
+            if program and os.path.isdir(tmp):
+                outputs.mark(tmp, program)
     except BaseException:
         if made:
             shutil.rmtree(created, ignore_errors=True)

@@ -52,6 +52,7 @@ TEXT_ENCODERS = {
 }
 
 VAE_FLAG = "--pretrained_vae_model_name_or_path"
+TEACHER_FLAG = "--pretrained_teacher_model"
 T5_MAX_SEQUENCE_LENGTH = 512  # FLUX.1 was trained with at most 512 T5 tokens
 
 # "owner/name" as the hub spells repository ids; anything else that does not exist is a local path.
@@ -119,9 +120,12 @@ def load_config(cls: Any, path: str, subfolder: str, revision: str | None, flag:
 
 def load_pretrained(cls: Any, path: str, flag: str | None = None, **kwargs: Any) -> Any:
     """cls.from_pretrained(path, **kwargs), with library errors turned into a UserError."""
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:  # ValueError: e.g. a variant or dtype the folder does not have
+    # ValueError: e.g. a variant or dtype the folder does not have; SafetensorError: a truncated weights file
+    except (OSError, ValueError, SafetensorError) as exc:
         what = f"{cls.__name__} ({kwargs['subfolder']})" if kwargs.get("subfolder") else cls.__name__
         raise _unloadable(path, exc, what, flag) from exc
 
@@ -167,7 +171,7 @@ def vae_scale_factor(vae_config: Any) -> int:
 
 
 def load_vae(path: str, vae_path: str | None = None, revision: str | None = None, variant: str | None = None,
-             dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+             dtype: torch.dtype = torch.float32, flag: str | None = None) -> AutoencoderKL:
     """AutoencoderKL from `vae_path` (a VAE folder/hub id, no subfolder) if given, else `path`/vae."""
     if vae_path:
         _check_exists(vae_path, VAE_FLAG)
@@ -178,19 +182,21 @@ def load_vae(path: str, vae_path: str | None = None, revision: str | None = None
         # revision/variant name versions of the teacher repo; a separate VAE repo (e.g. the fp16-fix VAE)
         # has its own, so they are not passed on.
         return load_pretrained(AutoencoderKL, vae_path, VAE_FLAG, torch_dtype=dtype)
-    _check_exists(path)
-    return load_pretrained(AutoencoderKL, path, subfolder="vae", revision=revision, variant=variant,
-                            torch_dtype=dtype)
+    _check_exists(path, flag)
+    return load_pretrained(AutoencoderKL, path, flag, subfolder="vae", revision=revision, variant=variant,
+                           torch_dtype=dtype)
 
 
 def load_denoiser(path: str, revision: str | None = None, variant: str | None = None,
-                  dtype: torch.dtype = torch.float32) -> UNet2DConditionModel | FluxTransformer2DModel:
-    """The UNet (sd, sdxl) or FLUX transformer of the pipeline at `path`."""
-    if detect_architecture(path, revision) == "flux":
+                  dtype: torch.dtype = torch.float32, flag: str | None = None
+                  ) -> UNet2DConditionModel | FluxTransformer2DModel:
+    """The UNet (sd, sdxl) or FLUX transformer of the pipeline at `path` (a load error names `flag`)."""
+    if detect_architecture(path, revision, flag) == "flux":
         cls, subfolder = FluxTransformer2DModel, "transformer"
     else:
         cls, subfolder = UNet2DConditionModel, "unet"
-    return load_pretrained(cls, path, subfolder=subfolder, revision=revision, variant=variant, torch_dtype=dtype)
+    return load_pretrained(cls, path, flag, subfolder=subfolder, revision=revision, variant=variant,
+                           torch_dtype=dtype)
 
 
 def _transformers_class(index: dict[str, Any], name: str, default: type) -> type:
@@ -200,8 +206,10 @@ def _transformers_class(index: dict[str, Any], name: str, default: type) -> type
 
 
 def load_text_encoders(path: str, arch: str | None = None, revision: str | None = None,
-                       variant: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[list, list]:
-    """(tokenizers, text_encoders) of the pipeline, frozen and in eval mode, in encode_prompt_* order."""
+                       variant: str | None = None, dtype: torch.dtype = torch.float32,
+                       flag: str | None = None) -> tuple[list, list]:
+    """(tokenizers, text_encoders) of the pipeline, frozen and in eval mode, in encode_prompt_* order (a load error
+    names `flag`)."""
     arch = arch or detect_architecture(path, revision)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
@@ -211,21 +219,21 @@ def load_text_encoders(path: str, arch: str | None = None, revision: str | None 
             raise UserError(f"{path} has no {name}, which a {arch} pipeline needs")
     # Tokenizers use fixed classes: the fast ones read tokenizer.json or convert vocab files, while the
     # class names in model_index.json differ between transformers versions (T5Tokenizer vs T5TokenizerFast).
-    tokenizers = [load_pretrained(cls, path, subfolder=name, revision=revision) for name, cls in TOKENIZERS[arch]]
+    tokenizers = [load_pretrained(cls, path, flag, subfolder=name, revision=revision) for name, cls in TOKENIZERS[arch]]
     encoders = []
     for name, default in TEXT_ENCODERS[arch]:
         cls = _transformers_class(index, name, default)
-        encoder = load_pretrained(cls, path, subfolder=name, revision=revision, variant=variant, dtype=dtype)
+        encoder = load_pretrained(cls, path, flag, subfolder=name, revision=revision, variant=variant, dtype=dtype)
         encoders.append(encoder.eval().requires_grad_(False))
     return tokenizers, encoders
 
 
-def load_noise_scheduler_config(path: str, revision: str | None = None) -> dict:
-    """The config dict of the pipeline's scheduler subfolder (its _class_name included)."""
-    _check_exists(path)
+def load_noise_scheduler_config(path: str, revision: str | None = None, flag: str | None = None) -> dict:
+    """The config dict of the pipeline's scheduler subfolder (its _class_name included; a load error names `flag`)."""
+    _check_exists(path, flag)
     # load_config only reads scheduler_config.json; any scheduler class reads the same file, whatever
     # class the file itself names, so this works for DDIM, Euler and flow-matching schedulers alike.
-    return load_config(DDPMScheduler, path, "scheduler", revision)
+    return load_config(DDPMScheduler, path, "scheduler", revision, flag)
 
 
 # ----------------------------------------------------------------------------- prompt encoding
@@ -447,7 +455,7 @@ def prepare_denoiser(model: torch.nn.Module, args: Any) -> None:
 def load_frozen_vae(args: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
     """The (possibly separate) VAE, frozen, on `device`; --resolution checked against its downsampling."""
     vae = load_vae(args.pretrained_teacher_model, args.pretrained_vae_model_name_or_path, args.revision,
-                   args.variant).requires_grad_(False).eval()
+                   args.variant, flag=TEACHER_FLAG).requires_grad_(False).eval()
     factor = vae_scale_factor(vae.config)
     if args.resolution % factor:
         raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
@@ -508,7 +516,7 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
     path, device = args.pretrained_teacher_model, accelerator.device
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     arch = require_architecture(path, archs, revision=args.revision)
-    config = load_noise_scheduler_config(path, args.revision)
+    config = load_noise_scheduler_config(path, args.revision, TEACHER_FLAG)
     alphas_cumprod = prediction_type = None
     if arch != "flux":
         prediction_type = config.get("prediction_type", "epsilon")
@@ -522,10 +530,10 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
         if arch == "flux" and latent_side % 2:  # said before the transformer loads
             raise UserError(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a "
                             f"multiple of {2 * vae_scale_factor(vae.config)}")
-        tokenizers, encoders = load_text_encoders(path, arch, args.revision, args.variant)
+        tokenizers, encoders = load_text_encoders(path, arch, args.revision, args.variant, flag=TEACHER_FLAG)
         for encoder in encoders:
             encoder.to(device, dtype)
-        denoiser = load_denoiser(path, args.revision, args.variant).requires_grad_(False)
+        denoiser = load_denoiser(path, args.revision, args.variant, flag=TEACHER_FLAG).requires_grad_(False)
     # SDXL pipelines feed zero embeddings as the uncond of an empty negative prompt unless their index says not to
     zeros = arch == "sdxl" and pipeline_index(path, args.revision).get("force_zeros_for_empty_prompt", True)
     return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type,

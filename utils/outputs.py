@@ -1,13 +1,22 @@
-"""The output folder of a training run: never an input, never an earlier run's unless asked, one run at a time,
-tidied when the run ends early, and published to the hub at the end (--push_to_hub).
+"""Where a program writes: the output rule every program follows, and a training run's output folder (one run at
+a time, tidied when the run ends early, published to the hub at the end with --push_to_hub).
 
-A run's life: `check_not_an_input` and `make_output_dir` (flags.check_training_args, before any model is loaded);
-`claim` (loop.make_accelerator: the folder's lock, the earlier-run rule, --overwrite_output_dir); the recipe's
-work; `publish` (the model card, then --push_to_hub); `release` (at exit, or after an in-process run): the lock
-dropped, the signal handlers restored, and the folders the run created but left empty removed.
+The rule, for the recipes, convert_lora.py, inference.py, utils.evaluate and demo.py alike: an output that is,
+contains or lies inside an input is refused, even when asked to overwrite (`check_output_not_input`); a folder that
+holds what the program did not write (a user's files, another program's output) is refused unless asked, and then
+written among: the files of the names the program writes are replaced, nothing else is deleted (`foreign`,
+`refuse_foreign`; files.atomic_write(into=True) moves a finished folder in entry by entry). A program's own folder
+is known by the MARKER file it writes there (`mark`, `owner`). Every program calls `prepare_output` (the others)
+or, through flags.check_training_args and loop.make_accelerator, `check_not_an_input`, `check_others_files`,
+`make_output_dir` and `claim` (the recipes) where its output enters.
 
-SIGTERM or SIGINT outside the training loop ends the run at once with one line (a SystemExit, so `release` still
-runs); inside it, loop.TrainLoop stops after the current step and keeps a checkpoint of it.
+A run's life: those checks (before any model is loaded); `claim` (loop.make_accelerator: the folder's lock, the
+earlier-run rule, --overwrite_output_dir, the marker); the recipe's work; `publish` (the model card, then
+--push_to_hub); `release` (at exit, or after an in-process run): the lock dropped, the signal handlers restored,
+and the folders the run created but left empty removed.
+
+SIGTERM or SIGINT outside the training loop ends the program at once with one line (a SystemExit, so `release`
+still runs); inside it, loop.TrainLoop stops after the current step and keeps a checkpoint of it.
 """
 
 from __future__ import annotations
@@ -22,14 +31,18 @@ import signal
 import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
-from . import checkpoint, files
+from . import checkpoint, errors, files
 from .errors import UserError, fail, user_errors
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".run.lock"  # {"pid", "host"} of the run writing to the folder
+# {"program"}: the folder is an output of ours, written by that program ("training" for every recipe); a folder
+# without it, not empty, holds what someone else wrote (see `foreign`)
+MARKER = ".distill_output.json"
+TRAINING = "training"
 FINAL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")  # what the recipes write when a run is done
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # where a run reads (local paths only: a hub id names no folder of this machine)
@@ -44,6 +57,7 @@ _locks: list[str] = []  # lock files this process holds
 _handlers: dict[int, Any] = {}  # the signal handlers found before ours, restored by release()
 _stop_signals: list[int] = []  # the stop signals stop_now acted on
 _excepthooks: list[Any] = []  # the excepthook found before stop_now's, restored by release()
+_marked: list[str] = []  # folders this process marked as its output; unmarked again if it wrote nothing there
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -76,18 +90,115 @@ def check_not_an_input(args: argparse.Namespace) -> None:
     """Refuse an --output_dir that is, contains or lies inside a local input of the run (teacher, VAE, data, prompts,
     init LoRA, latent LPIPS net, reward model): the run would write over or among the user's files."""
     out = os.path.realpath(os.path.expanduser(args.output_dir))
+    inputs = {}
     for name in INPUT_FLAGS:
         value = getattr(args, name, None)
         path = _local_path(str(value)) if value else None
-        if path is None or (name == "init_lora" and _earlier_stage_lora(args, out, path)):
+        if path is not None and not (name == "init_lora" and _earlier_stage_lora(args, out, path)):
+            inputs[f"--{name}"] = value
+    check_output_not_input(args.output_dir, "--output_dir", inputs)
+
+
+def check_output_not_input(output: str, flag: str, inputs: dict[str, Any]) -> None:
+    """Refuse an output (file or folder) that is, contains or lies inside one of `inputs` ({flag or argument name:
+    local path, or None}), whatever --overwrite says: a program never writes over or among what it reads."""
+    out = os.path.realpath(os.path.expanduser(output))
+    for name, value in inputs.items():
+        path = _local_path(str(value)) if value else None
+        if path is None:
             continue
         if path == out:
-            fail(f"--output_dir {args.output_dir} is the --{name} input: the run would write over it; "
-                 "choose another --output_dir")
+            fail(f"{flag} {output} is the {name} input: the run would write over it; choose another {flag}")
         if _inside(path, out):
-            fail(f"--output_dir {args.output_dir} contains the --{name} input {value}: choose a folder of its own")
+            fail(f"{flag} {output} contains the {name} input {value}: choose a folder of its own")
         if _inside(out, path):
-            fail(f"--output_dir {args.output_dir} lies inside the --{name} input {value}: choose a folder outside it")
+            fail(f"{flag} {output} lies inside the {name} input {value}: choose a folder outside it")
+
+
+# ----------------------------------------------------------------------------- folders of our own
+
+
+def _internal(name: str) -> bool:
+    """Whether a folder entry is bookkeeping of ours: the marker, a run's lock, a hidden temporary name."""
+    return name in (MARKER, LOCK_FILE) or (name.startswith(".") and any(
+        tag in name for tag in (".write_test.", ".partial-", ".old-", ".partial", ".deleting")))
+
+
+def owner(folder: str) -> str | None:
+    """The program whose output `folder` is, as its MARKER says (None: no marker, or unreadable)."""
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            return str(json.load(f)["program"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def mark(folder: str, program: str) -> None:
+    """Record in `folder` that it is `program`'s output (the MARKER file), unless it says so already."""
+    if owner(folder) != program:
+        with files.atomic_write(os.path.join(folder, MARKER)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"program": program}, f)
+        _marked.append(folder)
+
+
+def foreign(folder: str, program: str, own: Callable[[str], bool] | None = None) -> str | None:
+    """What in `folder` is not `program`'s own, in words, or None: a missing or empty folder, or one MARKER names
+    `program`'s, is its own; one marked by another program is that program's output; else its entries are a user's
+    (but those `own(name)` says the program writes: its folders from before the marker)."""
+    if not os.path.isdir(folder):
+        return None
+    names = sorted(n for n in os.listdir(folder) if not _internal(n) and not (own and own(n)))
+    marked = owner(folder)
+    if not names or marked == program:
+        return None
+    if marked is not None:
+        return f"the output of {marked}"
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"files it did not write ({shown})"
+
+
+def refuse_foreign(folder: str, flag: str, program: str, overwrite: bool, overwrite_flag: str | None,
+                   own: Callable[[str], bool] | None = None) -> None:
+    """The rule for a folder holding what another wrote (`foreign`): refused unless `overwrite`, then written among
+    (files of the names the program writes are replaced, the others kept)."""
+    what = foreign(folder, program, own)
+    if what is None or overwrite:
+        return
+    how = (f", or pass {overwrite_flag} to write into it (files of the names it writes are replaced, "
+           "the others kept)") if overwrite_flag else ""
+    fail(f"{flag} {folder} holds {what}: choose a new or empty folder{how}")
+
+
+def prepare_output(path: str, flag: str, inputs: dict[str, Any], program: str, overwrite: bool = False,
+                   overwrite_flag: str | None = "--overwrite", folder: bool = True,
+                   own: Callable[[str], bool] | None = None) -> None:
+    """The output rule for the programs that are not training recipes, called where the output enters: stop signals
+    end the program with one line (SIGTERM, Ctrl-C); an output that is, holds or lies inside an input is refused;
+    a folder output (folder=True) that is a file, or holds what another wrote (unless `overwrite`), is refused, else
+    created (`release` removes it again if the program ends before writing into it) and marked as `program`'s."""
+    handle_stop_signals()
+    errors.note_output(path, flag)
+    check_output_not_input(path, flag, inputs)
+    if not folder:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder")
+    refuse_foreign(path, flag, program, overwrite, overwrite_flag, own)
+    make_output_dir(path, flag)
+    mark(path, program)
+
+
+def remove_if_unused(folder: str) -> None:
+    """Remove `folder` if it holds nothing but our bookkeeping (the marker, a lock of ours)."""
+    try:
+        names = os.listdir(folder)
+        if all(_internal(n) for n in names):
+            for name in names:
+                if name == MARKER:
+                    os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- creating, claiming, releasing
@@ -95,6 +206,8 @@ def check_not_an_input(args: argparse.Namespace) -> None:
 
 def make_output_dir(path: str, flag: str = "--output_dir") -> None:
     """Create `path` (and missing parents), checked writable; what it creates is removed by `release` if left empty."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder")
     missing, head = [], os.path.abspath(path)
     while not os.path.exists(head):
         missing.append(head)
@@ -117,6 +230,7 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
     refuses an earlier run's folder unless --resume_from_checkpoint or --overwrite_output_dir says what to do with
     it, and for --overwrite_output_dir deletes that run's checkpoints."""
     _install(stop_now)
+    errors.note_output(args.output_dir, "--output_dir")
     make_output_dir(args.output_dir)  # done already where the flags were checked; not every caller runs it
     if accelerator.is_main_process:
         with user_errors():
@@ -128,8 +242,10 @@ def claim(args: argparse.Namespace, accelerator: Any) -> None:
             if what and args.resume_from_checkpoint is not None and nothing_to_resume(args):
                 raise UserError(f"--output_dir {args.output_dir} already holds {what} and no checkpoint to resume "
                                 "from (--resume_from_checkpoint); start over with --overwrite_output_dir")
+        check_others_files(args)
         if args.overwrite_output_dir:
             clear_earlier_run(args)
+        mark(args.output_dir, TRAINING)
     accelerator.wait_for_everyone()  # no process looks at the folder before the earlier run's state is gone
 
 
@@ -149,17 +265,27 @@ def release() -> None:
         _handlers.clear()
     if _excepthooks:  # an in-process run that was stopped leaves the caller's excepthook as it found it
         sys.excepthook = _excepthooks.pop()
+    while _marked:
+        folder = _marked.pop()
+        if os.path.isdir(folder) and all(_internal(n) for n in os.listdir(folder)):
+            try:
+                os.remove(os.path.join(folder, MARKER))
+            except OSError:
+                pass
     while _created:
-        try:
-            os.rmdir(_created.pop())  # only ever removes an empty folder
-        except OSError:
-            pass
+        remove_if_unused(_created.pop())  # only ever removes a folder holding nothing but our bookkeeping
+    errors._outputs.clear()
 
 
 atexit.register(release)
 
 
 # ----------------------------------------------------------------------------- stop signals
+
+
+def handle_stop_signals() -> None:
+    """From now on SIGTERM and SIGINT end the program at once with one line (`stop_now`); call it first thing."""
+    _install(stop_now)
 
 
 def _install(handler) -> None:
@@ -273,6 +399,13 @@ def earlier_run(args: argparse.Namespace) -> str | None:
         if not final and found:
             return f"checkpoints of an unfinished run ({os.path.relpath(found[-1], args.output_dir)})"
     return None
+
+
+def check_others_files(args: argparse.Namespace) -> None:
+    """Refuse an --output_dir holding files no training run wrote (a user's README.md, another program's output)
+    unless --overwrite_output_dir; the folder of an earlier run is a run's own, marked or not (older versions)."""
+    if not earlier_run(args):
+        refuse_foreign(args.output_dir, "--output_dir", TRAINING, args.overwrite_output_dir, "--overwrite_output_dir")
 
 
 def nothing_to_resume(args: argparse.Namespace) -> bool:
