@@ -118,8 +118,10 @@ class Parser(argparse.ArgumentParser):
         group.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r (default: %(default)s)")
         group.add_argument("--lora_alpha", type=float, default=DEFAULT_LORA_ALPHA,
                            help="LoRA alpha; scale = alpha / r. 8 is PEFT's default, so the published loading snippet "
-                                "(LoraConfig(r=...) without alpha) loads our files with the trained scale "
-                                "(default: %(default)s)")
+                                "(LoraConfig(r=...) without alpha) loads our files with the trained scale. diffusers' "
+                                "LCM-LoRA script uses alpha = r (64, scale 1): at one --learning_rate our default "
+                                "moves the LoRA about 1/8 as far per step (its 1e-4 is about our 8e-4; on the toy "
+                                "world 1e-4 at alpha 8 did better, docs/lcm.md) (default: %(default)s)")
         group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
         group.add_argument("--lora_target_modules", default=default_targets, help=targets_help)
         group.add_argument("--ema_decay", type=float, default=0.0,
