@@ -8,8 +8,10 @@ flags at all it samples the toy FLUX pipeline (built on first use), offline. Eve
 `python inference.py --help`.
 
 Each image is written as a PNG whose text metadata holds the prompt and every setting (keys `prompt`,
-`steps`, `seed`, `scheduler`, `guidance_scale`, `base_model`, `lora`, ..., all of them as JSON under
-`settings`, and an A1111-style `parameters` line). Files are written under a temporary name and
+`steps`, `seed`, `scheduler`, `guidance_scale`, `base_model`, `lora`, ..., `loras` (every LoRA: path,
+file, format, scale, adapter name), all of them as JSON under `settings`, and an A1111-style `parameters`
+line). Several LoRAs (--lora_path repeated, each PATH:SCALE or with its --lora_scale) are named adapters,
+fused into the weights by default. Files are written under a temporary name and
 renamed, and never replace an existing file.
 """
 
