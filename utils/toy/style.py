@@ -6,8 +6,8 @@ diffusion-loss LoRA fine-tune of a toy UNet teacher on such images (`train_style
 counterpart of a style LoRA trained on the same base as an acceleration LoRA.
 
 The style score of an image drawn for a caption naming background b (`style_scores`): take c, the
-mean colour of its four 2x2 corner patches (no shape of the toy world reaches a corner), and project
-it on the segment from b to the style colour s:
+mean colour of its four 2x2 corner patches (a toy shape reaches one at most with an anti-aliased
+edge), and project it on the segment from b to the style colour s:
 
     score = clip(<c - b, s - b> / |s - b|^2, 0, 1)
 
