@@ -8,8 +8,10 @@ flags at all it samples the toy FLUX pipeline (built on first use), offline. Eve
 `python inference.py --help`.
 
 Each image is written as a PNG whose text metadata holds the prompt and every setting (keys `prompt`,
-`steps`, `seed`, `scheduler`, `guidance_scale`, `base_model`, `lora`, ..., all of them as JSON under
-`settings`, and an A1111-style `parameters` line). Files are written under a temporary name and
+`steps`, `seed`, `scheduler`, `guidance_scale`, `base_model`, `lora`, ..., `loras` (every LoRA: path,
+file, format, scale, adapter name), all of them as JSON under `settings`, and an A1111-style `parameters`
+line). Several LoRAs (--lora_path repeated, each PATH:SCALE or with its --lora_scale) are named adapters,
+fused into the weights by default. Files are written under a temporary name and
 renamed, and never replace an existing file.
 """
 
@@ -18,11 +20,13 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import itertools
 import json
 import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -190,46 +194,85 @@ def check_lora(path: str, base: str) -> None:
         raise UserError(f"{exc} (--lora_path)" if "(--" not in str(exc) else str(exc)) from None
 
 
-def load_lora(pipe: Any, denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
-    """Add the LoRA file to the UNet/transformer (any format) at `scale` times its alpha/r, merged into the
-    weights when `fuse`; returns its format. A file that also holds a text-encoder LoRA (an LCM-LoRA trained with
-    --train_text_encoder_lora) goes to the text encoders too, through the pipeline's own load_lora_weights."""
-    from peft.tuners.lora import LoraLayer
+def adapter_names(paths: Sequence[str]) -> list[str]:
+    """A distinct adapter name per LoRA from its file or folder name (a recipe's standard file names: the folder's),
+    e.g. results/demo/lcm-lora-sdxl -> lcm_lora_sdxl; a repeated name gets _2, _3, ..."""
+    standard = {os.path.basename(n).removesuffix(".safetensors") for n in LORA_FILE_NAMES}
+    names: list[str] = []
+    for path in paths:
+        parts = [p for p in os.path.normpath(path).split(os.sep) if p not in ("", ".")]
+        while len(parts) > 1 and (parts[-1].removesuffix(".safetensors") in standard
+                                  or parts[-1] in ("unet", "transformer")):
+            parts.pop()
+        stem = parts[-1].removesuffix(".safetensors") if parts else ""
+        name = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_") or "lora"
+        names.append(name if name not in names else
+                     next(f"{name}_{k}" for k in itertools.count(2) if f"{name}_{k}" not in names))
+    return names
 
-    from utils import lora, lora_files
+
+def add_lora_adapter(pipe: Any, denoiser: Any, path: str, name: str) -> str:
+    """Add the LoRA file (any format) to the UNet/transformer as adapter `name`; returns its format. A file that also
+    holds a text-encoder LoRA (an LCM-LoRA trained with --train_text_encoder_lora) goes to the text encoders too,
+    through the pipeline's own load_lora_weights."""
+    from utils import lora_files
 
     try:
         raw = lora_files.read_safetensors(path)[0]
         denoiser_part = lora_files.without_text_encoders(raw)
         fmt = lora_files.detect_format(denoiser_part)
-        if len(denoiser_part) < len(raw):
-            load_pipeline_lora(pipe, path, scale, fuse)
-            return fmt
-        lora_files.load_lora_file(path, denoiser)
+        with warnings.catch_warnings():  # a second adapter is what is asked for here: PEFT's warning says otherwise
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
+            if len(denoiser_part) < len(raw):
+                load_pipeline_lora(pipe, path, name)
+            else:
+                lora_files.load_lora_file(path, denoiser, adapter_name=name)
     except UserError as exc:
-        raise UserError(f"{exc} (--lora_path)") from None
-    if scale != 1.0:
-        for module in lora.base_model(denoiser).modules():
-            if isinstance(module, LoraLayer):
-                module.scale_layer(scale)
-    if fuse:  # W + s B A once, instead of the rank-r branch in every step
-        lora.merge_lora(denoiser)
+        raise UserError(f"{exc} (--lora_path)" if "(--" not in str(exc) else str(exc)) from None
     return fmt
 
 
-def load_pipeline_lora(pipe: Any, path: str, scale: float, fuse: bool) -> None:
-    """The LoRA of the denoiser and the text encoders in one file, loaded by diffusers into all of them at `scale`
-    (merged into their weights when `fuse`)."""
+def load_pipeline_lora(pipe: Any, path: str, name: str) -> None:
+    """The LoRA of the denoiser and the text encoders in one file, loaded by diffusers into all of them as `name`."""
     try:
-        pipe.load_lora_weights(path, adapter_name="default")
+        pipe.load_lora_weights(path, adapter_name=name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"LoRA file {path} (denoiser and text encoders) could not be loaded: {first}") from None
-    if fuse:
-        pipe.fuse_lora(lora_scale=scale)
+
+
+def load_loras(pipe: Any, denoiser: Any, loras: Sequence[tuple[str, float]], fuse: bool = True,
+               names: Sequence[str] | None = None) -> list[str]:
+    """Add each (file, scale) as a named adapter (names: adapter_names of the files), give each its scale times its
+    alpha/r through diffusers' set_adapters, and with `fuse` merge them all into the weights (W + sum_i s_i B_i A_i,
+    the LoRA layers then removed); returns their formats."""
+    from utils import lora
+
+    names = list(names or adapter_names([path for path, _ in loras]))
+    formats = [add_lora_adapter(pipe, denoiser, path, name) for (path, _), name in zip(loras, names)]
+    pipe.set_adapters(names, adapter_weights=[float(scale) for _, scale in loras])
+    if fuse:  # W + s B A once, instead of the rank-r branches in every step
+        adapted = [c for c in pipe._lora_loadable_modules if getattr(pipe, c, None) is not None
+                   and lora.has_lora(getattr(pipe, c))]
+        pipe.fuse_lora(components=adapted, adapter_names=names)
         pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
-    elif scale != 1.0:
-        pipe.set_adapters(["default"], adapter_weights=[scale])
+    return formats
+
+
+def load_lora(pipe: Any, denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
+    """load_loras of one LoRA file, as adapter "default"; returns its format."""
+    return load_loras(pipe, denoiser, [(path, scale)], fuse, ["default"])[0]
+
+
+DEMO_LORA_DIR = os.path.join(ROOT, "results", "demo", "tlcm-flux")  # demo.py's TLCM LoRA of the toy FLUX
+DEMO_DONE_FILE = "adapter_model.safetensors"  # what demo.py checks to reuse that run: the LoRA is complete
+
+
+def demo_lora() -> str | None:
+    """The LoRA file `python demo.py` distilled for the toy FLUX, when a finished one is in DEMO_LORA_DIR."""
+    if not os.path.isfile(os.path.join(DEMO_LORA_DIR, DEMO_DONE_FILE)):
+        return None
+    return resolve_lora_file(DEMO_LORA_DIR)
 
 
 # ----------------------------------------------------------------------------- scheduler and guidance
@@ -321,6 +364,20 @@ def png_info(settings: dict[str, Any]) -> Any:
     return info
 
 
+def lora_settings(loras: list[tuple[str, str, float]], names: list[str], formats: list[str]) -> dict[str, Any]:
+    """The PNG metadata of the LoRAs: `loras`, one {path, file, format, scale, adapter} each, and the flat keys
+    `lora` (the paths, or "none"), `lora_file`, `lora_format`, `lora_scale` (a value for one LoRA, a list for more)."""
+    rows = [{"path": path, "file": file, "format": fmt, "scale": scale, "adapter": name}
+            for (path, file, scale), name, fmt in zip(loras, names, formats)]
+    flat = {key: [row[key] for row in rows] for key in ("file", "format", "scale")}
+    if len(rows) == 1:
+        flat = {key: value[0] for key, value in flat.items()}
+    elif not rows:
+        flat = dict.fromkeys(flat)
+    return {"lora": ", ".join(row["path"] for row in rows) or "none", "lora_file": flat["file"],
+            "lora_format": flat["format"], "lora_scale": flat["scale"], "loras": rows}
+
+
 def write_png(image: Any, out_dir: str, stem: str, settings: dict[str, Any]) -> str:
     """Save as the first free `stem[-k].png`, written under a temporary name first; never overwrites."""
     for k in range(100000):
@@ -341,8 +398,6 @@ def write_png(image: Any, out_dir: str, stem: str, settings: dict[str, Any]) -> 
 
 def load_pipeline(path: str, dtype: Any, variant: str | None, revision: str | None) -> Any:
     """DiffusionPipeline.from_pretrained, library errors as one line."""
-    import warnings
-
     import transformers
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -391,10 +446,15 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
     height, width = image_size(args, default_side, multiple)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, arch, device)
-    lora_file = resolve_lora_file(args.lora_path) if args.lora_path else None
-    if lora_file is not None:
+    loras = [(path, resolve_lora_file(path), scale) for path, scale in args.loras]
+    demo = demo_lora() if not loras and args.base_model_path is None else None
+    if demo is not None:
+        console.note(f"no --lora_path: loading the LoRA the demo distilled for this base, {demo} (to sample the base "
+                     "model alone, pass --base_model_path)")
+        loras = [(DEMO_LORA_DIR, demo, 1.0)]
+    for _, lora_file, _ in loras:
         check_lora(lora_file, base)
-    if lora_file is None:
+    if not loras:
         hint = "" if args.scheduler or scheduler not in FEW_STEP_SCHEDULERS else (
             f"; {scheduler} is a sampler for distilled models, the base model's own is --scheduler "
             + ("flow-euler" if arch == "flux" else "euler, ddim or dpm++"))
@@ -412,7 +472,7 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
     written: list[str] = []
     try:
         written = _generate(args, console, base, arch, scheduler, renoise, height, width, device, dtype,
-                            lora_file, prompts, written)
+                            loras, prompts, written)
     finally:
         if created and not written:
             outputs.remove_if_unused(args.output_dir)
@@ -420,17 +480,18 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
 
 
 def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, scheduler: str, renoise: str | None,
-              height: int, width: int, device: Any, dtype: Any, lora_file: str | None, prompts: list[str],
-              written: list[str]) -> list[str]:
-    """Load the pipeline and LoRA, sample every (prompt, seed) in batches and write the PNGs into `written`."""
+              height: int, width: int, device: Any, dtype: Any, loras: list[tuple[str, str, float]],
+              prompts: list[str], written: list[str]) -> list[str]:
+    """Load the pipeline and LoRA(s) ((given path, file, scale) each), sample every (prompt, seed) in batches and write the PNGs into `written`."""
     import torch
 
     pipe = load_pipeline(base, dtype, args.variant, args.revision)
     denoiser = pipe.transformer if arch == "flux" else pipe.unet
-    lora_format = load_lora(pipe, denoiser, lora_file, args.lora_scale, args.fuse_lora) if lora_file else None
+    names = adapter_names([path for path, _, _ in loras])
+    formats = load_loras(pipe, denoiser, [(f, scale) for _, f, scale in loras], args.fuse_lora, names) if loras else []
     extra = set_scheduler(pipe, arch, scheduler, args.infer_steps, renoise)
     guidance = args.guidance_scale if args.guidance_scale is not None else \
-        default_guidance(arch, pipe, scheduler, lora_file is not None)
+        default_guidance(arch, pipe, scheduler, bool(loras))
     mode = guidance_mode(arch, pipe, guidance)
     if args.negative_prompt is not None and mode not in ("cfg", "true-cfg"):
         console.warn(f"--negative_prompt is ignored: guidance {guidance} runs no CFG here ({mode})")
@@ -442,8 +503,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
         "steps": args.infer_steps, "scheduler": scheduler, "scheduler_class": type(pipe.scheduler).__name__,
         "timesteps": extra.get("timesteps"), "renoise": renoise,
         "guidance_scale": guidance, "guidance": mode, "base_model": base, "architecture": arch,
-        "lora": args.lora_path or "none", "lora_file": lora_file, "lora_format": lora_format,
-        "lora_scale": args.lora_scale if lora_file else None, "lora_fused": bool(lora_file and args.fuse_lora),
+        **lora_settings(loras, names, formats), "lora_fused": bool(loras and args.fuse_lora),
         "height": height, "width": width,
         "dtype": str(dtype).replace("torch.", ""), "device": device.type,
     }

@@ -9,6 +9,7 @@ defaults that depend on the base model (architecture, resolution, scheduler, gui
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import textwrap
 from collections.abc import Sequence
@@ -74,19 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers pipeline folder or hub id: SD 1.x/2.x, SDXL (SSD-1B) or FLUX, detected from\n"
                         "its model_index.json (default: the toy FLUX pipeline, toy_world/models/flux under\n"
                         "$TOY_WORLD or the repository root, built on first use in about 15 s)")
-    m.add_argument("--lora_path", default=None,
+    m.add_argument("--lora_path", action="append", default=None, metavar="PATH[:SCALE]",
                    help="LoRA .safetensors file, or a folder holding one: diffusers\n"
                         "(pytorch_lora_weights.safetensors), PEFT (adapter_model.safetensors +\n"
                         "adapter_config.json, also under unet/ or transformer/) or kohya/ComfyUI keys;\n"
                         "the format is read from the keys; a text-encoder LoRA in the same file (LCM-LoRA's\n"
-                        "--train_text_encoder_lora) is loaded into the text encoders (default: none, sample the\n"
-                        "base model)")
-    m.add_argument("--lora_scale", type=float, default=1.0,
-                   help="multiplier of the LoRA's alpha/r (default: %(default)s)")
+                        "--train_text_encoder_lora) is loaded into the text encoders. Give it again for\n"
+                        "several LoRAs (e.g. an LCM-LoRA and a style LoRA of the same base): each becomes a\n"
+                        "named adapter (from its file or folder name) with its own scale, given as\n"
+                        "PATH:SCALE or by --lora_scale (default: none; with neither --lora_path nor\n"
+                        "--base_model_path, the LoRA a demo run distilled for the toy FLUX, results/demo/\n"
+                        "tlcm-flux, when it is there, else the base model alone)")
+    m.add_argument("--lora_scale", action="append", type=float, default=None,
+                   help="multiplier of a LoRA's alpha/r; one per --lora_path, in the same order\n"
+                        "(--lora_path A --lora_path B --lora_scale 1.0 --lora_scale 0.8), or none\n"
+                        "(every LoRA at 1.0, or as its PATH:SCALE says) (default: 1.0)")
     m.add_argument("--fuse_lora", action=argparse.BooleanOptionalAction, default=True,
-                   help="merge the LoRA into the denoiser's weights once before sampling, so a step costs\n"
-                        "what a base-model step costs; --no-fuse_lora keeps it as PEFT's separate rank-r\n"
-                        "branch in every step (default: on)")
+                   help="merge the LoRA(s), each at its scale, into the weights once before sampling, so a\n"
+                        "step costs what a base-model step costs; --no-fuse_lora keeps them as PEFT's\n"
+                        "separate rank-r branches in every step (same images up to float rounding)\n"
+                        "(default: on)")
     m.add_argument("--variant", default=None, help='weights variant of the base model, e.g. "fp16"')
     m.add_argument("--revision", default=None, help="revision of the base model on the hub")
 
@@ -145,9 +153,35 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail(f"--renoise applies to --scheduler tlcm only, not {args.scheduler}")
     if args.seed < 0:
         fail(f"--seed must be non-negative, got {args.seed}")
-    if args.lora_scale != 1.0 and args.lora_path is None:
-        fail("--lora_scale given without --lora_path")
+    args.loras = lora_specs(args.lora_path or [], args.lora_scale or [])
     return args
+
+
+def split_lora_spec(text: str) -> tuple[str, float | None]:
+    """--lora_path PATH or PATH:SCALE -> (path, scale or None); an existing path is taken whole, even with a ':'."""
+    if os.path.exists(text) or ":" not in text:
+        return text, None
+    path, tail = text.rsplit(":", 1)
+    try:
+        scale = float(tail)
+    except ValueError:
+        fail(f"--lora_path {text}: no such file or folder, and {tail!r} after the last ':' is not a scale "
+             "(PATH:SCALE, e.g. style.safetensors:0.8)")
+    if not math.isfinite(scale) or not path:
+        fail(f"--lora_path {text}: PATH:SCALE needs a path and a finite scale")
+    return path, scale
+
+
+def lora_specs(paths: Sequence[str], scales: Sequence[float]) -> list[tuple[str, float]]:
+    """(path, scale) of every --lora_path, its scale from PATH:SCALE or the --lora_scale in the same position."""
+    if scales and not paths:
+        fail("--lora_scale given without --lora_path")
+    if scales and len(scales) != len(paths):
+        fail(f"{len(scales)} --lora_scale for {len(paths)} --lora_path: give one per LoRA, in the same order, or none")
+    specs = [split_lora_spec(p) for p in paths]
+    if scales and any(s is not None for _, s in specs):
+        fail("give the LoRAs' scales either as PATH:SCALE or with --lora_scale, not both")
+    return [(path, scales[i] if scales else 1.0 if s is None else s) for i, (path, s) in enumerate(specs)]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -79,9 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--unet_time_cond_proj_dim must be at least 4, got {args.unet_time_cond_proj_dim}")
     sdxl = models.detect_architecture(args.pretrained_teacher_model, args.revision,
                                       "--pretrained_teacher_model") == "sdxl"
-    if args.resolution is None:  # the family's native size and guidance range, as the published LCMs use
-        args.resolution = 1024 if sdxl else 512
-    if args.w_min is None:
+    if args.w_min is None:  # the family's guidance range, as the published LCMs use (the size: parser.check)
         args.w_min = 3.0 if sdxl else 5.0
     return parser.check(args)
 

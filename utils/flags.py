@@ -16,6 +16,8 @@ from .errors import fail, user_errors
 
 PRECISIONS = ("no", "fp16", "bf16")
 TLCM_STAGES = {"1": ["1"], "2": ["2"], "extras": ["extras"], "all": ["1", "2"]}
+RESOLUTION_HELP = ("the teacher's own size, read from its config: UNet sample_size x the VAE's downsampling, 512 for "
+                   "SD 1.5, 768 for SD 2.x-768, 1024 for SDXL; FLUX: its VAE's sample_size, 1024)")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -42,9 +44,12 @@ class Parser(argparse.ArgumentParser):
 
     def check(self, args: argparse.Namespace) -> argparse.Namespace:
         """Run the checks of the flag groups this parser has, in a fixed order (TLCM fills what training checks)."""
-        for group in ("lcm", "tlcm", "lora", "training"):
+        for group in ("lcm", "tlcm", "lora"):
             if group in self.checks:
                 self.checks[group](args)
+        resolve_resolution(args)  # before the training checks, which create the output folder
+        if "training" in self.checks:
+            self.checks["training"](args)
         return args
 
     def add_teacher_args(self, teacher_help: str, uncond: bool = True) -> argparse._ArgumentGroup:
@@ -65,10 +70,10 @@ class Parser(argparse.ArgumentParser):
         m.add_argument("--vae_encode_batch_size", type=int, default=32, help="images per VAE encode call")
         return m
 
-    def add_data_args(self, resolution: int | None) -> None:
+    def add_data_args(self, resolution: int | None = None) -> None:
         """Image+caption data: one of three sources, columns, size, crop and flip, caption dropout.
 
-        resolution=None: the recipe picks the teacher family's own size (512 for SD, 1024 for SDXL)."""
+        resolution=None: the teacher's own size, read from its config by `check` (resolve_resolution)."""
         d = self.add_argument_group("data")
         d.add_argument("--dataset_name", default=None, help="a `datasets` hub id or local dataset folder")
         d.add_argument("--train_data_dir", default=None, help="an imagefolder (images + metadata.jsonl with captions)")
@@ -79,7 +84,7 @@ class Parser(argparse.ArgumentParser):
         d.add_argument("--cache_dir", default=None, help="`datasets` cache folder")
         d.add_argument("--resolution", type=int, default=resolution,
                        help="training image side in pixels (default: " + (
-                           "the teacher family's, 512 for SD, 1024 for SDXL)" if resolution is None else "%(default)s)"))
+                           RESOLUTION_HELP if resolution is None else "%(default)s)"))
         d.add_argument("--center_crop", action="store_true", help="center crop (default: random crop)")
         d.add_argument("--random_flip", action="store_true", help="random horizontal flips")
         d.add_argument("--proportion_empty_prompts", type=float, default=0.0,
@@ -113,8 +118,10 @@ class Parser(argparse.ArgumentParser):
         group.add_argument("--lora_rank", type=int, default=64, help="LoRA rank r (default: %(default)s)")
         group.add_argument("--lora_alpha", type=float, default=DEFAULT_LORA_ALPHA,
                            help="LoRA alpha; scale = alpha / r. 8 is PEFT's default, so the published loading snippet "
-                                "(LoraConfig(r=...) without alpha) loads our files with the trained scale "
-                                "(default: %(default)s)")
+                                "(LoraConfig(r=...) without alpha) loads our files with the trained scale. diffusers' "
+                                "LCM-LoRA script uses alpha = r (64, scale 1): at one --learning_rate our default "
+                                "moves the LoRA about 1/8 as far per step (its 1e-4 is about our 8e-4; on the toy "
+                                "world 1e-4 at alpha 8 did better, docs/lcm.md) (default: %(default)s)")
         group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
         group.add_argument("--lora_target_modules", default=default_targets, help=targets_help)
         group.add_argument("--ema_decay", type=float, default=0.0,
@@ -225,7 +232,7 @@ class Parser(argparse.ArgumentParser):
         s.add_argument("--torch_compile", action="store_true",
                        help="torch.compile the denoiser: faster steps after a compile of minutes (one per call shape)")
 
-    def add_tlcm_args(self, script: str, integer_timesteps: bool = False, resolution: int = 1024) -> None:
+    def add_tlcm_args(self, script: str, integer_timesteps: bool = False, resolution: int | None = None) -> None:
         """The data-free TLCM recipes: prompts, the two stages, the distance, and the optional extras (see
         check_tlcm_args for `script` and `integer_timesteps`)."""
         self.checks["tlcm"] = lambda args: check_tlcm_args(args, script, integer_timesteps)
@@ -236,7 +243,8 @@ class Parser(argparse.ArgumentParser):
         p.add_argument("--dataset_name", default=None, help="a `datasets` hub id or folder whose --caption_column is used")
         p.add_argument("--caption_column", default="text", help="prompt column of a .jsonl/.csv/dataset (default: text)")
         p.add_argument("--max_train_samples", type=int, default=None, help="use only the first N prompts")
-        p.add_argument("--resolution", type=int, default=resolution, help="image side in pixels (default: %(default)s)")
+        p.add_argument("--resolution", type=int, default=resolution, help="image side in pixels (default: " + (
+            RESOLUTION_HELP if resolution is None else "%(default)s)"))
 
         t = self.add_argument_group("TLCM")
         t.add_argument("--stage", default="all", choices=list(TLCM_STAGES),
@@ -282,6 +290,16 @@ class Parser(argparse.ArgumentParser):
         e.add_argument("--extras_steps", type=int, default=500, help="optimizer steps of the extras stage")
         e.add_argument("--extras_learning_rate", type=float, default=1e-5,
                        help="the student's learning rate in the extras stage (loss: reward + DMD + GAN, weighted)")
+
+
+def resolve_resolution(args: argparse.Namespace) -> None:
+    """--resolution not given: the teacher's own size (models.native_resolution), so no family trains at another's."""
+    if getattr(args, "resolution", 0) is None:
+        from .models import native_resolution
+
+        with user_errors():
+            args.resolution = native_resolution(args.pretrained_teacher_model, args.revision,
+                                                "--pretrained_teacher_model")
 
 
 def check_lcm_args(args: argparse.Namespace) -> None:

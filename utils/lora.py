@@ -8,6 +8,7 @@ trained adapter is written there without rescaling.
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default lora_alpha
 DEFAULT_LORA_ALPHA = PEFT_DEFAULT_ALPHA
@@ -65,10 +68,21 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: list[
         config = add_lora(model, rank, alpha, targets, dropout)
     except ValueError as exc:
         raise UserError(f"{flag}: {str(exc).splitlines()[0]}") from None
+    if flag == "--lora_target_modules" and alpha != rank:
+        logger.info(lora_scale_note(rank, alpha))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     return config
+
+
+def lora_scale_note(rank: int, alpha: float) -> str:
+    """What a LoRA scale alpha / r other than 1 means for the learning rate, against diffusers' alpha = r."""
+    scale = alpha / rank
+    return (f"LoRA scale = --lora_alpha / --lora_rank = {alpha:g} / {rank} = {scale:g}: the LoRA's output is "
+            f"{scale:g} x B A, so at one --learning_rate AdamW moves it about {scale:g} x as far per step as a LoRA "
+            f"with alpha = rank (diffusers' LCM-LoRA script); alpha {PEFT_DEFAULT_ALPHA} is what PEFT's LoraConfig, "
+            f"and so the released LCM/TLCM loading snippets, apply (docs/lcm.md, LoRA alpha and the learning rate)")
 
 
 def add_text_encoder_lora(encoders: list[nn.Module], sdxl: bool, rank: int, alpha: float, dropout: float = 0.0

@@ -162,6 +162,19 @@ def require_architecture(path: str, expected: str | tuple[str, ...], flag: str =
     return arch
 
 
+def native_resolution(path: str, revision: str | None = None, flag: str | None = None) -> int:
+    """The image side a pipeline was trained at, from its configs: UNet sample_size x the VAE's downsampling
+    factor (SD 1.5: 64 x 8 = 512, SD 2.x-768: 96 x 8 = 768, SDXL: 128 x 8 = 1024); FLUX: its VAE's sample_size
+    (1024 when the config names none)."""
+    vae = load_config(AutoencoderKL, path, "vae", revision, flag)
+    if detect_architecture(path, revision, flag) == "flux":
+        side = vae.get("sample_size") or 1024
+    else:
+        side = load_config(UNet2DConditionModel, path, "unet", revision, flag)["sample_size"]
+        side = (side[0] if isinstance(side, (list, tuple)) else side) * vae_scale_factor(vae)
+    return int(side[0] if isinstance(side, (list, tuple)) else side)
+
+
 # ----------------------------------------------------------------------------- components
 
 
@@ -502,10 +515,10 @@ class Teacher:
 
 
 def teacher_alphas_cumprod(scheduler_config: dict) -> Tensor:
-    """a_t of the teacher's DDPM schedule, clamped to >= 2^-24: a zero-terminal-SNR schedule
-    (rescale_betas_zero_snr) has a_T = 0, where an eps-prediction's x0 = (x - sigma eps) / alpha divides by
-    zero; diffusers' samplers clamp it the same way."""
-    return DDPMScheduler.from_config(scheduler_config).alphas_cumprod.clamp(min=2.0**-24)
+    """a_t of the teacher's DDPM schedule, clamped as solvers.clamp_alphas_cumprod does (zero-terminal SNR)."""
+    from .solvers import clamp_alphas_cumprod
+
+    return clamp_alphas_cumprod(DDPMScheduler.from_config(scheduler_config).alphas_cumprod)
 
 
 def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> Teacher:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .scheduling_lcm import lcm_scheduler
 from .scheduling_utils import Generators, StepIndexMixin, check_renoise, find_timestep_index, fresh_noise
-from .solvers import alpha_sigma, ddim_step, x0_eps_from_model_output
+from .solvers import alpha_sigma, clamp_alphas_cumprod, ddim_step, x0_eps_from_model_output
 
 # Index subsets (into the milestones in DESCENDING order, T-1 first, 0 last) of the released
 # SDXL sampler, for M = 8 segments; 8 steps use all nine milestones.
@@ -112,7 +112,8 @@ class TLCMScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
     eps' is fresh N(0, I) noise (``renoise="fresh"``, released) or the model's eps
     (``renoise="implied"``, i.e. DDIM with eta = 0). No c_skip/c_out. Default timesteps are
     tlcm_timesteps(N, T, num_segments); custom descending integer timesteps are accepted. Loads from
-    any DDPM-family scheduler config (betas and prediction_type are read, other keys ignored).
+    any DDPM-family scheduler config (betas and prediction_type are read, other keys ignored); a zero-terminal-SNR
+    schedule's a_T = 0 is clamped to 2^-24, as the recipes train on it.
     """
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers] + ["LCMScheduler"]
@@ -136,7 +137,9 @@ class TLCMScheduler(StepIndexMixin, SchedulerMixin, ConfigMixin):
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
-        self.alphas_cumprod = betas_source.alphas_cumprod.to(torch.float32)
+        # as training reads the teacher's schedule (models.teacher_alphas_cumprod): a zero-terminal-SNR a_T = 0 would
+        # make the first step's x0 = (z - sigma eps) / 0
+        self.alphas_cumprod = clamp_alphas_cumprod(betas_source.alphas_cumprod.to(torch.float32))
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)

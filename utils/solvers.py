@@ -53,6 +53,15 @@ def previous_timestep(t: torch.LongTensor, k: int) -> torch.LongTensor:
     return torch.clamp(t - k, min=0)
 
 
+MIN_ALPHAS_CUMPROD = 2.0**-24  # what diffusers' samplers set a zero-terminal-SNR schedule's last a_t to
+
+
+def clamp_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """a_t = max(a_t, 2^-24): a zero-terminal-SNR schedule (rescale_betas_zero_snr) has a_T = 0, where an eps
+    prediction's x0 = (x - sigma eps) / alpha divides by zero."""
+    return alphas_cumprod.clamp(min=MIN_ALPHAS_CUMPROD)
+
+
 def alpha_sigma(alphas_cumprod: Tensor, t: torch.LongTensor) -> tuple[Tensor, Tensor]:
     """alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t) with a_t = alphas_cumprod[t]; shape of t (B,).
 

@@ -76,11 +76,17 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, caption_words: str | None = None) -> Scene:
+    """A random scene; caption_words: a caption whose shape, colour, background and size it takes (same draws)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     background = BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))]
     size = SIZE_NAMES[rng.integers(len(SIZE_NAMES))]
+    for word in (caption_words or "").lower().split():
+        shape = word if word in SHAPES else shape
+        colour = word if word in COLOURS else colour
+        background = word if word in BACKGROUNDS else background
+        size = word if word in SIZES else size
     half = float(rng.uniform(*SIZES[size]))
     # keep the shape inside the frame, with a small margin
     lo, hi = half + 0.02, 1.0 - half - 0.02
@@ -88,10 +94,11 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(shape, colour, background, size, cx, cy, half)
 
 
-def render(scene: Scene, resolution: int = 32, supersample: int = 4) -> Image.Image:
-    """Draw a scene as an RGB image of side `resolution`."""
+def render(scene: Scene, resolution: int = 32, supersample: int = 4,
+           background_rgb: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw a scene as an RGB image of side `resolution` (background_rgb: this colour instead of the scene's)."""
     side = resolution * supersample
-    img = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (side, side), background_rgb or BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     cx, cy, h = scene.cx * side, scene.cy * side, scene.half * side
     fill = COLOURS[scene.colour]
