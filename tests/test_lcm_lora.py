@@ -229,21 +229,23 @@ def test_flux_folder_is_refused(toy_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", [SCRIPT, "train_tcd_lora.py"])
+def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch, script):
     """SIGKILL (a real process) while writing checkpoint-4 (EMA target on); resume from checkpoint-2; equal to an
-    uninterrupted run (the straight and resumed runs in-process: they must also match the real one)."""
+    uninterrupted run (the straight and resumed runs in-process: they must also match the real one). The same for
+    the TCD recipe, whose loss draws its target times from the same checkpointed stream."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed process computes on one thread, as this one does
     from safetensors.torch import load_file
 
     args = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--ema_decay", "0.9", "--lr_scheduler", "cosine",
             "--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
     straight = str(tmp_path / "straight")
-    run(toy_world, "sd", straight, *args)
+    run_recipe(script, arguments(toy_world, "sd", straight, *args))
     crashed = str(tmp_path / "crashed")
-    kill_while_saving(SCRIPT, arguments(toy_world, "sd", crashed, *args),
+    kill_while_saving(script, arguments(toy_world, "sd", crashed, *args),
                       os.path.join(crashed, "checkpoint-4.partial"))
     assert sorted(d for d in os.listdir(crashed) if d.startswith("checkpoint-") and "." not in d) == ["checkpoint-2"]
-    run(toy_world, "sd", crashed, *args, "--resume_from_checkpoint", "latest")
+    run_recipe(script, arguments(toy_world, "sd", crashed, *args, "--resume_from_checkpoint", "latest"))
     a = load_file(os.path.join(straight, "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(crashed, "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
