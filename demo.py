@@ -1,6 +1,6 @@
 """The main job on the toy world, end to end: build it, distill, sample, write grids and tables.
 
-    python demo.py          # about 45 minutes on 2 CPU cores; results in results/demo/
+    python demo.py          # about 55 minutes on 2 CPU cores; results in results/demo/
 
 1. build the toy world (datasets + pipeline folders) from the committed weights;
 2. check the judge on real images and on VAE reconstructions;
