@@ -435,7 +435,6 @@ def test_caption_dropout_and_the_training_grid_reach_the_teacher_and_the_saved_s
     scheduler is an LCMScheduler on the run's own grid (--num_ddim_timesteps, --timestep_scaling_factor)."""
     from diffusers import LCMScheduler
 
-    recipe = import_script(SCRIPT)
     seen = []
     original = lora_distill.teacher_conditioning
     monkeypatch.setattr(lora_distill, "teacher_conditioning",

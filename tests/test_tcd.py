@@ -183,5 +183,5 @@ def test_inference_samples_with_tcd_at_the_given_eta(toy_world, tmp_path):
 
     settings, default = draw("default")
     assert settings["scheduler_class"] == "TCDScheduler" and settings["eta"] == 0.3
-    (s1, again), (s0, zero) = draw("again", "--eta", "0.3"), draw("zero", "--eta", "0")
+    (_, again), (s0, zero) = draw("again", "--eta", "0.3"), draw("zero", "--eta", "0")
     assert s0["eta"] == 0.0 and np.array_equal(default, again) and np.abs(default - zero).max() > 8
