@@ -1,13 +1,13 @@
 """The main job on the toy world, end to end: build it, distill, sample, write grids and tables.
 
-    python demo.py          # about 45 minutes on 2 CPU cores; results in results/demo/
+    python demo.py          # about 55 minutes on 2 CPU cores; results in results/demo/
 
 1. build the toy world (datasets + pipeline folders) from the committed weights;
 2. check the judge on real images and on VAE reconstructions;
 3. sample every toy teacher with its own full-step sampler (50 steps, CFG) and at 4 steps;
 4. distill the toy SD teacher with train_lcm_distill_sd.py, the toy SDXL teacher with
-   train_lcm_distill_lora_sdxl.py, with train_lcm_distill_sd.py (a full student) and with
-   train_tlcm_sdxl.py (data-free TLCM), all three with the same budget, and the toy FLUX teacher with
+   train_lcm_distill_lora_sdxl.py, train_tcd_lora.py (TCD), train_lcm_distill_sd.py (a full student) and
+   train_tlcm_sdxl.py (data-free TLCM), all four with the same budget, and the toy FLUX teacher with
    train_tlcm_flux.py (each skipped when its output exists);
 5. compare each student with its teacher's own sampler at the same step counts and with the
    teacher's full-step sample (50 steps; FLUX: 28): prompt accuracy, toy FD, RMSE to the
@@ -39,6 +39,9 @@ from utils.toy.judge import ToyJudge, judge_images, prompt_accuracy
 # defaults; FLUX's "true CFG" and guidance input at the value its toy teacher does best with
 TEACHERS = {"sd": 7.5, "sdxl": 5.0, "flux": 5.0, "flux-guidance": 5.0}
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the LoRA of the LCM-LoRA and TCD runs, spelled out so a change of the recipes' defaults leaves the rows as they are
+LORA_SHAPE = ["--lora_rank", "64", "--lora_alpha", "8"]
+TCD_GAMMAS = (0.0, 0.3, 0.5)  # TCDScheduler's eta: deterministic, the authors' choice, more re-noising
 
 
 @torch.no_grad()
@@ -95,12 +98,14 @@ def distill_sdxl(world: str, out: str, steps: int, seed: int) -> None:
         "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed)])
 
 
-def distill_lora_sdxl(world: str, out: str, steps: int, seed: int) -> None:
-    distill("train_lcm_distill_lora_sdxl.py", out, "pytorch_lora_weights.safetensors", [
+def distill_lora_sdxl(world: str, out: str, steps: int, seed: int, script: str = "train_lcm_distill_lora_sdxl.py",
+                      extra: tuple[str, ...] = ()) -> None:
+    """LCM-LoRA of the SDXL teacher; with `script` train_tcd_lora.py, TCD with the same data, batch, LoRA and steps."""
+    distill(script, out, "pytorch_lora_weights.safetensors", [
         "--pretrained_teacher_model", os.path.join(world, "models/sdxl"), "--train_data_dir",
         os.path.join(world, "data/train"), "--train_batch_size", "32", "--learning_rate", "5e-4",
         "--lr_warmup_steps", "100", "--w_min", "2", "--w_max", "6", "--max_train_steps", str(steps),
-        "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed)])
+        "--validation_steps", "250", "--checkpointing_steps", "500", "--seed", str(seed), *LORA_SHAPE, *extra])
 
 
 def distill_tlcm_flux(world: str, out: str, stage1_steps: int, stage2_steps: int, seed: int) -> None:
@@ -129,6 +134,13 @@ def with_lora(world: str, teacher: str, lora_dir: str):
     return pipe
 
 
+def tcd_students(world: str, lora_dir: str, tcd_dir: str) -> list:
+    """The LCM-LoRA with its LCMScheduler, and the TCD LoRA with TCDScheduler at each of TCD_GAMMAS (as eta)."""
+    tcd = with_lora(world, "sdxl", tcd_dir)
+    return [("LCM-LoRA (LCMScheduler, no CFG)", with_lora(world, "sdxl", lora_dir), "lcm", 1.0),
+            *[(f"TCD LoRA (TCDScheduler, gamma {g:g}, no CFG)", tcd, "tcd", 1.0, {"eta": g}) for g in TCD_GAMMAS]]
+
+
 def prompt_texts(ev: dict) -> list[str]:
     """The evaluation prompts `evaluate(..., **ev)` samples, in grid column order."""
     return [p[0] for p in eval_prompts(ev["per_combo"])]
@@ -147,17 +159,17 @@ def compare(world: str, teacher: str, samplers: list[str], g: float, reference_s
         res, images = evaluate(pipe, steps_list=steps, guidance_scale=g, label=f"teacher {teacher} {sampler}",
                                reference=reference, **ev)
         results, rows = results + res, rows + images
-    for label, student, sampler, guidance in students:
+    for label, student, sampler, guidance, *call in students:  # call: more pipeline kwargs (TCD's eta)
         set_sampler(student, sampler)
         res, images = evaluate(student, steps_list=steps, guidance_scale=guidance, label=label,
-                               reference=reference, **ev)
+                               reference=reference, call_kwargs=call[0] if call else None, **ev)
         results, rows = results + res, rows + images
     save_grid(rows, os.path.join(out_dir, f"{name}_grid.png"), row_labels(results), prompt_texts(ev))
     print(markdown_table(results), flush=True)
     return results
 
 
-RUNS = ("lcm-sd", "lcm-sdxl", "lcm-lora-sdxl", "tlcm-flux", "tlcm-sdxl")
+RUNS = ("lcm-sd", "lcm-sdxl", "lcm-lora-sdxl", "tcd-lora-sdxl", "tlcm-flux", "tlcm-sdxl")
 
 
 def demo_file(name: str) -> bool:
@@ -203,7 +215,7 @@ def main() -> None:
               prompt_texts(ev))
 
     # each recipe on its toy teacher, then student vs the teacher's own samplers at the same step counts
-    sd_dir, sdxl_dir, lora_dir, tlcm_dir, tlcm_sdxl_dir = (
+    sd_dir, sdxl_dir, lora_dir, tcd_dir, tlcm_dir, tlcm_sdxl_dir = (
         os.path.join(args.output_dir, n) for n in RUNS)
     distill_sd(world, sd_dir, args.distill_steps, args.seed)
     g = TEACHERS["sd"]
@@ -215,6 +227,11 @@ def main() -> None:
     lcm_lora = compare(world, "sdxl", ["euler"], TEACHERS["sdxl"], 50, [1, 2, 4, 8],
                        [("LCM-LoRA (LCMScheduler, no CFG)", with_lora(world, "sdxl", lora_dir), "lcm", 1.0)],
                        ev, args.output_dir, "lcm_lora_sdxl")
+
+    # TCD of the same SDXL teacher with the LCM-LoRA run's data, batch, LoRA and steps; TCDScheduler at three gammas
+    distill_lora_sdxl(world, tcd_dir, args.lora_steps, args.seed, "train_tcd_lora.py")
+    tcd = compare(world, "sdxl", ["euler"], TEACHERS["sdxl"], 50, [1, 2, 4, 8], tcd_students(world, lora_dir, tcd_dir),
+                  ev, args.output_dir, "tcd_sdxl")
 
     # full LCM distillation of the same SDXL teacher with the LCM-LoRA run's budget, against both
     distill_sdxl(world, sdxl_dir, args.lora_steps, args.seed)
@@ -249,6 +266,8 @@ def main() -> None:
               markdown_table(lcm_sd), "",
               f"## LCM-LoRA of the SDXL teacher ({args.lora_steps} steps); teacher CFG {TEACHERS['sdxl']}", "",
               markdown_table(lcm_lora), "",
+              f"## TCD LoRA of the SDXL teacher ({args.lora_steps} steps, as the LCM-LoRA), TCDScheduler at gamma "
+              f"{', '.join(f'{g:g}' for g in TCD_GAMMAS)}; teacher CFG {TEACHERS['sdxl']}", "", markdown_table(tcd), "",
               f"## LCM distillation of the SDXL teacher ({args.lora_steps} steps, as the LCM-LoRA), CFG "
               f"{TEACHERS['sdxl']}", "", markdown_table(lcm_sdxl), "",
               f"## TLCM of the SDXL teacher (stage 1: {args.lora_steps - args.tlcm_stage2_steps} steps, stage 2: "
@@ -261,6 +280,7 @@ def main() -> None:
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump({"judge": judge_lines, "teachers": [asdict(r) for r in teacher_results],
                    "lcm_sd": [asdict(r) for r in lcm_sd], "lcm_lora_sdxl": [asdict(r) for r in lcm_lora],
+                   "tcd_sdxl": [asdict(r) for r in tcd],
                    "lcm_sdxl": [asdict(r) for r in lcm_sdxl], "tlcm_sdxl": [asdict(r) for r in tlcm_sdxl],
                    "tlcm_flux": [asdict(r) for r in tlcm_res]}, f, indent=2)
     print("\n".join(report))

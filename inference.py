@@ -39,7 +39,7 @@ from paras import (
 )
 from utils import files, outputs
 from utils.errors import UserError, user_errors
-from utils.samplers import SAMPLERS, check_sampler, set_sampler, uses_milestones
+from utils.samplers import SAMPLERS, check_sampler, set_sampler, step_kwargs, uses_milestones
 
 LORA_FILE_NAMES = (  # looked for, in this order, in a --lora_path folder
     "pytorch_lora_weights.safetensors",        # diffusers (and our recipes' main output)
@@ -289,12 +289,14 @@ def milestone_timesteps(steps: int, num_train_timesteps: int, scheduler: str) ->
                         f"(the published milestone subsets), got {steps}") from None
 
 
-def set_scheduler(pipe: Any, arch: str, name: str, steps: int, renoise: str | None) -> dict[str, Any]:
-    """Install the --scheduler (utils/samplers.py) on the pipeline; returns the step kwargs of the pipeline call."""
+def set_scheduler(pipe: Any, arch: str, name: str, steps: int, renoise: str | None,
+                  eta: float | None = None) -> dict[str, Any]:
+    """Install the --scheduler (utils/samplers.py) on the pipeline; returns the step kwargs of the pipeline call
+    (with TCD's eta, --eta or its default)."""
     set_sampler(pipe, name, arch, renoise)
     if uses_milestones(name, arch):  # given explicitly, so the PNG metadata records them
         return {"timesteps": milestone_timesteps(steps, pipe.scheduler.config.num_train_timesteps, name)}
-    return {"num_inference_steps": steps}
+    return {"num_inference_steps": steps, **step_kwargs(name, eta)}
 
 
 def default_guidance(arch: str, pipe: Any, scheduler: str, has_lora: bool) -> float:
@@ -440,6 +442,7 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
     if args.renoise is not None and scheduler != "tlcm":
         raise UserError(f"--renoise applies to --scheduler tlcm only, not {scheduler}")
     renoise = args.renoise or SAMPLERS[scheduler].renoise
+    step_kwargs(scheduler, args.eta)  # --eta on a sampler without one: fail before loading anything
     if uses_milestones(scheduler, arch):
         milestone_timesteps(args.infer_steps, 1000, scheduler)  # 1..8 steps: fail before loading anything
     default_side, multiple = image_geometry(base, arch, args.revision)
@@ -489,7 +492,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
     denoiser = pipe.transformer if arch == "flux" else pipe.unet
     names = adapter_names([path for path, _, _ in loras])
     formats = load_loras(pipe, denoiser, [(f, scale) for _, f, scale in loras], args.fuse_lora, names) if loras else []
-    extra = set_scheduler(pipe, arch, scheduler, args.infer_steps, renoise)
+    extra = set_scheduler(pipe, arch, scheduler, args.infer_steps, renoise, args.eta)
     guidance = args.guidance_scale if args.guidance_scale is not None else \
         default_guidance(arch, pipe, scheduler, bool(loras))
     mode = guidance_mode(arch, pipe, guidance)
@@ -501,7 +504,7 @@ def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, 
 
     settings_base = {
         "steps": args.infer_steps, "scheduler": scheduler, "scheduler_class": type(pipe.scheduler).__name__,
-        "timesteps": extra.get("timesteps"), "renoise": renoise,
+        "timesteps": extra.get("timesteps"), "renoise": renoise, "eta": extra.get("eta"),
         "guidance_scale": guidance, "guidance": mode, "base_model": base, "architecture": arch,
         **lora_settings(loras, names, formats), "lora_fused": bool(loras and args.fuse_lora),
         "height": height, "width": width,

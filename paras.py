@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tlcm only: re-noise each x0 prediction with fresh Gaussian noise (the published\n"
                         "sampler) or with the noise implied by the current sample (deterministic)\n"
                         "(default: fresh)")
+    s.add_argument("--eta", type=float, default=None,
+                   help="tcd only: the share of each step that is re-noised with fresh noise (TCD's gamma),\n"
+                        "0 (deterministic) to 1; higher with more steps (default: 0.3, the TCD authors' choice)")
     s.add_argument("--guidance_scale", type=float, default=None, help=GUIDANCE_HELP)
     s.add_argument("--resolution", type=int, default=None,
                    help="image side in pixels, square; must be a multiple of the VAE's downsampling factor\n"
@@ -151,6 +154,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         fail("--prompt is empty")
     if args.renoise is not None and args.scheduler not in (None, "tlcm"):
         fail(f"--renoise applies to --scheduler tlcm only, not {args.scheduler}")
+    if args.eta is not None and args.scheduler not in (None, "tcd"):
+        fail(f"--eta applies to --scheduler tcd only, not {args.scheduler}")
+    if args.eta is not None and not 0 <= args.eta <= 1:
+        fail(f"--eta must be in [0, 1] (the share of each step that is re-noised), got {args.eta}")
     if args.seed < 0:
         fail(f"--seed must be non-negative, got {args.seed}")
     args.loras = lora_specs(args.lora_path or [], args.lora_scale or [])

@@ -28,25 +28,22 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 from contextlib import nullcontext
 from typing import Callable
 
 import torch
 
-from utils import cache, flags, lora, loop, models, outputs
+from utils import flags, lora, loop, models
 from utils.consistency import LCMSchedule, consistency_fn, scalings_for_boundary_conditions
 from utils.ema import EMAParams
 from utils.errors import user_errors
-from utils.grids import log_image_grid
-from utils.lora_files import save_trained_lora
+from utils.lora_distill import encoder_lora_note, lora_pipeline, start_lora_run, unet_output, validation_grid
 from utils.losses import consistency_loss
-from utils.models import Conditioning, unet_conditioning
+from utils.models import Conditioning
 from utils.scheduling_lcm import lcm_scheduler
 from utils.solvers import alpha_sigma, ddim_cfg_step, ddim_step, previous_timestep, x0_eps_from_model_output
 
 logger = logging.getLogger("train_lcm_distill_lora_sdxl")
-ENCODER_FOLDERS = ["text_encoder", "text_encoder_2"]  # where a text-encoder LoRA is saved, as diffusers names them
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,65 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.text_encoder_lora_rank < 1:
         parser.error(f"--text_encoder_lora_rank must be at least 1, got {args.text_encoder_lora_rank}")
     return parser.check(args)
-
-
-def encode_text(arch, captions, tokenizers, encoders) -> tuple:
-    """(embeds,) for SD 1.x, (embeds, pooled) for SDXL."""
-    return tuple(models.encode_prompts(arch, captions, tokenizers, encoders).values())
-
-
-def conditioning(args, arch, batch, tokenizers, encoders, text=None) -> Conditioning:
-    """Prompt embeddings and UNet kwargs (SDXL: pooled embeds + each image's time ids) for a batch.
-
-    text: the batch's encode_text() output when already known (the --cache_text_embeddings lookup).
-    """
-    text = text if text is not None else encode_text(arch, batch["captions"], tokenizers, encoders)
-    return unet_conditioning(text, batch, args.resolution)
-
-
-@torch.no_grad()
-def base_text(arch, captions, tokenizers, encoders) -> tuple:
-    """encode_text() of the base text encoders: any encoder LoRA is switched off meanwhile."""
-    with lora.adapters_disabled(*encoders):
-        return encode_text(arch, captions, tokenizers, encoders)
-
-
-def teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache=None) -> Conditioning:
-    """conditioning() of the base text encoders (from --cache_text_embeddings' file when there is one)."""
-    if text_cache is not None:
-        text = text_cache.lookup(batch["captions"], device, encoders[-1].dtype)
-    else:
-        text = base_text(arch, batch["captions"], tokenizers, encoders)
-    return conditioning(args, arch, batch, tokenizers, encoders, text)
-
-
-@torch.no_grad()
-def teacher_uncond(args, teacher: models.Teacher) -> Conditioning:
-    """The teacher's unconditional input from its base text encoders: the empty prompt or zeros (--uncond); SDXL's
-    time ids are left out, so the loss's expand_as gives each image its own, as SDXL pipelines sample CFG."""
-    empty = base_text(teacher.arch, [""], teacher.tokenizers, teacher.text_encoders)
-    return unet_conditioning(teacher.uncond_text(empty, args.uncond))
-
-
-class _Prepared:
-    """A prepared (possibly DDP-wrapped) model whose calls go through the wrapper (gradient sync) while
-    attributes (`device`, `dtype`, `config`) come from the model itself, as the prompt encoders read them."""
-
-    def __init__(self, wrapped, model):
-        self._wrapped, self._model = wrapped, model
-
-    def __call__(self, *args, **kwargs):
-        return self._wrapped(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-def unet_output(unet, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, dtype, autocast=nullcontext) -> torch.Tensor:
-    """The UNet's prediction at (x, t) under `cond`, in float32."""
-    with autocast():
-        out = unet(x.to(dtype), t, **cond.unet_kwargs(dtype)).sample
-    return out.float()
 
 
 def lcm_lora_loss(unet, latents: torch.Tensor, teacher_cond: Conditioning, uncond: Conditioning,
@@ -177,131 +115,44 @@ def lcm_lora_loss(unet, latents: torch.Tensor, teacher_cond: Conditioning, uncon
 
 
 def main(args) -> None:
-    accelerator = loop.make_accelerator(args)
-    from accelerate.utils import set_seed
-
-    set_seed(args.seed)
-
-    # ---- models: frozen VAE and text encoders; one UNet = frozen teacher + trainable LoRA student
-    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
-    arch, vae, tokenizers, encoders = teacher.arch, teacher.vae, teacher.tokenizers, teacher.text_encoders
-    device, dtype = accelerator.device, teacher.dtype
-    unet = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
-    lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
-    if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
-        lora.add_text_encoder_lora(encoders, arch == "sdxl", args.text_encoder_lora_rank, args.lora_alpha,
-                                   args.lora_dropout)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    models.prepare_denoiser(unet, args)  # xformers, --merged_lora_forward, --channels_last, --torch_compile
-
-    # ---- data (--cache_latents: VAE posteriors instead of pixels; --cache_text_embeddings: the teacher's text)
-    dataloader, max_steps, captions = loop.make_train_data(args, accelerator, vae)
-    text_cache = None
-    if args.cache_text_embeddings:
-        text_cache = cache.cached_text_embeddings(
-            args, captions, lambda prompts: base_text(arch, prompts, tokenizers, encoders), encoders, accelerator)
-
-    # ---- optimizer; prepared encoders are saved in every checkpoint and sync their gradients across processes
-    trained_encoders = encoders if args.train_text_encoder_lora else []
-    optimizer, lr_scheduler = loop.make_optimizer(
-        [*unet.parameters(), *(p for e in trained_encoders for p in e.parameters())], args, max_steps,
-        accelerator.num_processes)
-    unet, *wrapped, optimizer, lr_scheduler = accelerator.prepare(unet, *trained_encoders, optimizer, lr_scheduler)
-    encoders = [accelerator.unwrap_model(e) for e in encoders]
-    student_encoders = [_Prepared(w, e) for w, e in zip(wrapped, encoders)]
-    params = [p for m in (unet, *wrapped) for p in m.parameters() if p.requires_grad]
-    rng = loop.TrainingRNG(args.seed, device, accelerator.process_index)
-    accelerator.register_for_checkpointing(rng)
-    base = accelerator.unwrap_model(unet)
-    ema = EMAParams(params, args.ema_decay, base) if args.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-    schedule = LCMSchedule.of_teacher(teacher.alphas_cumprod, args.num_ddim_timesteps, teacher.prediction_type)
-    uncond = teacher_uncond(args, teacher)
-
-    # ---- the loop
-    train = loop.TrainLoop(accelerator, dataloader, max_steps, args, "lcm_distill_lora", lr_scheduler)
+    # models (one UNet: frozen teacher + trainable LoRA student), data, optimizer, RNG, EMA: utils.lora_distill
+    run = start_lora_run(args)
+    accelerator = run.accelerator
+    train = loop.TrainLoop(accelerator, run.dataloader, run.max_steps, args, "lcm_distill_lora", run.lr_scheduler)
     for batch in train:
-        latents = cache.latents_of_batch(batch, vae, args.vae_encode_batch_size, rng.generator, device)
-        if args.proportion_empty_prompts > 0:  # caption dropout, for student and teacher alike
-            drop = torch.rand(len(latents), generator=rng.generator, device=device) < args.proportion_empty_prompts
-            batch = {**batch, "captions": ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]}
-        # the teacher's conditioning: the base encoders (without --train_text_encoder_lora: everyone's)
-        teacher_cond = teacher_conditioning(args, arch, batch, tokenizers, encoders, device, text_cache)
-        student_cond = None
-        if student_encoders:  # the student's (and target's) conditioning: the adapted encoders
-            def student_cond():
-                return conditioning(args, arch, batch, tokenizers, student_encoders)
-        with accelerator.accumulate(unet):
-            loss = lcm_lora_loss(unet, latents, teacher_cond, uncond, schedule, args, rng.generator, dtype,
-                                 accelerator.autocast, ema, student_cond, base)
-            updated = loop.apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+        latents, teacher_cond, student_cond = run.inputs(args, batch)
+        with accelerator.accumulate(run.unet):
+            loss = lcm_lora_loss(run.unet, latents, teacher_cond, run.uncond, run.schedule, args, run.rng.generator,
+                                 run.dtype, accelerator.autocast, run.ema, student_cond, run.base)
+            updated = loop.apply_gradients(accelerator, loss, run.params, run.optimizer, run.lr_scheduler,
+                                           args.max_grad_norm)
         if not train.step_done(loss, updated):
             continue
-        if ema is not None:
-            ema.update()
+        if run.ema is not None:
+            run.ema.update()
         if train.checkpoint_due:
             train.save_checkpoint()
         if train.validation_due:
-            validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
-
-    # the LoRA (with the text encoders' when they trained one) in diffusers, PEFT and kohya formats, and its sampler:
-    # the LCMScheduler of the training grid in out/scheduler
-    save_trained_lora(accelerator, base, args.output_dir, "unet",
-                      text_encoders=dict(zip(ENCODER_FOLDERS, trained_encoders)))
-    if accelerator.is_main_process:
-        lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor).save_pretrained(
-            os.path.join(args.output_dir, "scheduler"))
-    if train.validation_prompts and train.samples_here:
-        validate(accelerator, args, base, teacher, train.validation_prompts, train.global_step)
-    if accelerator.is_main_process:  # README.md, then --push_to_hub
-        outputs.publish(args, "LCM-LoRA (latent consistency distillation)", model_card(args, len(trained_encoders)))
-    accelerator.end_training()
+            validate(accelerator, args, run.base, run.teacher, train.validation_prompts, train.global_step)
+    # the LoRA (and the text encoders' when they trained one) in diffusers, PEFT and kohya formats; its sampler on
+    # the training grid in out/scheduler
+    run.finish(args, train, lcm_scheduler(run.teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor), validate,
+               "LCM-LoRA (latent consistency distillation)", model_card(args, len(run.trained_encoders)))
 
 
 def lcm_pipeline(args, unet, teacher: models.Teacher):
     """The LoRA UNet in the teacher's pipeline class with its other parts and an LCMScheduler on this run's grid."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    vae, tokenizers, encoders = teacher.vae, teacher.tokenizers, teacher.text_encoders
-    scheduler = lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps, args.timestep_scaling_factor)
-
-    if teacher.arch == "sd":
-        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler)
+    return lora_pipeline(unet, teacher, lcm_scheduler(teacher.scheduler_config, args.num_ddim_timesteps,
+                                                      args.timestep_scaling_factor))
 
 
-@torch.no_grad()
-@torch.random.fork_rng()  # sampling must not move the training RNG
 def validate(accelerator, args, unet, teacher: models.Teacher, prompts, step):
     """LCMScheduler samples of the LoRA student at 1/2/4/8 steps, no CFG; a labelled grid to the trackers and PNG."""
-    pipe = lcm_pipeline(args, unet, teacher)
-    pipe.set_progress_bar_config(disable=True)
-    rows, labels = [], []
-    for steps in (1, 2, 4, 8):
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
-        with accelerator.autocast():
-            images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, generator=gens,
-                          height=args.resolution, width=args.resolution, output_type="pt").images
-        rows.append(images.float().cpu() * 2 - 1)
-        labels.append(f"LCM-LoRA, {steps} step{'s' if steps > 1 else ''}, CFG 1")
-    path = log_image_grid(accelerator, rows, labels, step, args.output_dir, column_labels=prompts)
-    logger.info(f"validation grid -> {path}")
+    validation_grid(accelerator, args, lcm_pipeline(args, unet, teacher), prompts, step, "LCM-LoRA")
 
 
 def model_card(args, trained_encoders: int) -> str:
     """How to load and sample the LoRA: the body of the README.md the run writes (outputs.publish)."""
-    note = ""
-    if trained_encoders:
-        folders = ", ".join(f"`{args.output_dir}/{n}`" for n in ENCODER_FOLDERS[:trained_encoders])
-        note = (f"\nThe text encoders carry a LoRA too (rank {args.text_encoder_lora_rank}): `load_lora_weights` "
-                f"loads it with the UNet's; PEFT folders {folders}; `lora_te*` keys in the kohya file "
-                "(`convert_lora.py` converts UNet LoRAs only).\n")
     return f"""
 Distilled from `{args.pretrained_teacher_model}` with `train_lcm_distill_lora_sdxl.py` (rank {args.lora_rank},
 alpha {args.lora_alpha}).
@@ -319,7 +170,7 @@ distilled in). `{args.output_dir}/scheduler` holds it on the training grid: {arg
 `LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps={args.num_ddim_timesteps},
 timestep_scaling={args.timestep_scaling_factor:g})`.
 PEFT: `PeftModel.from_pretrained(pipe.unet, "{args.output_dir}/unet")`; ComfyUI / A1111: `lora_kohya.safetensors`.
-{note}"""
+{encoder_lora_note(args, trained_encoders)}"""
 
 
 if __name__ == "__main__":

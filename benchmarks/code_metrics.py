@@ -24,7 +24,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMULA_MODULES = ("solvers", "consistency", "losses", "tlcm", "scheduling_lcm", "scheduling_tlcm",
                    "scheduling_flow_match_euler_tlcm")
-RECIPES = ("train_lcm_distill_sd.py", "train_lcm_distill_lora_sdxl.py", "train_tlcm_flux.py", "train_tlcm_sdxl.py")
+RECIPES = ("train_lcm_distill_sd.py", "train_lcm_distill_lora_sdxl.py", "train_tcd_lora.py", "train_tlcm_flux.py",
+           "train_tlcm_sdxl.py")
 
 
 def utils_modules() -> dict[str, str]:

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ENTRY_POINTS = {
     "sd": ["train_lcm_distill_sd.py"],
     "lora": ["train_lcm_distill_lora_sdxl.py"],
+    "tcd": ["train_tcd_lora.py"],
     "tlcm": ["train_tlcm_flux.py"],
     "infer": ["inference.py"],
     "convert": ["convert_lora.py"],
@@ -46,6 +47,7 @@ def valid_command(entry: str) -> list[str]:
     return {
         "sd": ["--pretrained_teacher_model", "{W}/models/sd", *train],
         "lora": ["--pretrained_teacher_model", "{W}/models/sdxl", "--lora_rank", str(RANK), *train],
+        "tcd": ["--pretrained_teacher_model", "{W}/models/sdxl", "--lora_rank", str(RANK), *train],
         "tlcm": ["--pretrained_teacher_model", "{W}/models/flux", "--prompts_file", "{W}/data/train/metadata.jsonl",
                  "--max_train_samples", "8", "--output_dir", "{OUT}", "--resolution", "32", "--lora_rank", str(RANK),
                  "--train_batch_size", "2", "--stage1_steps", "1", "--stage2_steps", "1", "--validation_steps",
@@ -141,6 +143,15 @@ CASES = [
     *[(e, f"unknown-{what}", {flag: "warp"}, flag) for e in ("sd", "lora", "tlcm") for what, flag in [
         ("loss", "--loss_type"), ("lr-scheduler", "--lr_scheduler"), ("precision", "--mixed_precision")]],
     ("infer", "unknown-scheduler", {"--scheduler": "warp"}, "--scheduler"),
+    # TCD: its flags, and LCM's c_skip/c_out scaling it has no use for; eta (TCD's gamma) where no sampler takes it
+    ("tcd", "wrong-architecture", {"--pretrained_teacher_model": "{W}/models/flux"}, "--pretrained_teacher_model"),
+    ("tcd", "unknown-target-timestep", {"--target_timestep": "half"}, "--target_timestep"),
+    ("tcd", "validation-eta-2", {"--validation_eta": "2"}, "--validation_eta"),
+    ("tcd", "timestep-scaling-factor", {"--timestep_scaling_factor": "5"}, "--timestep_scaling_factor"),
+    ("infer", "eta-out-of-range", {"--scheduler": "tcd", "--base_model_path": "{W}/models/sdxl", "--eta": "1.5"},
+     "--eta"),
+    ("infer", "eta-on-lcm", {"--base_model_path": "{W}/models/sdxl", "--eta": "0.3"}, "--eta applies to"),
+    ("eval", "eta-on-the-default-sampler", {"--eta": "0.3"}, "--eta applies to"),
     ("infer", "unknown-precision", {"--dtype": "fp64"}, "--dtype"),
     ("eval", "unknown-scheduler", {"--scheduler": "warp"}, "--scheduler"),
     ("convert", "unknown-format", {"--to": "ckpt"}, "--to"),

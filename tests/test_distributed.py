@@ -352,15 +352,17 @@ def test_fsdp_tlcm_extras_match_ddp_and_resume_exactly(toy_world, start_lora, tm
 
 @pytest.mark.slow
 @deepspeed_installed
-@pytest.mark.xdist_group("zero3_lcm_lora")  # a unit of parallel work of its own
-def test_deepspeed_zero3_lcm_lora_matches_ddp_and_resumes_exactly(toy_world, tmp_path):
+@pytest.mark.parametrize("script", [  # each a unit of parallel work of its own
+    pytest.param("train_lcm_distill_lora_sdxl.py", marks=pytest.mark.xdist_group("zero3_lcm_lora")),
+    pytest.param("train_tcd_lora.py", marks=pytest.mark.xdist_group("zero3_tcd"))])
+def test_deepspeed_zero3_lcm_lora_matches_ddp_and_resumes_exactly(toy_world, tmp_path, script):
     """ZeRO-3 splits the whole SDXL UNet (frozen base and LoRA); the EMA target is swapped into the split LoRA,
-    the frozen text encoders stay whole; the run trains what DDP trains and resumes bit-identical."""
+    the frozen text encoders stay whole; the run trains what DDP trains and resumes bit-identical. LCM-LoRA, and
+    TCD (its copy with another loss and sampler)."""
     from diffusers import StableDiffusionXLPipeline
 
     from utils.checkpoint import read_model_state
 
-    script = "train_lcm_distill_lora_sdxl.py"
     args = image_args(toy_world, "sdxl", 3) + ["--lora_rank", "4", "--learning_rate", "1e-3", "--ema_decay", "0.9"]
     straight, ddp, log = str(tmp_path / "straight"), str(tmp_path / "ddp"), str(tmp_path / "batches")
     launch("deepspeed_zero3", script, args + ["--output_dir", straight], log)

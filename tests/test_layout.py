@@ -52,7 +52,7 @@ def test_no_private_name_is_imported_from_another_module():
 
 @pytest.mark.slow
 def test_training_runs_on_a_model_folder_never_import_the_toy_world(toy_world, tmp_path):
-    """The four recipes, one step each, in one fresh process: utils.toy is not among the loaded modules."""
+    """The five recipes, one step each, in one fresh process: utils.toy is not among the loaded modules."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a small red circle on a blue background\na large green square on a white background\n")
     common = ["--report_to", "none", "--resolution", "32", "--train_batch_size", "2", "--validation_steps", "100",
@@ -63,6 +63,8 @@ def test_training_runs_on_a_model_folder_never_import_the_toy_world(toy_world, t
                                       os.path.join(toy_world, "models/sd"), "--output_dir", str(tmp_path / "a")]),
             ("train_lcm_distill_lora_sdxl", [*common, *data, "--pretrained_teacher_model",
                                              os.path.join(toy_world, "models/sdxl"), "--output_dir", str(tmp_path / "b")]),
+            ("train_tcd_lora", [*common, *data, "--pretrained_teacher_model", os.path.join(toy_world, "models/sd"),
+                                "--output_dir", str(tmp_path / "e")]),
             ("train_tlcm_flux", [*common, "--prompts_file", str(prompts), "--stage1_steps", "1", "--stage2_steps", "1",
                                  "--pretrained_teacher_model", os.path.join(toy_world, "models/flux"),
                                  "--output_dir", str(tmp_path / "c")]),
@@ -78,4 +80,5 @@ def test_training_runs_on_a_model_folder_never_import_the_toy_world(toy_world, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(tmp_path / "c" / "pytorch_lora_weights.safetensors")
     assert os.path.isfile(tmp_path / "d" / "pytorch_lora_weights.safetensors")
+    assert os.path.isfile(tmp_path / "e" / "scheduler" / "scheduler_config.json")
     assert "TOY []" in proc.stdout

@@ -13,6 +13,8 @@ import pytest
 import torch
 from helpers import import_script, kill_while_saving, listing, run_recipe, unet_output
 
+from utils import lora_distill
+
 SCRIPT = "train_lcm_distill_lora_sdxl.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +89,7 @@ def test_time_ids_carry_height_then_width(toy_world, tmp_path):
                               "--resolution", "32"])
     tokenizers, encoders = models.load_text_encoders(os.path.join(toy_world, "models/sdxl"), "sdxl")
     batch = {"captions": ["a red circle"], "original_sizes": [(48, 32)], "crop_top_lefts": [(8, 0)]}
-    cond = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+    cond = lora_distill.conditioning(args, "sdxl", batch, tokenizers, encoders)
     assert cond.added["time_ids"].tolist() == [[48.0, 32.0, 8.0, 0.0, 32.0, 32.0]]
 
 
@@ -116,9 +118,9 @@ def sdxl(toy_world, tmp_path_factory):
     batch = {"captions": ["a red circle", "a blue square"], "original_sizes": [(48, 32)] * 2,
              "crop_top_lefts": [(8, 0)] * 2}
     with torch.no_grad():
-        cond = recipe.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
+        cond = lora_distill.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
     teacher = models.Teacher("sdxl", {}, None, tokenizers, encoders, None, torch.float32, zeros_for_empty_prompt=True)
-    uncond = recipe.teacher_uncond(args, teacher)  # --uncond auto, the default: zeros for this SDXL pipeline
+    uncond = lora_distill.teacher_uncond(args, teacher)  # --uncond auto, the default: zeros for this SDXL pipeline
     assert not uncond.added["text_embeds"].any() and not uncond.embeds.any()
     noise_schedule = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     schedule = LCMSchedule.of_teacher(noise_schedule.alphas_cumprod, args.num_ddim_timesteps,
@@ -227,21 +229,23 @@ def test_flux_folder_is_refused(toy_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", [SCRIPT, "train_tcd_lora.py"])
+def test_killed_run_with_ema_target_resumes_to_the_same_lora(toy_world, tmp_path, monkeypatch, script):
     """SIGKILL (a real process) while writing checkpoint-4 (EMA target on); resume from checkpoint-2; equal to an
-    uninterrupted run (the straight and resumed runs in-process: they must also match the real one)."""
+    uninterrupted run (the straight and resumed runs in-process: they must also match the real one). The same for
+    the TCD recipe, whose loss draws its target times from the same checkpointed stream."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed process computes on one thread, as this one does
     from safetensors.torch import load_file
 
     args = ["--max_train_steps", "5", "--checkpointing_steps", "2", "--ema_decay", "0.9", "--lr_scheduler", "cosine",
             "--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
     straight = str(tmp_path / "straight")
-    run(toy_world, "sd", straight, *args)
+    run_recipe(script, arguments(toy_world, "sd", straight, *args))
     crashed = str(tmp_path / "crashed")
-    kill_while_saving(SCRIPT, arguments(toy_world, "sd", crashed, *args),
+    kill_while_saving(script, arguments(toy_world, "sd", crashed, *args),
                       os.path.join(crashed, "checkpoint-4.partial"))
     assert sorted(d for d in os.listdir(crashed) if d.startswith("checkpoint-") and "." not in d) == ["checkpoint-2"]
-    run(toy_world, "sd", crashed, *args, "--resume_from_checkpoint", "latest")
+    run_recipe(script, arguments(toy_world, "sd", crashed, *args, "--resume_from_checkpoint", "latest"))
     a = load_file(os.path.join(straight, "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(crashed, "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -364,24 +368,24 @@ def test_teacher_conditioning_is_the_base_encoders(toy_world, tmp_path):
     tokenizers, encoders = models.load_text_encoders(path, "sdxl")
     batch = {"captions": ["a red circle", ""], "original_sizes": [(32, 32)] * 2, "crop_top_lefts": [(0, 0)] * 2}
     with torch.no_grad():
-        want = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+        want = lora_distill.conditioning(args, "sdxl", batch, tokenizers, encoders)
     lora.add_text_encoder_lora(encoders, True, args.text_encoder_lora_rank, args.lora_alpha)
     for enc in encoders:
         for name, p in enc.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
-    adapted = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+    adapted = lora_distill.conditioning(args, "sdxl", batch, tokenizers, encoders)
     assert adapted.embeds.requires_grad and not torch.allclose(adapted.embeds, want.embeds, atol=1e-4)
     assert not torch.allclose(adapted.added["text_embeds"], want.added["text_embeds"], atol=1e-4)
-    teacher = recipe.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
+    teacher = lora_distill.teacher_conditioning(args, "sdxl", batch, tokenizers, encoders, "cpu")
     assert not teacher.embeds.requires_grad and torch.equal(teacher.embeds, want.embeds)
     assert teacher.added.keys() == want.added.keys()
     assert all(torch.equal(teacher.added[k], want.added[k]) for k in want.added)
     args.uncond = "empty"  # the unconditional input: the base encoders' empty prompt too
-    uncond = recipe.teacher_uncond(args, models.Teacher("sdxl", {}, None, tokenizers, encoders, None, torch.float32))
+    uncond = lora_distill.teacher_uncond(args, models.Teacher("sdxl", {}, None, tokenizers, encoders, None, torch.float32))
     assert torch.allclose(uncond.embeds[0], want.embeds[1], atol=1e-5)
     assert torch.allclose(uncond.added["text_embeds"][0], want.added["text_embeds"][1], atol=1e-5)
-    again = recipe.conditioning(args, "sdxl", batch, tokenizers, encoders)
+    again = lora_distill.conditioning(args, "sdxl", batch, tokenizers, encoders)
     assert torch.equal(again.embeds, adapted.embeds)  # the adapters are back on afterwards
 
 
@@ -413,15 +417,15 @@ def test_uncond_auto_is_the_empty_prompt_for_sd_and_zeros_for_sdxl(toy_world, tm
         # what load_teacher reads of the toy pipelines: SDXL feeds zeros for an empty negative prompt
         teacher = models.Teacher(arch, {}, None, tokenizers, encoders, None, torch.float32,
                                  zeros_for_empty_prompt=arch == "sdxl")
-        uncond = recipe.teacher_uncond(args, teacher)
-        empty = recipe.encode_text(arch, [""], tokenizers, encoders)
+        uncond = lora_distill.teacher_uncond(args, teacher)
+        empty = lora_distill.encode_text(arch, [""], tokenizers, encoders)
         if arch == "sd":  # what SD was trained with as its unconditional input
             assert torch.equal(uncond.embeds, empty[0]) and uncond.embeds.abs().sum() > 0 and uncond.added == {}
         else:  # SDXL pipelines' zeroed negative prompt; the time ids come from each image in the loss
             assert not uncond.embeds.any() and not uncond.added["text_embeds"].any() and set(uncond.added) == {
                 "text_embeds"}
         args.uncond = "zeros" if arch == "sd" else "empty"
-        other = recipe.teacher_uncond(args, teacher)
+        other = lora_distill.teacher_uncond(args, teacher)
         assert (not other.embeds.any()) if arch == "sd" else torch.equal(other.embeds, empty[0])
 
 
@@ -431,10 +435,9 @@ def test_caption_dropout_and_the_training_grid_reach_the_teacher_and_the_saved_s
     scheduler is an LCMScheduler on the run's own grid (--num_ddim_timesteps, --timestep_scaling_factor)."""
     from diffusers import LCMScheduler
 
-    recipe = import_script(SCRIPT)
     seen = []
-    original = recipe.teacher_conditioning
-    monkeypatch.setattr(recipe, "teacher_conditioning",
+    original = lora_distill.teacher_conditioning
+    monkeypatch.setattr(lora_distill, "teacher_conditioning",
                         lambda args, arch, batch, *a, **k: seen.append(list(batch["captions"])) or original(
                             args, arch, batch, *a, **k))
     out = str(tmp_path / "run")

@@ -149,11 +149,13 @@ def test_lcm_sd_with_two_processes(toy_world, tmp_path):
     assert_same(load_file(os.path.join(straight, unet)), load_file(os.path.join(resumed, unet)))
 
 
-@pytest.mark.xdist_group("ddp_lcm_lora")  # a unit of parallel work of its own
-def test_lcm_lora_with_two_processes(toy_world, tmp_path):
+@pytest.mark.parametrize("script", [  # each a unit of parallel work of its own
+    pytest.param("train_lcm_distill_lora_sdxl.py", marks=pytest.mark.xdist_group("ddp_lcm_lora")),
+    pytest.param("train_tcd_lora.py", marks=pytest.mark.xdist_group("ddp_tcd"))])
+def test_lcm_lora_with_two_processes(toy_world, tmp_path, script):
+    """LCM-LoRA, and TCD (its copy with another loss and sampler)."""
     from diffusers import StableDiffusionXLPipeline
 
-    script = "train_lcm_distill_lora_sdxl.py"
     args = ["--pretrained_teacher_model", os.path.join(toy_world, "models/sdxl"), *common(toy_world),
             "--lora_rank", "4", "--learning_rate", "1e-3", "--report_to", "none"]
     i = args.index("--max_train_steps")  # one epoch instead: each process's half of it is STEPS batches

@@ -1,4 +1,4 @@
-"""The four recipes, unchanged, on model folders unlike the toy world's (randomly initialised): other latent
+"""The five recipes, unchanged, on model folders unlike the toy world's (randomly initialised): other latent
 channels, VAE depths, block layouts, text-encoder widths, prediction type, noise schedule and tokenizer length.
 Two steps each, in this process; the outputs load into the teacher's own diffusers pipeline and move its weights."""
 
@@ -139,6 +139,17 @@ def test_lcm_lora_with_text_encoder_lora_on_an_sdxl_like_teacher_of_other_widths
                                                   *data_args(toy_world, 32)])
     assert_trained_lora(out)
     assert_lora_moves_the_weights(StableDiffusionXLPipeline, layouts["sdxl"], out)
+
+
+def test_tcd_on_an_sd2_like_v_prediction_zero_terminal_snr_teacher(toy_world, layouts, tmp_path):
+    """alpha = 0 at the last timestep: the TCF takes the v-prediction's x0 there, no division by alpha."""
+    from diffusers import StableDiffusionPipeline
+
+    out = str(tmp_path / "out")
+    run_recipe("train_tcd_lora.py", ["--pretrained_teacher_model", layouts["sd2"], "--output_dir", out,
+                                     "--lora_rank", "4", *data_args(toy_world, 64)])
+    assert_trained_lora(out)
+    assert_lora_moves_the_weights(StableDiffusionPipeline, layouts["sd2"], out)
 
 
 @pytest.mark.parametrize("recipe, layout, resolution", [("train_tlcm_sdxl.py", "sd2", 64),

@@ -65,3 +65,27 @@ class LCMSchedule:
         T = len(alphas_cumprod)
         return cls(alphas_cumprod, ddim_timesteps(T, num_ddim_timesteps).to(alphas_cumprod.device),
                    T // num_ddim_timesteps, prediction_type)
+
+
+def trajectory_consistency_fn(x_t: Tensor, x0_pred: Tensor, alpha_t: Coef, sigma_t: Coef, alpha_s: Coef,
+                              sigma_s: Coef) -> Tensor:
+    """TCD's first-order f(x_t, t, s) = (sigma_s / sigma_t) x_t + (alpha_s - alpha_t sigma_s / sigma_t) x0_pred.
+
+    The exponential-integrator (DDIM) step t -> s from the x0 prediction: f(x, t, t) = x for any x0_pred, and
+    f = x0_pred where alpha_s = 1, sigma_s = 0. TCDScheduler takes the same step when it samples.
+    """
+    ratio = broadcast_like(sigma_s, x_t) / broadcast_like(sigma_t, x_t)
+    return ratio * x_t + (broadcast_like(alpha_s, x_t) - broadcast_like(alpha_t, x_t) * ratio) * x0_pred
+
+
+TARGET_TIMESTEPS = ("uniform", "zero")  # how TCD draws its target time s (train_tcd_lora.py --target_timestep)
+
+
+def draw_target_timesteps(t_prev: torch.LongTensor, mode: str, gen: torch.Generator) -> torch.LongTensor:
+    """s ~ U{0, ..., t_prev} per sample (mode "uniform"), or s = 0 (mode "zero": LCM's target time)."""
+    if mode == "zero":
+        return torch.zeros_like(t_prev)
+    if mode != "uniform":
+        raise ValueError(f"unknown target timestep mode {mode!r}; allowed: {', '.join(TARGET_TIMESTEPS)}")
+    u = torch.rand(t_prev.shape, device=t_prev.device, generator=gen)
+    return torch.minimum((u * (t_prev + 1)).long(), t_prev)  # the minimum guards a float rounding up to t_prev + 1

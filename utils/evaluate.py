@@ -33,7 +33,7 @@ from .errors import fail, user_errors
 from .eval_protocol import add_protocol_args, run_protocol
 from .metrics import ClipEmbedder, clip_score, frechet_distance as features_frechet_distance
 from .grids import save_grid, to_uint8
-from .samplers import SAMPLERS, check_sampler, set_sampler, uses_milestones
+from .samplers import SAMPLERS, check_sampler, set_sampler, step_kwargs, uses_milestones
 
 if TYPE_CHECKING:
     from .toy.judge import ToyJudge
@@ -150,12 +150,14 @@ def read_labels(folder: str) -> torch.Tensor:
 def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge | None = None,
              real_feats: torch.Tensor | None = None, label: str = "", per_combo: int = 1, seed: int = 0,
              reference: torch.Tensor | None = None, prompts: list[str] | None = None, clip: ClipScorer | None = None,
-             clip_real_feats: torch.Tensor | None = None) -> tuple[list[Result], list[torch.Tensor]]:
+             clip_real_feats: torch.Tensor | None = None,
+             call_kwargs: dict | None = None) -> tuple[list[Result], list[torch.Tensor]]:
     """Sample the pipeline at every step count and measure; returns results and the sampled images.
 
     Prompts are the toy evaluation prompts (with their labels, for the judge) unless `prompts` is
     given. `reference`: images of the same prompts and seeds (e.g. the teacher at 50 steps) to
     measure fidelity against; the same seeds give the same initial noise when the latent shapes match.
+    `call_kwargs`: more pipeline-call kwargs, e.g. samplers.step_kwargs' eta for TCD.
     """
     labelled = eval_prompts(per_combo) if prompts is None else None
     texts = [p[0] for p in labelled] if labelled else list(prompts)
@@ -163,7 +165,7 @@ def evaluate(pipe, steps_list: list[int], guidance_scale: float, judge: ToyJudge
         from .toy.judge import frechet_distance, judge_images, prompt_accuracy
     results, images = [], []
     for steps in steps_list:
-        imgs, sec = sample(pipe, texts, steps, guidance_scale, seed)
+        imgs, sec = sample(pipe, texts, steps, guidance_scale, seed, **(call_kwargs or {}))
         acc = fd = None
         if judge is not None:
             ps, pc, feats = judge_images(judge, imgs)
@@ -221,6 +223,8 @@ def main() -> None:
     parser.add_argument("--scheduler", default="default", choices=["default", *SAMPLERS],
                         help="sampler to use on the pipeline's noise schedule, one of utils/samplers.py "
                              "(default: the pipeline's own)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="--scheduler tcd only: TCD's gamma, the share of each step re-noised (default: 0.3)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="step counts (default: %(default)s)")
     parser.add_argument("--guidance_scale", type=float, default=7.5,
                         help="CFG scale, diffusers convention (for an LCM student: w + 1)")
@@ -283,6 +287,7 @@ def main() -> None:
             if uses_milestones(args.scheduler, arch) and max(args.steps) > 8:
                 fail(f"--scheduler {args.scheduler} takes --steps 1..8 (the published milestone subsets), "
                      f"got {args.steps}")
+        call = step_kwargs(args.scheduler, args.eta)  # TCD's eta; one line for --eta elsewhere or out of range
         if args.teacher:
             pipeline_index(args.teacher, flag="--teacher")
         prompts = load_prompts(prompts_file=args.prompts_file) if args.prompts_file else None
@@ -324,8 +329,9 @@ def main() -> None:
             fail(f"--lora {args.lora} could not be loaded: {str(exc).strip().splitlines()[0]}")
     sampler = set_sampler(pipe, args.scheduler)
     name = os.path.basename(os.path.normpath(args.lora or args.pipeline))
-    label = f"{name} ({sampler})"
-    res, images = evaluate(pipe, args.steps, args.guidance_scale, label=label, reference=reference, **ev)
+    label = f"{name} ({sampler}" + "".join(f", {k} {v:g}" for k, v in call.items()) + ")"
+    res, images = evaluate(pipe, args.steps, args.guidance_scale, label=label, reference=reference, call_kwargs=call,
+                           **ev)
     print(write_report(results + res, args.output_dir))
     texts = prompts or [p[0] for p in eval_prompts(args.per_combo)]
     save_grid(rows + images, os.path.join(args.output_dir, "grid.png"), row_labels(results + res), texts)

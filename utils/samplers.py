@@ -9,6 +9,10 @@ schedule, prediction type and FLUX shift stay the model's) and says which model 
 `tlcm-sdxl` is the released TLCM SDXL sampler, TLCMScheduler: predict x0 with no c_skip/c_out,
 re-noise it with fresh noise, on the published milestone timesteps (4 steps: 999, 749, 499, 124;
 1 to 8 steps). It is what `tlcm` means on SD/SDXL, under the name the release uses.
+
+`tcd` is diffusers' TCDScheduler (strategic stochastic sampling of TCD): each step maps the sample to
+s = floor((1 - eta) t_next) with the model's x0 and noise, then re-noises it to t_next with fresh noise.
+eta, the paper's gamma, is an argument of the pipeline call, not of the scheduler: `step_kwargs` gives it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Sampler:
     few_step: bool = False          # made for distilled (LCM/TLCM) models rather than base models
     renoise: str | None = None      # a TLCM sampler's default re-noising; None: it does not re-noise x0
     milestones: tuple[str, ...] = ()  # architectures on which it samples the published TLCM milestones (1-8 steps)
+    eta: float | None = None        # the default of the pipeline call's `eta` it takes (TCD's gamma); None: none
 
 
 def diffusers_scheduler(class_name: str, **overrides: Any) -> Callable[[dict, str, str | None], Any]:
@@ -69,6 +74,10 @@ SAMPLERS: dict[str, Sampler] = {
                          UNET_ARCHS, tlcm_scheduler, few_step=True, renoise="fresh", milestones=UNET_ARCHS),
     "lcm": Sampler("SD/SDXL: diffusers' LCMScheduler (LCM students and LoRAs)", UNET_ARCHS,
                    diffusers_scheduler("LCMScheduler"), few_step=True),
+    "tcd": Sampler("SD/SDXL: diffusers' TCDScheduler (TCD LoRAs, LCM students too): each step maps to "
+                   "s = (1 - eta) t_next with the model's x0 and re-noises the rest with fresh noise (--eta, the "
+                   "paper's gamma; 0 is deterministic)", UNET_ARCHS, diffusers_scheduler("TCDScheduler"),
+                   few_step=True, eta=0.3),
     "euler": Sampler("SD/SDXL base models: EulerDiscreteScheduler", UNET_ARCHS,
                      diffusers_scheduler("EulerDiscreteScheduler")),
     # latents are not images: a config without clip_sample (e.g. SDXL's Euler one) must not get DDIM's default True
@@ -112,3 +121,17 @@ def set_sampler(pipe: Any, name: str | None, arch: str | None = None, renoise: s
 def uses_milestones(name: str | None, arch: str) -> bool:
     """Whether `name` samples the published TLCM milestone timesteps (1-8 steps) on `arch`."""
     return name in SAMPLERS and arch in SAMPLERS[name].milestones
+
+
+def step_kwargs(name: str | None, eta: float | None = None) -> dict[str, float]:
+    """The pipeline-call kwargs of sampler `name`: {"eta": eta, else its default} where it takes one (tcd), else {}.
+    A one-line UserError names --eta when it is given to a sampler without one, or outside [0, 1]."""
+    default = SAMPLERS[name].eta if name in SAMPLERS else None
+    if eta is not None and default is None:
+        raise UserError(f"--eta applies to --scheduler tcd only, not {name or 'the pipeline default'}")
+    if default is None:
+        return {}
+    eta = default if eta is None else eta
+    if not 0 <= eta <= 1:
+        raise UserError(f"--eta must be in [0, 1] (the share of each step that is re-noised), got {eta}")
+    return {"eta": eta}
