@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Off by default (LCM-LoRA adapts the UNet only)")
     m.add_argument("--text_encoder_lora_rank", type=int, default=None,
                    help="rank of the text-encoder LoRA (default: --lora_rank)")
-    parser.add_data_args(resolution=1024)
+    parser.add_data_args()
     parser.add_lcm_args(w_min=3.0, w_max=15.0)
     t = parser.add_argument_group("trajectory consistency distillation")
     t.add_argument("--target_timestep", default="uniform", choices=TARGET_TIMESTEPS,
