@@ -32,7 +32,7 @@ from PIL import Image
 from .errors import fail, user_errors
 from .eval_protocol import add_protocol_args, run_protocol
 from .metrics import ClipEmbedder, clip_score, frechet_distance as features_frechet_distance
-from .grids import save_grid, to_uint8
+from .grids import save_grid
 from .samplers import SAMPLERS, check_sampler, set_sampler, step_kwargs, uses_milestones
 
 if TYPE_CHECKING:
