@@ -334,12 +334,16 @@ def call_kwargs(pipe: Any, scale: float, mode: str, negative_prompt: str | None,
 # ----------------------------------------------------------------------------- output
 
 
+OWN_PNG = re.compile(r".+-seed\d+-\d+steps(-\d+)?\.png")  # the names write_png gives
+
+
 def prepare_output_dir(args: argparse.Namespace, base: str) -> bool:
     """The output rule (utils/outputs.py) for --output_dir: not an input, not a folder of others' files unless
     --overwrite; created, writable; SIGTERM / Ctrl-C from here on end with one line. Returns whether it was created."""
     created = not os.path.exists(args.output_dir)
     inputs = {"--base_model_path": base, "--lora_path": args.lora_path, "--prompts_file": args.prompts_file}
-    outputs.prepare_output(args.output_dir, "--output_dir", inputs, "inference.py", args.overwrite)
+    outputs.prepare_output(args.output_dir, "--output_dir", inputs, "inference.py", args.overwrite,
+                           own=OWN_PNG.fullmatch)  # its images from before the marker are its own
     return created
 
 

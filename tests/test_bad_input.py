@@ -184,6 +184,7 @@ CASES = [
     ("lora", "teacher-unet-truncated", {"--pretrained_teacher_model": "{T}/teacher_unet_cut"},
      "--pretrained_teacher_model"),
     ("merge", "base-unet-truncated", {"--base_model": "{T}/teacher_unet_cut"}, "--base_model"),
+    ("tlcm", "teacher-vae-truncated", {"--pretrained_teacher_model": "{T}/flux_vae_cut"}, "--pretrained_teacher_model"),
     ("sd", "teacher-scheduler-config-truncated", {"--pretrained_teacher_model": "{T}/teacher_scheduler_cut"},
      "--pretrained_teacher_model"),
     # more flags whose bad values failed inside a library
@@ -319,8 +320,10 @@ def assets(toy_world, tmp_path_factory) -> str:
     save_file(sd, os.path.join(t, "bad_rank.safetensors"))
     for name, part in [("teacher_te_cut", "text_encoder/model.safetensors"),
                        ("teacher_unet_cut", "unet/diffusion_pytorch_model.safetensors"),
-                       ("teacher_scheduler_cut", "scheduler/scheduler_config.json"), ("merge_base", None)]:
-        shutil.copytree(os.path.join(toy_world, "models/sd"), os.path.join(t, name))
+                       ("teacher_scheduler_cut", "scheduler/scheduler_config.json"), ("merge_base", None),
+                       ("flux_vae_cut", "vae/diffusion_pytorch_model.safetensors")]:
+        model = "flux" if name.startswith("flux") else "sd"
+        shutil.copytree(os.path.join(toy_world, "models", model), os.path.join(t, name))
         if part:
             data = (root / name / part).read_bytes()
             (root / name / part).write_bytes(data[: len(data) // 2])

@@ -266,7 +266,7 @@ def main() -> None:
     prepare_output(args.output_dir, "--output_dir", {"--pipeline": args.pipeline, "--lora": args.lora,
                    "--teacher": args.teacher, "--judge": args.judge, "--real_images": args.real_images,
                    "--clip_model": args.clip_model, "--prompts_file": args.prompts_file}, "utils.evaluate",
-                   args.overwrite)
+                   args.overwrite, own=("metrics.json", "metrics.md", "grid.png").__contains__)
 
     import diffusers
     import transformers
