@@ -113,16 +113,20 @@ def test_the_lora_recipes_keep_alpha_8_and_log_what_its_scale_means(toy_world: s
 
     from diffusers import UNet2DConditionModel
 
-    from utils import lora
+    from utils import lora, loop
 
     teacher = os.path.join(toy_world, "models", "sdxl")
     for script in ("train_lcm_distill_lora_sdxl.py", "train_tlcm_sdxl.py"):
         args = recipe_args(script, teacher, str(tmp_path / script))
         assert (args.lora_rank, args.lora_alpha) == (64, 8)
-    with caplog.at_level(logging.INFO, logger="utils.lora"):
+    for alpha in (8, 64):
+        unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+        lora.add_trainable_lora(unet, 64, alpha, lora.LCM_LORA_TARGETS)
+        assert set(lora.lora_scalings(unet).values()) == {alpha / 64}
+    args = recipe_args("train_lcm_distill_lora_sdxl.py", teacher, str(tmp_path / "note"))
+    with caplog.at_level(logging.INFO, logger="utils.loop"):  # logged with the optimizer, after the input checks
         for alpha in (8, 64):
-            unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
-            lora.add_trainable_lora(unet, 64, alpha, lora.LCM_LORA_TARGETS)
-            assert set(lora.lora_scalings(unet).values()) == {alpha / 64}
-    notes = [r.getMessage() for r in caplog.records if r.name == "utils.lora"]
+            args.lora_alpha = alpha
+            loop.make_optimizer(unet.parameters(), args, max_steps=1)
+    notes = [r.getMessage() for r in caplog.records if r.name == "utils.loop"]
     assert len(notes) == 1 and "= 8 / 64 = 0.125" in notes[0] and "alpha = rank" in notes[0]

@@ -135,6 +135,11 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
 
     params = [p for p in params if p.requires_grad]
     lr = args.learning_rate if lr is None else lr
+    if getattr(args, "lora_alpha", None) not in (None, getattr(args, "lora_rank", None)):
+        # here, once the data and models have passed their checks: a bad input still ends as one line on stderr
+        from .lora import lora_scale_note
+
+        logger.info(lora_scale_note(args.lora_rank, args.lora_alpha))
     if args.scale_lr:
         lr *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
     kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2),

@@ -68,8 +68,6 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: list[
         config = add_lora(model, rank, alpha, targets, dropout)
     except ValueError as exc:
         raise UserError(f"{flag}: {str(exc).splitlines()[0]}") from None
-    if flag == "--lora_target_modules" and alpha != rank:
-        logger.info(lora_scale_note(rank, alpha))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
