@@ -337,11 +337,13 @@ def call_kwargs(pipe: Any, scale: float, mode: str, negative_prompt: str | None,
 OWN_PNG = re.compile(r".+-seed\d+-\d+steps(-\d+)?\.png")  # the names write_png gives
 
 
-def prepare_output_dir(args: argparse.Namespace, base: str) -> bool:
-    """The output rule (utils/outputs.py) for --output_dir: not an input, not a folder of others' files unless
-    --overwrite; created, writable; SIGTERM / Ctrl-C from here on end with one line. Returns whether it was created."""
+def prepare_output_dir(args: argparse.Namespace, base: str, loras: list[tuple[str, str, float]]) -> bool:
+    """The output rule (utils/outputs.py) for --output_dir: not an input (the base model, every LoRA, the prompts),
+    not a folder of others' files unless --overwrite; created, writable; SIGTERM / Ctrl-C from here on end with one
+    line. Returns whether it was created."""
     created = not os.path.exists(args.output_dir)
-    inputs = {"--base_model_path": base, "--lora_path": args.lora_path, "--prompts_file": args.prompts_file}
+    inputs = {"--base_model_path": base, "--lora_path": [path for path, _, _ in loras],
+              "--prompts_file": args.prompts_file}
     outputs.prepare_output(args.output_dir, "--output_dir", inputs, "inference.py", args.overwrite,
                            own=OWN_PNG.fullmatch)  # its images from before the marker are its own
     return created
@@ -475,7 +477,7 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
         prompts = load_prompts(prompts_file=args.prompts_file)
     else:
         prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
-    created = prepare_output_dir(args, base)
+    created = prepare_output_dir(args, base, loras)
     written: list[str] = []
     try:
         written = _generate(args, console, base, arch, scheduler, renoise, height, width, device, dtype,

@@ -201,7 +201,9 @@ def test_lora_loss_decreases_on_a_fixed_batch(sdxl):
 
 def test_same_script_trains_an_sd1_teacher(toy_world, tmp_path):
     out = str(tmp_path / "sd")
-    run(toy_world, "sd", out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    done = run(toy_world, "sd", out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    # rank 4 with the default alpha 8: the scale and what it does to the step size, logged (stderr) as training starts
+    assert "LoRA scale = --lora_alpha / --lora_rank = 8 / 4 = 2" in done.stderr, done.stderr[-2000:]
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(toy_world, "models/sd"))

@@ -135,11 +135,6 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
 
     params = [p for p in params if p.requires_grad]
     lr = args.learning_rate if lr is None else lr
-    if getattr(args, "lora_alpha", None) not in (None, getattr(args, "lora_rank", None)):
-        # here, once the data and models have passed their checks: a bad input still ends as one line on stderr
-        from .lora import lora_scale_note
-
-        logger.info(lora_scale_note(args.lora_rank, args.lora_alpha))
     if args.scale_lr:
         lr *= args.train_batch_size * args.gradient_accumulation_steps * num_processes
     kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -334,6 +329,16 @@ class StopSignals:
                     signal.signal(signum, handler)
 
 
+def start_notes(args: argparse.Namespace) -> list[str]:
+    """What a run says of its flags as training starts (after every input check, so that bad input stays one line
+    on stderr): the LoRA scale alpha / r where it is not 1."""
+    if getattr(args, "lora_alpha", None) in (None, getattr(args, "lora_rank", None)):
+        return []
+    from .lora import lora_scale_note
+
+    return [lora_scale_note(args.lora_rank, args.lora_alpha)]
+
+
 class TrainLoop:
     """Iterate training batches and keep the loop's books; the recipe does the loss, the step and what follows.
 
@@ -401,7 +406,9 @@ class TrainLoop:
                     continue
                 if self.validation_prompts is None:
                     self.validation_prompts = batch["captions"][:4]
-                if self.progress is None:
+                if self.progress is None:  # the first usable batch: every input check has passed
+                    for note in start_notes(self.args):
+                        logger.info(note)
                     self.progress = tqdm(total=self.max_steps, initial=self.global_step, desc=self.name,
                                          disable=not self.accelerator.is_local_main_process)
                 yield batch

@@ -101,9 +101,11 @@ def check_not_an_input(args: argparse.Namespace) -> None:
 
 def check_output_not_input(output: str, flag: str, inputs: dict[str, Any]) -> None:
     """Refuse an output (file or folder) that is, contains or lies inside one of `inputs` ({flag or argument name:
-    local path, or None}), whatever --overwrite says: a program never writes over or among what it reads."""
+    local path, a list of them (a repeated flag), or None}), whatever --overwrite says: a program never writes over
+    or among what it reads."""
     out = os.path.realpath(os.path.expanduser(output))
-    for name, value in inputs.items():
+    pairs = [(name, v) for name, value in inputs.items() for v in (value if isinstance(value, (list, tuple)) else [value])]
+    for name, value in pairs:
         path = _local_path(str(value)) if value else None
         if path is None:
             continue
