@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--negative_prompt", default=None,
                     help="negative prompt; used only where CFG runs (guidance > 1 on SD/SDXL or on FLUX without\n"
                          "a guidance input); ignored, with a warning, otherwise")
-    io.add_argument("--output_dir", default="out",
+    io.add_argument("--output_dir", default="samples",
                     help="folder for the PNGs (created; existing files are never overwritten: new names get\n"
                          "a -1, -2, ... suffix). Each PNG holds the prompt and all settings in its text\n"
                          "metadata (default: %(default)s)")
