@@ -29,7 +29,8 @@ import torch
 
 import utils  # noqa: F401  (quiets optional-dependency warnings before diffusers is imported)
 from utils import outputs
-from utils.evaluate import eval_prompts, evaluate, load_real_images, markdown_table, read_labels, row_labels
+from utils.eval_sampling import row_labels
+from utils.evaluate import eval_prompts, evaluate, load_real_images, markdown_table, read_labels
 from utils.grids import save_grid
 from utils.samplers import set_sampler
 from utils.toy.build import DEFAULT_OUT, build

@@ -323,7 +323,7 @@ def guidance_mode(arch: str, pipe: Any, scale: float) -> str:
 
 def call_kwargs(pipe: Any, scale: float, mode: str, negative_prompt: str | None, n: int) -> dict[str, Any]:
     """Pipeline kwargs for the guidance (and negative prompt) of one batch of n images."""
-    from utils.evaluate import guidance_kwargs
+    from utils.eval_sampling import guidance_kwargs
 
     kwargs = guidance_kwargs(pipe, scale, n)
     if negative_prompt is not None and mode in ("cfg", "true-cfg"):

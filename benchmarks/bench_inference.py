@@ -146,7 +146,7 @@ def load_pipeline(path: str, flag: str, args):
 def measure(pipe, prompts: list[str], steps: int, guidance: float, args, batch: int | None = None) -> dict:
     """Median milliseconds per image (whole call, and its denoising loop) over the timed runs, and the
     counted evaluations per image; `batch` prompts per pipeline call (default --batch_size)."""
-    from utils.evaluate import sample
+    from utils.eval_sampling import sample
 
     counter = EvalCounter(denoiser(pipe))
     extra = {"height": args.resolution, "width": args.resolution} if args.resolution else {}
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from utils.data import load_prompts
-    from utils.evaluate import default_resolution, eval_prompts
+    from utils.eval_sampling import default_resolution
+    from utils.evaluate import eval_prompts
     from utils.samplers import set_sampler
 
     common.quiet_libraries()

@@ -76,7 +76,7 @@ def test_native_resolution_of_the_toy_teachers(toy_world: str) -> None:
     """The toy teachers (32 px: UNet sample_size 8 x an x4 VAE; FLUX: the VAE's sample_size) as their pipelines draw."""
     from diffusers import DiffusionPipeline
 
-    from utils.evaluate import default_resolution
+    from utils.eval_sampling import default_resolution
     from utils.models import native_resolution
 
     for name in ("sd", "sdxl", "flux"):

@@ -170,14 +170,14 @@ def test_inference_samples_with_tcd_at_the_given_eta(toy_world, tmp_path):
     """inference.py --scheduler tcd: TCDScheduler, the eta in the PNG's settings (0.3 by default); eta changes the
     image (fresh noise re-enters each step) while two runs at one eta draw the same."""
     import numpy as np
-    from helpers import run_command
+    from helpers import listing, run_command
     from PIL import Image
 
     def draw(name, *flags):
         run = run_command(["inference.py", "--base_model_path", os.path.join(toy_world, "models/sdxl"), "--scheduler",
                            "tcd", "--infer-steps", "4", "--output_dir", str(tmp_path / name), "--quiet", *flags])
         assert run.returncode == 0, run.stderr[-2000:]
-        (png,) = os.listdir(tmp_path / name)
+        (png,) = listing(tmp_path / name)  # the images, not the output marker
         image = Image.open(tmp_path / name / png)
         return json.loads(image.text["settings"]), np.asarray(image.convert("RGB"), dtype=np.int16)
 

@@ -328,7 +328,8 @@ def test_extras_losses_each_reach_only_their_own_parameters(toy_world, tmp_path)
 def test_stage_all_with_an_extra_flag_runs_the_extras_stage(toy_world, tmp_path):
     import train_tlcm_flux
 
-    base = ["--pretrained_teacher_model", "unused", "--prompts_file", "p.txt", "--output_dir", str(tmp_path)]
+    base = ["--pretrained_teacher_model", "unused", "--prompts_file", "p.txt", "--output_dir", str(tmp_path),
+            "--resolution", "32"]  # given: the default is read from the teacher's configs
     assert train_tlcm_flux.parse_args(base).stages == ["1", "2"]
     for flag in ("--dmd", "--gan"):
         args = train_tlcm_flux.parse_args(base + [flag])
@@ -346,7 +347,8 @@ def test_stage_all_with_an_extra_flag_runs_the_extras_stage(toy_world, tmp_path)
 def test_negative_weights_and_learning_rates_are_one_line_errors(tmp_path, capsys, extra, needle):
     import train_tlcm_flux
 
-    base = ["--pretrained_teacher_model", "unused", "--prompts_file", "p.txt", "--output_dir", str(tmp_path)]
+    base = ["--pretrained_teacher_model", "unused", "--prompts_file", "p.txt", "--output_dir", str(tmp_path),
+            "--resolution", "32"]  # given: the default is read from the teacher's configs
     with pytest.raises(SystemExit) as exc:
         train_tlcm_flux.parse_args(base + extra)
     lines = capsys.readouterr().err.strip().splitlines()

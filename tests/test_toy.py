@@ -68,7 +68,7 @@ def test_imagefolder_and_webdataset_load_with_their_libraries(toy_world):
 def test_pipelines_load_from_folder_and_sample(toy_world, name):
     from diffusers import DiffusionPipeline
 
-    from utils.evaluate import sample
+    from utils.eval_sampling import sample
 
     pipe = DiffusionPipeline.from_pretrained(os.path.join(toy_world, "models", name))
     pipe.set_progress_bar_config(disable=True)

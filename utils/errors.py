@@ -31,16 +31,29 @@ def note_output(path: str, flag: str) -> None:
     _outputs[os.path.realpath(os.path.abspath(path))] = flag
 
 
-def _output_of(filename: str | None) -> tuple[str, str]:
-    """(path, flag) of the registered output that holds `filename` or its temporary sibling (or of the only one
-    registered), else ("", "")."""
+def _in_temporary_of(real: str, path: str) -> bool:
+    """Whether `real` is, or lies inside, a temporary sibling of the output `path` (a hidden `.partial` name of
+    files.atomic_write, where a staged output is written before it is moved in)."""
+    head = real
+    while os.path.dirname(head) != head:
+        name = os.path.basename(head)
+        if os.path.dirname(head) == os.path.dirname(path) and name.startswith(".") and ".partial" in name:
+            return True
+        head = os.path.dirname(head)
+    return False
+
+
+def _output_of(filename: str | None) -> tuple[str, str, bool]:
+    """(path, flag, written aside) of the registered output that holds `filename`, or whose temporary sibling does
+    (written aside: True), or of the only one registered; else ("", "", False)."""
     if filename:
         real = os.path.realpath(os.path.abspath(str(filename)))
         for path, flag in _outputs.items():
-            if real == path or real.startswith(path.rstrip(os.sep) + os.sep) or os.path.dirname(path) == real or (
-                    os.path.dirname(real) == os.path.dirname(path) and ".partial" in os.path.basename(real)):
-                return path, flag
-    return next(iter(_outputs.items())) if len(_outputs) == 1 else ("", "")
+            if real == path or real.startswith(path.rstrip(os.sep) + os.sep) or os.path.dirname(path) == real:
+                return path, flag, False
+            if _in_temporary_of(real, path):
+                return path, flag, True
+    return (*next(iter(_outputs.items())), False) if len(_outputs) == 1 else ("", "", False)
 
 
 def write_failure(exc: BaseException) -> str | None:
@@ -48,8 +61,8 @@ def write_failure(exc: BaseException) -> str | None:
     None when it is something else (a bug keeps its traceback)."""
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
         filename = str(exc.filename) if exc.filename else None
-        path, flag = _output_of(filename)
-        if filename and os.path.basename(filename).startswith(".") and ".partial" in filename and path:
+        path, flag, aside = _output_of(filename)
+        if aside:
             filename = path  # a temporary name of ours means nothing to the user: name the output
         what = f"cannot write {filename}" if filename else "a write failed"
         return f"{what}: {exc.strerror or exc}{f' ({flag})' if flag else ''}"

@@ -298,7 +298,7 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     """Sample (or reuse) every model x step count, measure the chosen metrics, write the report and plot."""
     from diffusers import DiffusionPipeline
 
-    from .evaluate import default_resolution, sample
+    from .eval_sampling import default_resolution, sample
     from .models import detect_architecture
     from .samplers import set_sampler
 
@@ -479,7 +479,7 @@ def plot(rows: list[dict[str, Any]], names: list[str], path: str) -> None:
 def _write_outputs(args: argparse.Namespace, names: list[str], rows: list[dict[str, Any]], runs: list[Run],
                    prompts: list[str], count: int, notes: list[str]) -> None:
     """metrics.json (rows and the settings that move the numbers), metrics.md, metrics.png, grid.png."""
-    from .evaluate import row_labels, Result
+    from .eval_sampling import Result, row_labels
 
     os.makedirs(args.output_dir, exist_ok=True)
     settings = dict(metrics=names, num_samples=count, fid_inception=args.fid_inception, fid_resize=args.fid_resize,

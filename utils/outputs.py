@@ -403,11 +403,21 @@ def earlier_run(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _parts_begun(args: argparse.Namespace) -> set[str]:
+    """The top-level names in args.output_dir of the run's parts that hold their final files or checkpoints: a TLCM
+    stage folder a run continues from ("stage 1 already finished"), copied in by hand or left by an earlier run."""
+    return {os.path.relpath(folder, args.output_dir).split(os.sep)[0] for folder, final in _run_folders(args)
+            if folder != args.output_dir and (_final_file(final) or checkpoint.list_checkpoints(folder))}
+
+
 def check_others_files(args: argparse.Namespace) -> None:
     """Refuse an --output_dir holding files no training run wrote (a user's README.md, another program's output)
-    unless --overwrite_output_dir; the folder of an earlier run is a run's own, marked or not (older versions)."""
+    unless --overwrite_output_dir; the folder of an earlier run is a run's own, marked or not (older versions), and so
+    are the stage folders it would continue from."""
     if not earlier_run(args):
-        refuse_foreign(args.output_dir, "--output_dir", TRAINING, args.overwrite_output_dir, "--overwrite_output_dir")
+        begun = _parts_begun(args)
+        refuse_foreign(args.output_dir, "--output_dir", TRAINING, args.overwrite_output_dir, "--overwrite_output_dir",
+                       own=begun.__contains__)
 
 
 def nothing_to_resume(args: argparse.Namespace) -> bool:
