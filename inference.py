@@ -259,11 +259,6 @@ def load_loras(pipe: Any, denoiser: Any, loras: Sequence[tuple[str, float]], fus
     return formats
 
 
-def load_lora(pipe: Any, denoiser: Any, path: str, scale: float, fuse: bool = True) -> str:
-    """load_loras of one LoRA file, as adapter "default"; returns its format."""
-    return load_loras(pipe, denoiser, [(path, scale)], fuse, ["default"])[0]
-
-
 DEMO_LORA_DIR = os.path.join(ROOT, "results", "demo", "tlcm-flux")  # demo.py's TLCM LoRA of the toy FLUX
 DEMO_DONE_FILE = "adapter_model.safetensors"  # what demo.py checks to reuse that run: the LoRA is complete
 
@@ -337,16 +332,14 @@ def call_kwargs(pipe: Any, scale: float, mode: str, negative_prompt: str | None,
 OWN_PNG = re.compile(r".+-seed\d+-\d+steps(-\d+)?\.png")  # the names write_png gives
 
 
-def prepare_output_dir(args: argparse.Namespace, base: str, loras: list[tuple[str, str, float]]) -> bool:
+def prepare_output_dir(args: argparse.Namespace, base: str, loras: list[tuple[str, str, float]]) -> None:
     """The output rule (utils/outputs.py) for --output_dir: not an input (the base model, every LoRA, the prompts),
     not a folder of others' files unless --overwrite; created, writable; SIGTERM / Ctrl-C from here on end with one
-    line. Returns whether it was created."""
-    created = not os.path.exists(args.output_dir)
+    line. A folder it creates and leaves without an image is removed at exit (outputs.release)."""
     inputs = {"--base_model_path": base, "--lora_path": [path for path, _, _ in loras],
               "--prompts_file": args.prompts_file}
     outputs.prepare_output(args.output_dir, "--output_dir", inputs, "inference.py", args.overwrite,
                            own=OWN_PNG.fullmatch)  # its images from before the marker are its own
-    return created
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -477,15 +470,8 @@ def run(args: argparse.Namespace, console: Console) -> list[str]:
         prompts = load_prompts(prompts_file=args.prompts_file)
     else:
         prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
-    created = prepare_output_dir(args, base, loras)
-    written: list[str] = []
-    try:
-        written = _generate(args, console, base, arch, scheduler, renoise, height, width, device, dtype,
-                            loras, prompts, written)
-    finally:
-        if created and not written:
-            outputs.remove_if_unused(args.output_dir)
-    return written
+    prepare_output_dir(args, base, loras)
+    return _generate(args, console, base, arch, scheduler, renoise, height, width, device, dtype, loras, prompts, [])
 
 
 def _generate(args: argparse.Namespace, console: Console, base: str, arch: str, scheduler: str, renoise: str | None,

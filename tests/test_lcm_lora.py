@@ -330,7 +330,7 @@ def test_inference_loads_a_text_encoder_lora_into_the_encoders_too(toy_world, sd
         pipe = StableDiffusionXLPipeline.from_pretrained(base_path)
         lora_file = inference.resolve_lora_file(path)
         inference.check_lora(lora_file, base_path)
-        fmt = inference.load_lora(pipe, pipe.unet, lora_file, scale, fuse)
+        (fmt,) = inference.load_loras(pipe, pipe.unet, [(lora_file, scale)], fuse)
         assert fmt == ("kohya" if path == kohya else "diffusers")
         for got, ref in zip(outputs(pipe), expected):
             assert torch.allclose(got, ref, atol=1e-5), (path, fuse, scale)
