@@ -49,7 +49,6 @@ LORA_FILE_NAMES = (  # looked for, in this order, in a --lora_path folder
     "lora_kohya.safetensors",                  # kohya / ComfyUI keys
 )
 FEW_STEP_SCHEDULERS = tuple(name for name, sampler in SAMPLERS.items() if sampler.few_step)
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SOFTWARE = "inference.py (LCM/TLCM few-step distillation toolkit)"
 
 
@@ -120,47 +119,6 @@ def image_size(args: argparse.Namespace, default: int, multiple: int) -> tuple[i
 
 
 # ----------------------------------------------------------------------------- device and precision
-
-
-def resolve_device(name: str) -> Any:
-    """torch.device for --device ("auto": CUDA, else MPS, else CPU); one-line error when it is not there."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: Apple MPS is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, arch: str, device: Any) -> Any:
-    """torch dtype for --dtype; fp16 on CPU and bf16 on a GPU without it are one-line errors."""
-    import torch
-
-    if name == "auto":
-        if device.type == "cpu":
-            name = "fp32"
-        elif device.type == "cuda" and arch == "flux" and torch.cuda.is_bf16_supported():
-            name = "bf16"  # FLUX is released in bf16; fp16 overflows in its activations
-        else:
-            name = "fp16"
-    if name == "fp16" and device.type == "cpu":
-        raise UserError("--dtype fp16 is not supported on CPU (many CPU kernels lack it): use fp32 or bf16")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--dtype bf16: this GPU has no bf16 support; use fp16 or fp32")
-    return getattr(torch, DTYPE_NAMES[name])
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -432,6 +390,7 @@ def enable_attention(pipe: Any, requested: bool, device: Any, console: Console) 
 
 def run(args: argparse.Namespace, console: Console) -> list[str]:
     """Everything after flag parsing; returns the written PNG paths. Bad input raises UserError."""
+    from utils.eval_sampling import resolve_device, resolve_dtype  # torch: imported once the flags are good
     from utils.models import ARCHITECTURES, require_architecture
 
     base = args.base_model_path or default_base_model(console)

@@ -376,9 +376,10 @@ def test_tolerated_input_warns_and_runs(toy_world, assets, tmp_path, entry, case
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch, tmp_path):
-    """No GPU here: pretend to be one without bf16; the training flags and inference's --dtype both refuse it."""
-    import inference
+    """No GPU here: pretend to be one without bf16; the training flags and the --dtype of inference.py and
+    utils.evaluate (utils.eval_sampling.resolve_dtype) both refuse it."""
     from utils import flags
+    from utils.eval_sampling import resolve_dtype
     from utils.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -390,7 +391,7 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch, tmp_path):
         flags.check_training_args(args)
     assert info.value.code == 2 and not os.path.exists(tmp_path / "out")
     with pytest.raises(UserError, match="bf16"):
-        inference.resolve_dtype("bf16", "flux", torch.device("cuda"))
+        resolve_dtype("bf16", "flux", torch.device("cuda"))
 
 
 def test_xformers_request_without_cuda_warns_and_keeps_sdpa(caplog, monkeypatch):

@@ -65,7 +65,7 @@ def add_protocol_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lpips_backbone", default="torchvision",
                    help="LPIPS trunk weights: a torchvision alexnet/vgg16 state dict, or torchvision (its ImageNet "
                         "weights from torch's cache, downloaded once) (default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:N")
+    g.add_argument("--device", default="auto", help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="pipeline dtype; auto: fp32 on CPU, bf16 for FLUX and fp16 otherwise on CUDA")
 
@@ -249,24 +249,6 @@ def _text_features(model: M.ClipEmbedder, texts: list[str], memo: dict[str, torc
 # ----------------------------------------------------------------------------- the protocol
 
 
-def choose_device(name: str) -> str:
-    """--device: "auto" is CUDA when available, else CPU."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {name}: no CUDA device on this machine (use --device cpu)")
-    return name
-
-
-def choose_dtype(name: str, device: str, is_flux: bool) -> torch.dtype:
-    """--dtype: "auto" is fp32 on CPU, bf16 for FLUX and fp16 otherwise on CUDA."""
-    if name == "auto":
-        name = "fp32" if device == "cpu" else ("bf16" if is_flux else "fp16")
-    if name == "fp16" and device == "cpu":
-        fail("--dtype fp16 is not supported on CPU: use fp32 or bf16")
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def check_protocol_args(args: argparse.Namespace, names: list[str]) -> None:
     """One-line errors for flags the chosen metrics need, before anything is loaded."""
     for flag, value in (("--num_samples", args.num_samples), ("--batch_size", args.batch_size),
@@ -298,22 +280,22 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
     """Sample (or reuse) every model x step count, measure the chosen metrics, write the report and plot."""
     from diffusers import DiffusionPipeline
 
-    from .eval_sampling import default_resolution, sample
+    from .eval_sampling import default_resolution, resolve_device, resolve_dtype, sample
     from .models import detect_architecture
     from .samplers import set_sampler
 
     names = parse_metrics(args.metrics)
     check_protocol_args(args, names)
     count = args.num_samples or len(prompts)
-    device = choose_device(args.device)
-    scorers = Scorers.build(names, args, device)
+    device = resolve_device(args.device)
+    scorers = Scorers.build(names, args, str(device))
     cache_root = args.image_cache or os.path.join(args.output_dir, "images")
     prompts_sha = settings_hash({"prompts": prompts})
 
     def load(path: str, lora: str | None, scheduler: str, flag: str) -> tuple[Any, str]:
         with user_errors():
-            is_flux = detect_architecture(path, flag=flag) == "flux"
-        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=choose_dtype(args.dtype, device, is_flux))
+            arch = detect_architecture(path, flag=flag)
+        pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=resolve_dtype(args.dtype, arch, device))
         pipe.set_progress_bar_config(disable=True)
         if lora:
             try:
@@ -326,7 +308,7 @@ def run_protocol(args: argparse.Namespace, prompts: list[str]) -> None:
         out = []
         for steps in steps_list:
             settings = dict(model, steps=steps, guidance_scale=g, seed=args.seed, batch_size=args.batch_size,
-                            resolution=default_resolution(pipe), dtype=str(pipe.dtype), device=device.split(":")[0],
+                            resolution=default_resolution(pipe), dtype=str(pipe.dtype), device=device.type,
                             prompts=prompts_sha)
             folder = os.path.join(cache_root, f"{_slug(label)}-{steps}steps-{settings_hash(settings)}")
             with user_errors():

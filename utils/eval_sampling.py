@@ -1,5 +1,6 @@
-"""Sampling a pipeline for evaluation: the result row of one model at one step count, fixed seeds per image,
-the guidance kwargs of each pipeline family (utils.evaluate and its --metrics protocol share them)."""
+"""Sampling a pipeline, as inference.py, utils.evaluate and its --metrics protocol do: the device and dtype from
+--device / --dtype, the guidance kwargs of each pipeline family, fixed seeds per image, and the result row of one
+model at one step count."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .errors import UserError
+
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -78,3 +83,40 @@ def sample(pipe, prompts: list[str], steps: int, guidance_scale: float, seed: in
             after_call()
         images.append(torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2) * 2 - 1)
     return torch.cat(images).float(), elapsed / len(prompts)
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for --device ("auto": CUDA, else MPS, else CPU); one-line error when it is not there."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, arch: str, device: torch.device) -> torch.dtype:
+    """torch dtype for --dtype; fp16 on CPU and bf16 on a GPU without it are one-line errors."""
+    if name == "auto":
+        if device.type == "cpu":
+            name = "fp32"
+        elif device.type == "cuda" and arch == "flux" and torch.cuda.is_bf16_supported():
+            name = "bf16"  # FLUX is released in bf16; fp16 overflows in its activations
+        else:
+            name = "fp16"
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("--dtype fp16 is not supported on CPU (many CPU kernels lack it): use fp32 or bf16")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype bf16: this GPU has no bf16 support; use fp16 or fp32")
+    return getattr(torch, DTYPE_NAMES[name])
