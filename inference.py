@@ -88,22 +88,18 @@ def default_base_model(console: Console) -> str:
 
 
 def image_geometry(path: str, arch: str, revision: str | None) -> tuple[int, int]:
-    """(default side in pixels, the multiple every side must be) from the VAE and denoiser configs."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """(default side in pixels: the model's own size, models.native_resolution; the multiple every side must be)
+    from the VAE and denoiser configs."""
+    from diffusers import AutoencoderKL
 
-    from utils.models import load_config
+    from utils.models import load_config, native_resolution
 
+    side = native_resolution(path, revision, "--base_model_path")
     vae = load_config(AutoencoderKL, path, "vae", revision, "--base_model_path")
     factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    if arch == "flux":
-        # FluxPipeline packs 2x2 latent patches into one token.
-        sample = vae.get("sample_size", 1024)
-        return int(sample[0] if isinstance(sample, (list, tuple)) else sample), factor * 2
-    unet = load_config(UNet2DConditionModel, path, "unet", revision, "--base_model_path")
-    sample = unet.get("sample_size", 64)
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    # The SD/SDXL pipelines check for multiples of 8 whatever the VAE's factor.
-    return int(sample) * factor, factor * 8 // math.gcd(factor, 8)
+    if arch == "flux":  # FluxPipeline packs 2x2 latent patches into one token
+        return side, factor * 2
+    return side, factor * 8 // math.gcd(factor, 8)  # the SD/SDXL pipelines check for multiples of 8 whatever the VAE's
 
 
 def image_size(args: argparse.Namespace, default: int, multiple: int) -> tuple[int, int]:

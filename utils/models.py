@@ -164,13 +164,13 @@ def require_architecture(path: str, expected: str | tuple[str, ...], flag: str =
 
 def native_resolution(path: str, revision: str | None = None, flag: str | None = None) -> int:
     """The image side a pipeline was trained at, from its configs: UNet sample_size x the VAE's downsampling
-    factor (SD 1.5: 64 x 8 = 512, SD 2.x-768: 96 x 8 = 768, SDXL: 128 x 8 = 1024); FLUX: its VAE's sample_size
-    (1024 when the config names none)."""
+    factor (SD 1.5: 64 x 8 = 512, SD 2.x-768: 96 x 8 = 768, SDXL: 128 x 8 = 1024; 64 when the config names none);
+    FLUX: its VAE's sample_size (1024 when the config names none)."""
     vae = load_config(AutoencoderKL, path, "vae", revision, flag)
     if detect_architecture(path, revision, flag) == "flux":
         side = vae.get("sample_size") or 1024
     else:
-        side = load_config(UNet2DConditionModel, path, "unet", revision, flag)["sample_size"]
+        side = load_config(UNet2DConditionModel, path, "unet", revision, flag).get("sample_size", 64)
         side = (side[0] if isinstance(side, (list, tuple)) else side) * vae_scale_factor(vae)
     return int(side[0] if isinstance(side, (list, tuple)) else side)
 
