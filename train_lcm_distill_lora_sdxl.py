@@ -148,7 +148,8 @@ def lcm_pipeline(args, unet, teacher: models.Teacher):
 
 def validate(accelerator, args, unet, teacher: models.Teacher, prompts, step):
     """LCMScheduler samples of the LoRA student at 1/2/4/8 steps, no CFG; a labelled grid to the trackers and PNG."""
-    validation_grid(accelerator, args, lcm_pipeline(args, unet, teacher), prompts, step, "LCM-LoRA")
+    validation_grid(accelerator, args, lcm_pipeline(args, unet, teacher), prompts, step, "LCM-LoRA",
+                    teacher.prompt_kwargs(prompts, accelerator.device))
 
 
 def model_card(args, trained_encoders: int) -> str:

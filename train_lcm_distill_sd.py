@@ -284,7 +284,7 @@ def save_pipeline(args, student, teacher: models.Teacher) -> None:
     """Write `unet/` and the whole StableDiffusionPipeline (LCMScheduler with this run's grid) to --output_dir."""
     for part in (teacher.vae, *teacher.text_encoders):
         part.to(torch.float32)  # saved as fp32 weights, like the student
-    pipe = lcm_pipeline(args, copy.deepcopy(student).to(torch.float32), teacher)
+    pipe = lcm_pipeline(args, student.to(torch.float32), teacher)  # `student` is unet_with()'s own copy: no second one
     with files.atomic_write(args.output_dir, into=True) as tmp:  # a stop or a full disk leaves nothing half-written
         pipe.save_pretrained(tmp)
 

@@ -165,7 +165,8 @@ def tcd_pipeline(args, unet, teacher: models.Teacher):
 def validate(accelerator, args, unet, teacher: models.Teacher, prompts, step):
     """TCDScheduler samples (eta --validation_eta) of the LoRA at 1/2/4/8 steps, no CFG; a labelled grid."""
     validation_grid(accelerator, args, tcd_pipeline(args, unet, teacher), prompts, step,
-                    f"TCD LoRA, eta {args.validation_eta:g}", eta=args.validation_eta)
+                    f"TCD LoRA, eta {args.validation_eta:g}", teacher.prompt_kwargs(prompts, accelerator.device),
+                    eta=args.validation_eta)
 
 
 def model_card(args, trained_encoders: int) -> str:

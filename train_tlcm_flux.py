@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> None:
     prompts = data.load_prompts(args.prompts_file, args.dataset_name, args.caption_column, args.max_train_samples)
 
     # ---- models: frozen VAE (validation, reward) and text encoders; one transformer = teacher + LoRA student
-    teacher = models.load_teacher(args, accelerator, "flux")
+    teacher = models.load_teacher(args, accelerator, "flux", frozen_denoiser=True)
     encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
     base = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> None:
     @torch.no_grad()
     def encode(captions):
         if text_cache is not None:
-            embeds, pooled = text_cache.lookup(captions, device, encoders[-1].dtype)
+            embeds, pooled = text_cache.lookup(captions, device, dtype)
             return {"embeds": embeds, "pooled": pooled, "text_ids": text_ids}
         embeds, pooled, ids = teacher.encode(captions)
         return {"embeds": embeds, "pooled": pooled, "text_ids": ids}
@@ -270,6 +270,7 @@ def main(args: argparse.Namespace) -> None:
         text_ids = uncond["text_ids"]  # zeros (L, 3): the same for every prompt
         text_cache = cache.cached_text_embeddings(
             args, prompts, lambda c: teacher.encode(c)[:2], encoders, accelerator)
+        teacher.release_text_encoders(text_cache)  # every prompt (validation's too) is cached: T5's memory is free
     distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
                                base.config.in_channels // 4, args.lpips_augmentations,
                                to_latents=flow.unpack)

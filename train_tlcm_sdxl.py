@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> None:
     prompts = data.load_prompts(args.prompts_file, args.dataset_name, args.caption_column, args.max_train_samples)
 
     # ---- models: frozen VAE (validation, reward) and text encoders; one UNet = teacher + LoRA student
-    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
+    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"), frozen_denoiser=True)
     encoders, device = teacher.text_encoders, accelerator.device
     base = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
     lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
@@ -263,10 +263,12 @@ def main(args: argparse.Namespace) -> None:
 
     @torch.no_grad()
     def encode(captions):
-        out = teacher.encode(captions) if text_cache is None else text_cache.lookup(captions, device, encoders[-1].dtype)
+        out = teacher.encode(captions) if text_cache is None else text_cache.lookup(captions, device, teacher.dtype)
         return dict(zip(("embeds", "pooled"), out))
     empty = encode([""])  # the CFG's unconditional input: its encoding or zeros (--uncond)
     uncond = dict(zip(empty, teacher.uncond_text(tuple(empty.values()), args.uncond)))
+    if text_cache is not None:  # every prompt (validation's too) is cached: the encoders' memory is free
+        teacher.release_text_encoders(text_cache)
     distance = latent_distance(args.loss_type, args.huber_c, device, args.latent_lpips_path,
                                base.config.in_channels, args.lpips_augmentations)
 

@@ -8,8 +8,10 @@ import shutil
 import sys
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from utils import cache, data, models
 
@@ -153,9 +155,14 @@ def test_recipe_with_both_caches_trains_like_the_uncached_recipe(toy_world, tmp_
               "--adam_epsilon", "1e-3",  # Adam ~ scaled SGD: near-zero gradients cannot flip an update's sign
               "--feature_cache_dir", str(tmp_path / "c")]
     run_recipe("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "plain")])
-    run_recipe("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "cached"),
-                                                  "--cache_latents", "--cache_text_embeddings"])
+    cached_run = run_recipe("train_lcm_distill_lora_sdxl.py", [*common, "--output_dir", str(tmp_path / "cached"),
+                                                               "--cache_latents", "--cache_text_embeddings"])
     assert sorted(f.split("-")[0] for f in os.listdir(tmp_path / "c")) == ["latents", "text"]
+    # the encoders were freed once cached; the final validation grid, drawn from the cached prompt embeddings, is
+    # the uncached run's grid
+    assert "text encoders freed" in cached_run.stderr
+    grids = [np.asarray(Image.open(tmp_path / run / "validation/validation-000003.png")) for run in ("plain", "cached")]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0].astype(int) - grids[1].astype(int)).max() <= 2
     plain = load_file(str(tmp_path / "plain/pytorch_lora_weights.safetensors"))
     cached = load_file(str(tmp_path / "cached/pytorch_lora_weights.safetensors"))
     assert plain.keys() == cached.keys()
@@ -178,3 +185,25 @@ def test_a_stream_cannot_be_cached(toy_world, tmp_path, flag):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_freed_encoder_cache_refuses_an_uncached_prompt_in_one_line(toy_world, tmp_path):
+    """After release_encoders, a caption outside the cache (training captions, --validation_prompts, "") cannot be
+    encoded any more and says which flag freed the encoders; validation prompts are cached with the captions."""
+    from utils.errors import UserError
+
+    args = make_args(toy_world, small_data(toy_world, str(tmp_path / "d")), str(tmp_path / "c"))
+    args.validation_prompts = ["a prompt only validation uses"]
+    tokenizers, encoders = models.load_text_encoders(args.pretrained_teacher_model, "sdxl")
+
+    def encode(captions):
+        with torch.no_grad():
+            return models.encode_prompt_sdxl(captions, tokenizers, encoders)
+
+    text = cache.cached_text_embeddings(args, cache.dataset_captions(dataset_of(args)), encode, encoders, OneProcess())
+    text.release_encoders()
+    got = text.lookup(["a prompt only validation uses", ""], "cpu", torch.float32)
+    want = encode(["a prompt only validation uses", ""])
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    with pytest.raises(UserError, match="--cache_text_embeddings"):
+        text.lookup(["a caption nobody cached"], "cpu", torch.float32)

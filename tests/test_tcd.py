@@ -143,7 +143,7 @@ def test_outputs_load_with_tcdscheduler_and_sample_what_the_in_memory_student_sa
         return pipe(["a red circle", "a blue square"], num_inference_steps=4, guidance_scale=1.0, generator=gens,
                     eta=eta, height=32, width=32, output_type="np").images
 
-    monkeypatch.setattr(recipe, "validation_grid", lambda accelerator, args, pipe, prompts, step, label, **call:
+    monkeypatch.setattr(recipe, "validation_grid", lambda accelerator, args, pipe, prompts, step, label, text, **call:
                         samples.append((sample(pipe, call["eta"]), type(pipe.scheduler).__name__, call["eta"])))
     out = str(tmp_path / "out")
     run_recipe(SCRIPT, arguments(toy_world, "sdxl", out, "--max_train_steps", "3", "--learning_rate", "1e-2",

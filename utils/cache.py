@@ -240,6 +240,14 @@ class TextEmbeddingCache:
         self.row = {c: i for i, c in enumerate(captions)}
         self.encode = encode
 
+    def release_encoders(self) -> None:
+        """The text encoders are gone: a caption the cache lacks can no longer be encoded, and says so."""
+        def refuse(captions: list[str]) -> tuple:
+            missing = next(c for c in captions if c not in self.row)
+            raise UserError(f"prompt {missing!r} is not among those --cache_text_embeddings cached (the training "
+                            "captions, --validation_prompts and the empty prompt), and the text encoders were freed")
+        self.encode = refuse
+
     def lookup(self, captions: Sequence[str], device: torch.device | str, dtype: torch.dtype) -> tuple[Tensor, ...]:
         missing = [c for c in captions if c not in self.row]
         if missing:  # a caption the dataset did not list (e.g. a user-changed collate): encode it
@@ -252,10 +260,11 @@ class TextEmbeddingCache:
 def cached_text_embeddings(args: Any, captions: Sequence[str], encode: Callable[[list[str]], tuple],
                            encoders: Sequence[Any], accelerator: Any, extra_key: dict | None = None,
                            batch_size: int = 64) -> TextEmbeddingCache:
-    """--cache_text_embeddings: encode(captions) for every distinct caption (and ""), from the cache or now."""
+    """--cache_text_embeddings: encode(captions) for every distinct caption, --validation_prompts and "", from the
+    cache or now (so the text encoders can be freed afterwards)."""
     from tqdm.auto import tqdm
 
-    unique = sorted(set(captions) | {""})
+    unique = sorted(set(captions) | set(getattr(args, "validation_prompts", None) or []) | {""})
     names = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
     key = {"model": model_identity(args.pretrained_teacher_model, names, args.revision, args.variant),
            "dtype": [str(e.dtype) for e in encoders], "captions": hashlib.sha256("\n".join(unique).encode()).hexdigest(),

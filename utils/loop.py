@@ -123,6 +123,20 @@ def deepspeed_settings(args: argparse.Namespace, num_processes: int) -> dict:
             "gradient_clipping": args.max_grad_norm}
 
 
+def eight_bit_adam_runs_on(devices: set[str]) -> bool:
+    """Whether bitsandbytes' AdamW8bit takes a step on parameters of these device types (older releases: CUDA only)."""
+    import bitsandbytes as bnb
+
+    for device in devices:
+        p = torch.nn.Parameter(torch.zeros(4096, device=device))  # big enough for the blockwise 8-bit state
+        p.grad = torch.ones_like(p)
+        try:
+            bnb.optim.AdamW8bit([p]).step()
+        except Exception:  # noqa: BLE001 - any failure means "not on this device"
+            return False
+    return True
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespace, max_steps: int,
                    num_processes: int = 1, lr: float | None = None) -> tuple[torch.optim.Optimizer, Any]:
     """(optimizer, lr_scheduler): AdamW (fused per --fused_adamw) or bitsandbytes' 8-bit AdamW with the run's
@@ -140,12 +154,14 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], args: argparse.Namespac
     kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
-        if not torch.cuda.is_available():
-            fail("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers run on CUDA)")
         try:
             import bitsandbytes as bnb
         except ImportError:
             fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes")
+        devices = {p.device.type for p in params}
+        if devices - {"cuda"} and not eight_bit_adam_runs_on(devices - {"cuda"}):
+            fail(f"--use_8bit_adam: this bitsandbytes ({bnb.__version__}) has no 8-bit AdamW for "
+                 f"{', '.join(sorted(devices - {'cuda'}))} parameters (0.50 runs it on the CPU; older releases need CUDA)")
         optimizer = bnb.optim.AdamW8bit(params, **kwargs)
     else:
         # --fused_adamw unset: fused wherever every parameter lives on a device with the fused kernel (CPU, CUDA); on

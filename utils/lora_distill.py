@@ -50,21 +50,25 @@ def base_text(arch: str, captions: list[str], tokenizers, encoders) -> tuple:
         return encode_text(arch, captions, tokenizers, encoders)
 
 
-def teacher_conditioning(args, arch: str, batch: dict, tokenizers, encoders, device,
-                         text_cache=None) -> Conditioning:
-    """conditioning() of the base text encoders (from --cache_text_embeddings' file when there is one)."""
+def teacher_conditioning(args, arch: str, batch: dict, tokenizers, encoders, device, text_cache=None,
+                         dtype: torch.dtype | None = None) -> Conditioning:
+    """conditioning() of the base text encoders (from --cache_text_embeddings' file, in `dtype`, when there is one)."""
     if text_cache is not None:
-        text = text_cache.lookup(batch["captions"], device, encoders[-1].dtype)
+        text = text_cache.lookup(batch["captions"], device, dtype)
     else:
         text = base_text(arch, batch["captions"], tokenizers, encoders)
     return conditioning(args, arch, batch, tokenizers, encoders, text)
 
 
 @torch.no_grad()
-def teacher_uncond(args, teacher: models.Teacher) -> Conditioning:
-    """The teacher's unconditional input from its base text encoders: the empty prompt or zeros (--uncond); SDXL's
-    time ids are left out, so the loss's expand_as gives each image its own, as SDXL pipelines sample CFG."""
-    empty = base_text(teacher.arch, [""], teacher.tokenizers, teacher.text_encoders)
+def teacher_uncond(args, teacher: models.Teacher, text_cache=None) -> Conditioning:
+    """The teacher's unconditional input from its base text encoders (or their cached outputs): the empty prompt or
+    zeros (--uncond); SDXL's time ids are left out, so the loss's expand_as gives each image its own, as SDXL
+    pipelines sample CFG."""
+    if text_cache is not None:
+        empty = text_cache.lookup([""], teacher.vae.device, teacher.dtype)
+    else:
+        empty = base_text(teacher.arch, [""], teacher.tokenizers, teacher.text_encoders)
     return unet_conditioning(teacher.uncond_text(empty, args.uncond))
 
 
@@ -93,7 +97,7 @@ def lora_pipeline(unet, teacher: models.Teacher, scheduler) -> Any:
     """The LoRA UNet in the teacher's pipeline class, with the teacher's other parts and `scheduler`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    vae, tokenizers, encoders = teacher.vae, teacher.tokenizers, teacher.text_encoders
+    vae, tokenizers, encoders = teacher.vae, teacher.tokenizers, teacher.text_encoders or [None, None]
     if teacher.arch == "sd":
         return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -104,15 +108,17 @@ def lora_pipeline(unet, teacher: models.Teacher, scheduler) -> Any:
 
 @torch.no_grad()
 @torch.random.fork_rng()  # sampling must not move the training RNG
-def validation_grid(accelerator, args, pipe, prompts: list[str], step: int, label: str, **call: Any) -> None:
-    """Samples of `pipe` at 1/2/4/8 steps, no CFG, image i from seed + i (`call`: more pipeline kwargs);
-    a labelled grid to the trackers and a PNG; rows are labelled "<label>, <n> steps, CFG 1"."""
+def validation_grid(accelerator, args, pipe, prompts: list[str], step: int, label: str,
+                    prompt_kwargs: dict | None = None, **call: Any) -> None:
+    """Samples of `pipe` at 1/2/4/8 steps, no CFG, image i from seed + i (`prompt_kwargs`: the prompts' pipeline
+    arguments, default prompt=prompts; `call`: more pipeline kwargs); a labelled grid to the trackers and a PNG; rows
+    are labelled "<label>, <n> steps, CFG 1"."""
     pipe.set_progress_bar_config(disable=True)
     rows, labels = [], []
     for steps in (1, 2, 4, 8):
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
         with accelerator.autocast():
-            images = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, generator=gens,
+            images = pipe(**(prompt_kwargs or {"prompt": prompts}), num_inference_steps=steps, guidance_scale=1.0, generator=gens,
                           height=args.resolution, width=args.resolution, output_type="pt", **call).images
         rows.append(images.float().cpu() * 2 - 1)
         labels.append(f"{label}, {steps} step{'s' if steps > 1 else ''}, CFG 1")
@@ -166,7 +172,8 @@ class LoRARun:
             drop = torch.rand(len(latents), generator=self.rng.generator, device=device) < args.proportion_empty_prompts
             batch = {**batch, "captions": ["" if d else c for c, d in zip(batch["captions"], drop.tolist())]}
         # the teacher's conditioning: the base encoders (without --train_text_encoder_lora: everyone's)
-        teacher_cond = teacher_conditioning(args, arch, batch, tokenizers, self.encoders, device, self.text_cache)
+        teacher_cond = teacher_conditioning(args, arch, batch, tokenizers, self.encoders, device, self.text_cache,
+                                            self.dtype)
         if not self.student_encoders:
             return latents, teacher_cond, None
         # the student's (and target's): the adapted encoders, called inside the loss (with grad into their LoRA)
@@ -195,7 +202,7 @@ def start_lora_run(args) -> LoRARun:
 
     accelerator = loop.make_accelerator(args)
     set_seed(args.seed)
-    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"))
+    teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"), frozen_denoiser=True)
     arch, vae, tokenizers, encoders = teacher.arch, teacher.vae, teacher.tokenizers, teacher.text_encoders
     unet = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
     lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
@@ -228,6 +235,10 @@ def start_lora_run(args) -> LoRARun:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     schedule = LCMSchedule.of_teacher(teacher.alphas_cumprod, args.num_ddim_timesteps, teacher.prediction_type)
+    uncond = teacher_uncond(args, teacher, text_cache)
+    if text_cache is not None and not trained_encoders:  # every prompt is cached: the encoders' memory is free
+        teacher.release_text_encoders(text_cache)
+        encoders = []
     return LoRARun(accelerator, teacher, unet, base, encoders, [Prepared(w, e) for w, e in zip(wrapped, encoders)],
                    trained_encoders, params, optimizer, lr_scheduler, dataloader, max_steps, text_cache, rng, ema,
-                   schedule, teacher_uncond(args, teacher))
+                   schedule, uncond)

@@ -479,8 +479,8 @@ def load_frozen_vae(args: Any, device: torch.device | str, dtype: torch.dtype) -
 @dataclass
 class Teacher:
     """A teacher pipeline's parts: the frozen VAE and text encoders (on the run's device, in its mixed-precision
-    dtype unless the VAE must stay fp32), the denoiser as loaded (fp32, CPU: the recipe decides its copies),
-    and the noise schedule (alphas_cumprod and prediction_type for a DDPM teacher, None for flow matching)."""
+    dtype unless the VAE must stay fp32), the denoiser as loaded (on the CPU, fp32 or with `frozen_denoiser` the
+    run's dtype: the recipe decides its copies), and the noise schedule (alphas_cumprod and prediction_type for a DDPM teacher, None for flow matching)."""
 
     arch: str  # "sd", "sdxl" or "flux"
     scheduler_config: dict
@@ -493,6 +493,7 @@ class Teacher:
     prediction_type: str | None = None
     latent_side: int | None = None  # --resolution in latent pixels
     zeros_for_empty_prompt: bool = False  # the pipeline's uncond for an empty negative prompt: zeros, not its encoding
+    text_cache: Any = None  # set by release_text_encoders: the cached outputs that stand in for the encoders
 
     def encode(self, prompts: str | Sequence[str]) -> tuple[Tensor, ...]:
         """(embeds,) for SD, (embeds, pooled) for SDXL, (embeds, pooled, text_ids) for FLUX."""
@@ -508,6 +509,27 @@ class Teacher:
         zeros = mode == "zeros" or (mode == "auto" and self.zeros_for_empty_prompt)
         return tuple(torch.zeros_like(x) for x in empty) if zeros else tuple(empty)
 
+    def release_text_encoders(self, text_cache: Any) -> None:
+        """Free the text encoders once `text_cache` (--cache_text_embeddings) holds every prompt the run encodes:
+        `text_encoders` becomes [], and a lookup of a caption the cache lacks fails in one line."""
+        import gc
+
+        self.text_encoders.clear()  # in place: whoever holds this list lets go of the encoders too
+        self.text_cache = text_cache
+        text_cache.release_encoders()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("text encoders freed: their outputs for every prompt of this run are cached (--cache_text_embeddings)")
+
+    def prompt_kwargs(self, prompts: list[str], device: Any) -> dict[str, Any]:
+        """A diffusers pipeline's prompt arguments for `prompts` without CFG: the prompts, or their cached embeddings
+        (prompt_embeds, SDXL's pooled_prompt_embeds) once the encoders are freed."""
+        if self.text_encoders:
+            return {"prompt": prompts}
+        text = self.text_cache.lookup(prompts, device, self.dtype)
+        return dict(zip(("prompt_embeds", "pooled_prompt_embeds"), text))
+
     def lora_base(self, accelerator: Any) -> Any:
         """The frozen denoiser a LoRA trains on, in the run's dtype, where accelerator.prepare() takes it from: the
         run's device, or the CPU when prepare() splits the model (sharding.staging_device)."""
@@ -521,9 +543,10 @@ def teacher_alphas_cumprod(scheduler_config: dict) -> Tensor:
     return clamp_alphas_cumprod(DDPMScheduler.from_config(scheduler_config).alphas_cumprod)
 
 
-def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> Teacher:
+def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...], frozen_denoiser: bool = False) -> Teacher:
     """The teacher of --pretrained_teacher_model (one of `archs`) with --pretrained_vae_model_name_or_path,
-    --revision and --variant; --resolution checked against the VAE's downsampling."""
+    --revision and --variant; --resolution checked against the VAE's downsampling. `frozen_denoiser`: the denoiser
+    is only ever used frozen in the run's dtype (a LoRA's base), so it loads in that dtype; else in fp32."""
     from .solvers import PREDICTION_TYPES
 
     path, device = args.pretrained_teacher_model, accelerator.device
@@ -543,10 +566,12 @@ def load_teacher(args: Any, accelerator: Any, archs: str | tuple[str, ...]) -> T
         if arch == "flux" and latent_side % 2:  # said before the transformer loads
             raise UserError(f"--resolution {args.resolution}: FLUX packs 2x2 latent patches, so it must be a "
                             f"multiple of {2 * vae_scale_factor(vae.config)}")
-        tokenizers, encoders = load_text_encoders(path, arch, args.revision, args.variant, flag=TEACHER_FLAG)
+        # frozen weights load straight into the run's dtype: no transient fp32 copy (a 2.6 B UNet: 10 GB) ever exists
+        tokenizers, encoders = load_text_encoders(path, arch, args.revision, args.variant, dtype, TEACHER_FLAG)
         for encoder in encoders:
-            encoder.to(device, dtype)
-        denoiser = load_denoiser(path, args.revision, args.variant, flag=TEACHER_FLAG).requires_grad_(False)
+            encoder.to(device)
+        denoiser = load_denoiser(path, args.revision, args.variant, dtype if frozen_denoiser else torch.float32,
+                                 TEACHER_FLAG).requires_grad_(False)
     # SDXL pipelines feed zero embeddings as the uncond of an empty negative prompt unless their index says not to
     zeros = arch == "sdxl" and pipeline_index(path, args.revision).get("force_zeros_for_empty_prompt", True)
     return Teacher(arch, config, vae, tokenizers, encoders, denoiser, dtype, alphas_cumprod, prediction_type,
