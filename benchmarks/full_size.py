@@ -1,0 +1,328 @@
+"""Write a full-size diffusers pipeline with random weights, to measure training memory at real sizes offline.
+
+    python benchmarks/full_size.py --model sdxl --output_dir models/sdxl-random
+    python benchmarks/full_size.py --model sd15 --output_dir models/sd15-small --dtype bf16 --width_scale 0.25 --overwrite
+
+Writes a complete pipeline folder (model_index.json, unet/, vae/, text_encoder/, [text_encoder_2/], tokenizer/,
+[tokenizer_2/], scheduler/) that DiffusionPipeline.from_pretrained loads (StableDiffusionPipeline for sd15,
+StableDiffusionXLPipeline for sdxl and ssd1b). Every model is built on the meta device and materialised directly
+in --dtype, one at a time, so a 2.6B-parameter UNet never exists in fp32. Weights are random: Linear/Conv layers get
+their own `reset_parameters()`, norms ones and zeros, embeddings and anything else N(0, 0.02). The tokenizer is the
+toy world's CLIP BPE (small vocabulary) saved with the real CLIP context of 77 tokens.
+
+Where the numbers come from (each model's published diffusers / transformers config files):
+  sd15   Stable Diffusion 1.5: a 4-level UNet of 320/640/1280/1280 channels with cross-attention on the first three
+         levels (859.5M parameters), the 4-channel KL autoencoder (83.7M, latents scaled by 0.18215), the text
+         tower of OpenAI CLIP ViT-L/14 (123.1M), and the PNDM scheduler of its release.
+  sdxl   SDXL base 1.0: a 3-level UNet of 320/640/1280 channels with 1, 2 and 10 transformer layers per attention
+         block at levels 2 and 3, 64-channel heads, linear projections and "text_time" micro-conditioning
+         (2567.5M), the same autoencoder re-trained with scaling 0.13025 (and upcast to fp32 to decode), CLIP ViT-L
+         text (123.1M) and OpenCLIP ViT-bigG/14 text with projection (694.7M), Euler discrete scheduler.
+  ssd1b  Segmind SSD-1B, a distillation of SDXL that keeps its text encoders, autoencoder and scheduler and prunes
+         the UNet: no transformer in the mid block (a single ResNet), 2 and 4 transformer layers per attention in
+         the down blocks, and up blocks of [4, 4, 10] and [2, 1, 1] layers (1.3B). The layer counts are those the
+         ComfyUI model detector records for SSD-1B's weights (its SSD_1B entry: depths [0, 0, 2, 2, 4, 4] down,
+         [0, 0, 0, 1, 1, 2, 10, 4, 4] up, mid depth -1), expressed with diffusers' asymmetric-UNet options
+         (`reverse_transformer_layers_per_block`, mid block "UNetMidBlock2D"). Segmind's own unet/config.json was
+         not found to compare against; the parameter count this layout gives (about 1.33B) matches the published
+         "1.3B".
+FLUX.1 is not written: its transformer alone has 11.9B parameters (about 12B; 23.8 GB in bf16), which does not fit
+in the 24 GB of a small workstation next to its T5-XXL text encoder (4.7B) while being written.
+
+--width_scale s multiplies every channel width (UNet levels and head counts, VAE channels, text hidden and MLP
+sizes) and keeps the layout (depths, transformer layer counts, concatenated cross-attention widths), so tests can
+write small pipelines of the same shape. Widths are rounded to multiples of 32 (GroupNorm groups) for the UNet and
+VAE and of 64 (one head) for the text encoders, with head counts that divide them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402 -- also puts the repository root on sys.path
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from utils import files  # noqa: E402
+from utils.errors import UserError, note_output, user_errors  # noqa: E402
+from utils.flags import Parser  # noqa: E402
+
+MODELS = ("sd15", "sdxl", "ssd1b")
+# half precisions only: the point is never to hold a full-size model in fp32
+DTYPES = {name: getattr(torch, common.DTYPES[name]) for name in ("fp16", "bf16")}
+CLIP_CONTEXT = 77  # tokens of the real CLIP text encoders (max_position_embeddings)
+TEXT_HEAD = 64  # channels per attention head in both CLIP text towers
+TIME_ID_DIM = 256  # SDXL's addition_time_embed_dim: a sinusoidal size per time id, not a channel width
+SHARD = "2GB"  # safetensors serialises a shard in memory: small shards keep the peak near the model's own size
+NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def _channels(width: int, scale: float, multiple: int = 32) -> int:
+    """`width` x `scale`, rounded to a positive multiple of `multiple` (GroupNorm needs 32 groups)."""
+    return max(multiple, round(width * scale / multiple) * multiple)
+
+
+def _heads(heads: int, scale: float, channels: int) -> int:
+    """`heads` x `scale` rounded (at least 1), lowered until it divides `channels`."""
+    n = max(1, round(heads * scale))
+    while channels % n:
+        n -= 1
+    return n
+
+
+def _clip_config(hidden: int, layers: int, act: str, scale: float) -> dict:
+    """A CLIP text tower of `hidden` channels (64 a head, MLP 4x wide) and `layers` layers, widths scaled."""
+    width = max(1, round(hidden / TEXT_HEAD * scale)) * TEXT_HEAD
+    return dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=width // TEXT_HEAD, max_position_embeddings=CLIP_CONTEXT, vocab_size=49408,
+                hidden_act=act, projection_dim=width, layer_norm_eps=1e-5)
+
+
+def _vae_config(scaling_factor: float, sample_size: int, scale: float, force_upcast: bool) -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                act_fn="silu", block_out_channels=[_channels(c, scale) for c in (128, 256, 512, 512)],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                scaling_factor=scaling_factor, sample_size=sample_size, force_upcast=force_upcast)
+
+
+def _sd15_unet(scale: float, cross_attention_dim: int) -> dict:
+    channels = [_channels(c, scale) for c in (320, 640, 1280, 1280)]
+    heads = min(_heads(8, scale, c) for c in channels)  # one count for all levels, as the published int 8
+    while any(c % heads for c in channels):
+        heads -= 1
+    return dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=32)
+
+
+def _sdxl_unet(scale: float, cross_attention_dim: int, pooled_dim: int, ssd1b: bool) -> dict:
+    channels = [_channels(c, scale) for c in (320, 640, 1280)]
+    # diffusers' `attention_head_dim` of SDXL holds head counts (5, 10, 20 heads of 64 channels)
+    heads = [_heads(h, scale, c) for h, c in zip((5, 10, 20), channels)]
+    config = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=channels,
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=heads,
+                  cross_attention_dim=cross_attention_dim, use_linear_projection=True, norm_num_groups=32,
+                  addition_embed_type="text_time", addition_time_embed_dim=TIME_ID_DIM,
+                  projection_class_embeddings_input_dim=6 * TIME_ID_DIM + pooled_dim)
+    if ssd1b:  # pruned per attention (see the module docstring); the first level has no attention at all
+        config.update(transformer_layers_per_block=[[0, 0], [2, 2], [4, 4]],
+                      reverse_transformer_layers_per_block=[[4, 4, 10], [2, 1, 1], [0, 0, 0]],
+                      mid_block_type="UNetMidBlock2D")
+    return config
+
+
+def configs(model_name: str, width_scale: float = 1.0) -> dict[str, dict]:
+    """The config of each model component of `model_name` (unet, vae, text_encoder[, text_encoder_2])."""
+    if model_name not in MODELS:
+        raise UserError(f"unknown model {model_name!r}: one of {', '.join(MODELS)} (--model)")
+    if not width_scale > 0:
+        raise UserError(f"--width_scale must be above 0, got {width_scale}")
+    s = width_scale
+    if model_name == "sd15":
+        text = _clip_config(768, 12, "quick_gelu", s)
+        return {"unet": _sd15_unet(s, text["hidden_size"]), "vae": _vae_config(0.18215, 512, s, False),
+                "text_encoder": text}
+    text, text_2 = _clip_config(768, 12, "quick_gelu", s), _clip_config(1280, 32, "gelu", s)
+    unet = _sdxl_unet(s, text["hidden_size"] + text_2["hidden_size"], text_2["projection_dim"], model_name == "ssd1b")
+    return {"unet": unet, "vae": _vae_config(0.13025, 1024, s, True), "text_encoder": text, "text_encoder_2": text_2}
+
+
+def _classes(component: str):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if component == "unet":
+        return UNet2DConditionModel.from_config
+    if component == "vae":
+        return AutoencoderKL.from_config
+    cls = CLIPTextModel if component == "text_encoder" else CLIPTextModelWithProjection
+    return lambda config: cls(CLIPTextConfig(**config))
+
+
+def _empty(component: str, config: dict, token_ids: dict | None = None) -> nn.Module:
+    """The component with its parameters on the meta device (no memory); buffers are real and small."""
+    from accelerate import init_empty_weights
+
+    if token_ids:
+        config = dict(config, **token_ids)
+    with init_empty_weights(include_buffers=False):
+        return _classes(component)(config)
+
+
+_counted: dict[str, int] = {}  # component + config -> parameters: the models share encoders and VAEs
+
+
+def param_counts(model_name: str, width_scale: float = 1.0) -> dict[str, int]:
+    """Parameters of each component of `model_name`, counted on the meta device."""
+    counts = {}
+    for name, config in configs(model_name, width_scale).items():
+        key = json.dumps([name, config], sort_keys=True)
+        if key not in _counted:
+            _counted[key] = sum(p.numel() for p in _empty(name, config).parameters())
+        counts[name] = _counted[key]
+    return counts
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give every meta parameter real storage in `dtype` and a random init computed in that dtype."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=dtype),
+                                                        requires_grad=param.requires_grad)
+    done: set[int] = set()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(module, NORMS) or type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
+            for name, p in module.named_parameters(recurse=False):
+                p.fill_(0.0 if name == "bias" else 1.0)
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, 0.02)  # CLIP's own init: N(0, 1) token vectors would dwarf the layers
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.reset_parameters()  # kaiming-uniform weights, fan-in uniform bias; runs in `dtype`
+        else:
+            for p in own:
+                p.normal_(0.0, 0.02)
+        done.update(id(p) for p in own)
+    left = [n for n, p in model.named_parameters() if id(p) not in done]
+    assert not left, f"parameters without an init: {left[:3]}"
+    for name, buffer in model.named_buffers():  # float buffers (none in these models, by design) follow the dtype
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+    return model.eval()
+
+
+def _tokenizer():
+    """The toy world's CLIP BPE, with the real CLIP context length."""
+    from transformers import CLIPTokenizer
+
+    from utils.toy.train import WEIGHTS
+
+    path = os.path.join(WEIGHTS, "clip_tokenizer")
+    if os.path.isdir(path):
+        tok = CLIPTokenizer.from_pretrained(path)
+    else:  # the committed tokenizer is missing: rebuild it (deterministic, a second)
+        from utils.toy.tokenizers import build_clip_tokenizer
+
+        tok = build_clip_tokenizer()
+    tok.model_max_length = CLIP_CONTEXT
+    return tok
+
+
+def _scheduler(model_name: str):
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    common_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         steps_offset=1, prediction_type="epsilon")
+    if model_name == "sd15":
+        return PNDMScheduler(**common_config, set_alpha_to_one=False, skip_prk_steps=True)
+    return EulerDiscreteScheduler(**common_config, timestep_spacing="leading", interpolation_type="linear",
+                                  use_karras_sigmas=False)
+
+
+def _model_index(model_name: str) -> dict:
+    """model_index.json of the pipeline, as its class writes it."""
+    import diffusers
+
+    text = ["transformers", "CLIPTextModel"]
+    tok = ["transformers", "CLIPTokenizer"]
+    index = {"_diffusers_version": diffusers.__version__, "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": text, "tokenizer": tok}
+    if model_name == "sd15":
+        return dict(index, _class_name="StableDiffusionPipeline", scheduler=["diffusers", "PNDMScheduler"],
+                    safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False,
+                    image_encoder=[None, None])
+    return dict(index, _class_name="StableDiffusionXLPipeline", scheduler=["diffusers", "EulerDiscreteScheduler"],
+                text_encoder_2=["transformers", "CLIPTextModelWithProjection"], tokenizer_2=tok,
+                force_zeros_for_empty_prompt=True, image_encoder=[None, None], feature_extractor=[None, None])
+
+
+def write_pipeline(model_name: str, out: str, dtype: torch.dtype = torch.float16, width_scale: float = 1.0,
+                   log: Callable[[str], None] = print) -> dict[str, int]:
+    """Write the pipeline folder of `model_name` at `out` (a new folder); returns each component's parameters."""
+    os.makedirs(out)
+    counts: dict[str, int] = {}
+    tok = _tokenizer()
+    # the text encoders find the pooled (EOS) token by id: give them the ids of the tokenizer they are saved with
+    token_ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    for name, config in configs(model_name, width_scale).items():
+        start = time.perf_counter()
+        model = materialise(_empty(name, config, token_ids if name.startswith("text") else None), dtype)
+        counts[name] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(os.path.join(out, name), max_shard_size=SHARD)
+        del model  # one component in memory at a time
+        log(f"{name}: {counts[name] / 1e6:,.1f}M params, {time.perf_counter() - start:.1f} s")
+    tokenizers = ["tokenizer"] + (["tokenizer_2"] if model_name != "sd15" else [])
+    for name in tokenizers:
+        tok.save_pretrained(os.path.join(out, name))
+    log(f"{', '.join(tokenizers)}: toy CLIP BPE of {len(tok)} tokens, context {tok.model_max_length}")
+    scheduler = _scheduler(model_name)
+    scheduler.save_pretrained(os.path.join(out, "scheduler"))
+    if model_name == "sd15":  # SD 1.5's file also carries clip_sample, which PNDMScheduler takes but ignores
+        path = os.path.join(out, "scheduler", "scheduler_config.json")
+        with open(path) as f:
+            saved = json.load(f)
+        with open(path, "w") as f:
+            json.dump(dict(saved, clip_sample=False), f, indent=2, sort_keys=True)
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump(_model_index(model_name), f, indent=2, sort_keys=True)
+    log(f"scheduler, model_index.json: {type(scheduler).__name__}")
+    return counts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=MODELS,
+                        help="sd15 (Stable Diffusion 1.5), sdxl (SDXL base 1.0) or ssd1b (Segmind SSD-1B)")
+    parser.add_argument("--output_dir", required=True,
+                        help="the pipeline folder to write; it must not exist or be empty unless --overwrite")
+    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES),
+                        help="dtype of the weights on disk, and the only one they are ever built in (default: fp16)")
+    parser.add_argument("--width_scale", type=float, default=1.0,
+                        help="multiply every channel width by this, keeping depths and layout; 1.0 is the published "
+                             "size, e.g. 0.05 a tiny pipeline of the same shape (default: 1.0)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output_dir even if it holds files (it is replaced only once the new "
+                             "pipeline is complete)")
+    args = parser.parse_args(argv)
+    if not args.width_scale > 0:
+        raise UserError(f"--width_scale must be above 0, got {args.width_scale}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    """Parse the flags and write the pipeline; returns each component's parameters."""
+    with user_errors():
+        args = parse_args(argv)
+        out = os.path.abspath(args.output_dir)
+        if os.path.lexists(out) and not args.overwrite:
+            if not os.path.isdir(out) or os.listdir(out):
+                raise UserError(f"{args.output_dir} exists and is not an empty folder: choose another or pass "
+                                f"--overwrite (--output_dir)")
+        if not os.path.isdir(os.path.dirname(out)):
+            raise UserError(f"the folder {os.path.dirname(out)} does not exist (--output_dir)")
+        note_output(out, "--output_dir")
+        start = time.perf_counter()
+        # written under a hidden sibling name and renamed at the end: an interrupted run leaves no half pipeline
+        with files.atomic_write(out) as tmp:
+            counts = write_pipeline(args.model, tmp, DTYPES[args.dtype], args.width_scale)
+        print(f"wrote {args.output_dir}: {args.model}, {sum(counts.values()) / 1e6:,.1f}M params in {args.dtype}, "
+              f"{time.perf_counter() - start:.1f} s")
+        return counts
+
+
+if __name__ == "__main__":
+    main()
