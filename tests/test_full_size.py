@@ -91,6 +91,59 @@ def test_scaled_pipeline_loads_keeps_the_layout_and_runs(full_size, tmp_path, ca
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
 
 
+# FLUX.1-dev's released components, as counted from their safetensors headers (CLIP-L as above)
+FLUX_PUBLISHED = {"transformer": 11_901_408_320, "text_encoder_2": 4_762_310_656, "text_encoder": 123_060_480,
+                  "vae": 83_819_683}
+
+
+def test_flux_param_counts_match_the_published_model(full_size):
+    counts = full_size.param_counts("flux")
+    assert counts.keys() == FLUX_PUBLISHED.keys()
+    for component, published in FLUX_PUBLISHED.items():
+        assert counts[component] == pytest.approx(published, rel=0.005), component
+
+
+def test_scaled_flux_pipeline_loads_through_the_project_and_runs(full_size, tmp_path, capsys):
+    from diffusers import FluxPipeline
+
+    from utils import models
+
+    out = tmp_path / "flux"
+    counts = full_size.main(["--model", "flux", "--output_dir", str(out), "--width_scale", SCALE])
+    printed = capsys.readouterr().out
+    assert all(f"{name}: " in printed for name in counts) and "tokenizer_2: toy T5" in printed
+    assert counts == full_size.param_counts("flux", float(SCALE))
+    assert _weights_dtypes(str(out)) == {"F16"}
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
+                                       "tokenizer_2", "transformer", "vae"]
+
+    # the project's own readers see a FLUX pipeline with FLUX-dev's 512 T5 tokens
+    assert models.detect_architecture(str(out)) == "flux"
+    tokenizers, encoders = models.load_text_encoders(str(out))
+    assert [type(e).__name__ for e in encoders] == ["CLIPTextModel", "T5EncoderModel"]
+    assert models.flux_max_sequence_length(tokenizers[1]) == 512 and tokenizers[0].model_max_length == 77
+    assert encoders[1].shared.weight is encoders[1].encoder.embed_tokens.weight  # one token table, as released
+    assert models.load_vae(str(out)).config.latent_channels == 16 and models.native_resolution(str(out)) == 1024
+
+    pipe = FluxPipeline.from_pretrained(str(out), torch_dtype=torch.float32)
+    transformer, vae, sched = pipe.transformer.config, pipe.vae.config, pipe.scheduler.config
+    assert (transformer.num_layers, transformer.num_single_layers, transformer.attention_head_dim) == (19, 38, 128)
+    assert transformer.guidance_embeds and transformer.in_channels == 64 and list(transformer.axes_dims_rope) == [16, 56, 56]
+    assert transformer.joint_attention_dim == pipe.text_encoder_2.config.d_model
+    assert transformer.pooled_projection_dim == pipe.text_encoder.config.projection_dim
+    assert vae.latent_channels == 16 and vae.scaling_factor == 0.3611 and vae.shift_factor == 0.1159
+    assert not vae.use_quant_conv and not vae.use_post_quant_conv
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and sched.use_dynamic_shifting
+    assert (sched.shift, sched.base_shift, sched.max_shift, sched.max_image_seq_len) == (3.0, 0.5, 1.15, 4096)
+    t5 = pipe.text_encoder_2.config
+    assert (t5.num_layers, t5.d_kv, t5.feed_forward_proj, t5.vocab_size) == (24, 64, "gated-gelu", 32128)
+
+    # 32 px: 4x4 latents, packed into 2x2 tokens of 64 channels
+    latents = pipe("a red circle", num_inference_steps=1, height=32, width=32, output_type="latent",
+                   max_sequence_length=32, generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape == (1, 4, 64) and torch.isfinite(latents).all()
+
+
 def test_refuses_a_folder_that_holds_files(full_size, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
