@@ -60,8 +60,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "it, pinned to a release); adds a line with the ratios")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--steps_flag", default="--max_train_steps",
-                   help="the script's flag for its number of steps (default: %(default)s; TLCM: --stage1_steps with "
-                        "--stage 1, or --stage2_steps with --stage 2)")
+                   help="the script's flag for its number of steps (default: %(default)s; TLCM: "
+                        "--steps_flag=--stage1_steps with --stage 1, or =--stage2_steps with --stage 2)")
     p.add_argument("--until", choices=["end", "train"], default="end",
                    help="end: run to exit (save, final validation); train: end each process at its last step "
                         "(default: %(default)s)")

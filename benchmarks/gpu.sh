@@ -48,10 +48,10 @@ row "lora sdxl 1024 gc r64" $LORA train_lcm_distill_lora_sdxl.py --steps 4 --unt
 row "lora sdxl 1024 gc r64 +caches +8bit" $LORA - --steps 4 --until train -- $SDXL $DATA --resolution 1024 --lora_rank 64 $CACHES --use_8bit_adam
 row "lora sdxl 1024 gc r16 +caches +8bit" $LORA - --steps 4 --until train -- $SDXL $DATA --resolution 1024 --lora_rank 16 $CACHES --use_8bit_adam
 row "lora sdxl 512 gc r64" $LORA train_lcm_distill_lora_sdxl.py --steps 4 --until train -- $SDXL $DATA --resolution 512 --lora_rank 64 --lora_alpha 64
-row "tlcm sdxl stage1 1024 gc r64 +cache +8bit" train_tlcm_sdxl.py - --steps 4 --until train --steps_flag --stage1_steps -- \
+row "tlcm sdxl stage1 1024 gc r64 +cache +8bit" train_tlcm_sdxl.py - --steps 4 --until train --steps_flag=--stage1_steps -- \
     $SDXL --prompts_file toy_world/data/train/metadata.jsonl --max_train_samples 16 --stage 1 --resolution 1024 --lora_rank 64 --cache_text_embeddings --use_8bit_adam
 row "lcm sd15 512 gc +8bit +cast" train_lcm_distill_sd.py train_lcm_distill_sd_wds.py --steps 4 --until train \
-    --theirs "--dataloader_num_workers 1" -- $SD15 $SHARDS --resolution 512 --use_8bit_adam --cast_teacher_unet
+    --theirs="--dataloader_num_workers 1" -- $SD15 $SHARDS --resolution 512 --use_8bit_adam --cast_teacher_unet
 row "lcm sdxl 1024 gc +8bit +cast +ema on cpu" train_lcm_distill_sd.py - --steps 3 --until train --ours="--ema_target_on_cpu" -- \
     $SDXL $DATA --resolution 1024 --use_8bit_adam --cast_teacher_unet
 

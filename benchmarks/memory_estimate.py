@@ -43,7 +43,7 @@ class Run:
 
     label: str
     kind: str  # "lora" (LCM-LoRA, TCD, TLCM: a LoRA on a frozen base) or "lcm" (full student)
-    model: str  # sd15, sdxl, ssd1b
+    model: str  # sd15, sdxl, ssd1b, flux
     resolution: int = 512
     batch: int = 1
     rank: int = 64
@@ -56,28 +56,31 @@ class Run:
 
 @lru_cache(maxsize=None)
 def lora_parameters(model: str, rank: int) -> int:
-    """Parameters of the recipes' default LoRA (utils.lora's "lcm" targets) of `rank` on the model's UNet."""
+    """Parameters of the recipes' default LoRA of `rank` on the model's denoiser (utils.lora's "lcm" targets on a
+    UNet, its "flux" targets on the FLUX transformer)."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     from utils import lora
 
+    flux = model == "flux"
+    cls = FluxTransformer2DModel if flux else UNet2DConditionModel
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(full_size.configs(model)["unet"])
-    lora.add_trainable_lora(unet, rank, rank, lora.LCM_LORA_TARGETS, 0.0)
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        denoiser = cls.from_config(full_size.configs(model)["transformer" if flux else "unet"])
+    lora.add_trainable_lora(denoiser, rank, rank, lora.FLUX_LORA_TARGETS if flux else lora.LCM_LORA_TARGETS, 0.0)
+    return sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
 
 
 def weights_gb(run: Run) -> dict[str, float]:
     """The held bytes of `run` by component, in GB (module docstring)."""
     counts = full_size.param_counts(run.model)
-    unet, vae = counts["unet"], counts["vae"]
+    unet, vae = counts.get("unet", counts.get("transformer")), counts["vae"]
     text = sum(v for k, v in counts.items() if k.startswith("text_encoder"))
     adam = 2 if run.adam8 else 8
     out = {"text encoders": 0 if run.cache else text * 2 / GB, "VAE": vae * 4 / GB}
     if run.kind == "lora":
         trained = lora_parameters(run.model, run.rank)
-        out["frozen UNet"] = unet * 2 / GB
+        out["frozen denoiser"] = unet * 2 / GB
     else:
         trained = unet
         out["teacher UNet"] = unet * (2 if run.cast_teacher else 4) / GB
@@ -119,6 +122,8 @@ RUNS = [
     Run("tlcm sdxl stage1 512 gc r64", "lora", "sdxl"),
     Run("tlcm sdxl stage1 1024 gc r64 +cache +8bit", "lora", "sdxl", resolution=1024, cache=True, adam8=True,
         activations_from="tlcm sdxl stage1 512 gc r64"),
+    Run("tlcm flux stage1 1024 gc r64", "lora", "flux", resolution=1024),
+    Run("tlcm flux stage1 1024 gc r64 +cache +8bit", "lora", "flux", resolution=1024, cache=True, adam8=True),
     Run("lcm sd15 512 gc +8bit +cast", "lcm", "sd15", adam8=True, cast_teacher=True),
     Run("lcm sd15 512 gc", "lcm", "sd15", activations_from="lcm sd15 512 gc +8bit +cast"),
     Run("lcm sdxl 1024 gc", "lcm", "sdxl", resolution=1024, activations_from="lcm sd15 512 gc +8bit +cast"),

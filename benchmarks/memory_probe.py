@@ -7,7 +7,8 @@ The script runs unmodified in this process (as `python SCRIPT.py ...` would run 
 line each to --log:
   - "train_start": the first module forward with autograd on (the first training forward: loading, caching and
     the frozen passes before it run without gradients), so the peak so far is what loading took;
-  - "step": after every optimizer step (torch's global optimizer hook: plain, fused and bitsandbytes optimizers);
+  - "step": after every optimizer step from then on (torch's global optimizer hook: plain, fused and bitsandbytes
+    optimizers; a step before the first training forward, e.g. a probe of the optimizer, is not one);
   - "exit": when the process ends (after the save and any final validation), or "stop" after the N-th step with
     --stop_after N, which then ends the process at once (no save, no final validation).
 Each line: t (seconds since start), rss_mb (resident now), peak_rss_mb (the process's peak so far), and on a GPU
@@ -62,15 +63,20 @@ def install(log: str, stop_after: int | None) -> None:
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    started = [False]
+
     def first_training_forward(module, inputs):
         if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters(recurse=False)):
             handle.remove()  # once: a global hook on every forward would cost time in the steps measured
+            started[0] = True
             stamp(log, "train_start")
 
     handle = register_module_forward_pre_hook(first_training_forward)
     steps = [0]
 
     def after_step(optimizer, args, kwargs):
+        if not started[0]:  # not a training step (e.g. a script trying an optimizer out while it sets up)
+            return
         steps[0] += 1
         if stop_after is not None and steps[0] >= stop_after:
             stamp(log, "stop", step=steps[0])

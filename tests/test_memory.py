@@ -117,6 +117,7 @@ args = p.parse_args()
 with torch.no_grad():  # "loading": a frozen model, no gradients
     frozen = torch.nn.Linear(args.width, args.width)(torch.randn(8, args.width))
 model = torch.nn.Linear(args.width, args.width)
+torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).step()  # trying an optimizer out: not a training step
 opt = torch.optim.SGD(model.parameters(), lr=0.1)
 for _ in range(args.max_train_steps):
     out = model(torch.randn(8, args.width))  # the first training forward: loading ends here
@@ -163,3 +164,29 @@ def test_probe_stop_after_ends_the_script_at_its_last_step(tmp_path):
     events = [json.loads(line)["event"] for line in open(log)]
     assert events == ["train_start", "step", "stop"]
     assert not (tmp_path / "done").exists()
+
+
+def test_memory_estimate_counts_bytes_per_parameter_and_scales_measured_activations():
+    """The arithmetic: an SDXL LoRA holds its base in 2 bytes a parameter, the LoRA in 16 (fp32 weight, gradient and
+    two Adam moments; 10 with 8-bit moments), the encoders until they are cached; activations come from the measured
+    base row and grow with the pixels."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import full_size
+    import memory_estimate as est
+
+    counts, lora = full_size.param_counts("sdxl"), est.lora_parameters("sdxl", 64)
+    assert 150e6 < lora < 250e6  # rank 64 on attention, feed-forward and resnet convs of a 2.6 B UNet
+    base = est.Run("base", "lora", "sdxl")
+    parts = est.weights_gb(base)
+    assert parts["frozen denoiser"] == pytest.approx(counts["unet"] * 2 / 1e9)
+    assert parts["trained weights + grads"] + parts["Adam moments"] == pytest.approx(lora * 16 / 1e9)
+    lean = est.weights_gb(est.Run("lean", "lora", "sdxl", cache=True, adam8=True))
+    assert lean["text encoders"] == 0 and lean["Adam moments"] == pytest.approx(lora * 2 / 1e9)
+    held = sum(parts.values())
+    big = est.Run("big", "lora", "sdxl", resolution=1024, batch=2, activations_from="base")
+    measured = {"base": {"train_peak_net_mb": (held + 1.5) * 1e9 / 2**20}}  # 1.5 GB of activations at 512 px
+    runs = {"base": base, "big": big}
+    assert est.activations_gb(base, runs, measured) == pytest.approx(1.5)
+    assert est.activations_gb(big, runs, measured) == pytest.approx(1.5 * 4 * 2)
+    assert est.activations_gb(big, runs, {}) is None
+    assert est.fits(10.0) == "12 GB" and est.fits(11.0) == "16 GB" and est.fits(100.0) == "> 80 GB"

@@ -67,7 +67,8 @@ class Parser(argparse.ArgumentParser):
                        help="a separate VAE (hub id or folder, e.g. an fp16-fix VAE) instead of the teacher's own")
         m.add_argument("--revision", default=None, help="revision of the teacher on the hub")
         m.add_argument("--variant", default=None, help='weights variant of the teacher, e.g. "fp16"')
-        m.add_argument("--vae_encode_batch_size", type=int, default=32, help="images per VAE encode call")
+        m.add_argument("--vae_encode_batch_size", type=int, default=32,
+                       help="images per VAE encode call (filling the --cache_latents cache: at most --train_batch_size)")
         return m
 
     def add_data_args(self, resolution: int | None = None) -> None:
