@@ -33,7 +33,7 @@ import full_size  # noqa: E402  (also puts the repository root on sys.path)
 
 from utils.errors import user_errors  # noqa: E402
 
-GB = 1e9
+GB = 2**30  # GiB, as card sizes count (a "24 GB" card holds 24 GiB)
 CARDS = (12, 16, 24, 40, 80)
 
 
@@ -96,7 +96,7 @@ def activations_gb(run: Run, runs: dict[str, Run], measured: dict[str, dict]) ->
     row = measured.get(source.label) if source else None
     if row is None or "train_peak_net_mb" not in row:
         return None
-    base = row["train_peak_net_mb"] * 2**20 / GB - sum(weights_gb(source).values())
+    base = row["train_peak_net_mb"] / 1024 - sum(weights_gb(source).values())
     scale = (run.resolution / source.resolution) ** 2 * run.batch / source.batch
     return max(base, 0.0) * scale
 
@@ -106,6 +106,7 @@ def fits(total_gb: float) -> str:
 
 
 SDXL_BASE = "lora sdxl 512 gc r64"
+SDXL_1024 = "lora sdxl 1024 gc r64 +caches +8bit"  # SDXL's activations at 1024 px, measured
 RUNS = [
     Run(SDXL_BASE, "lora", "sdxl"),
     Run("lora sdxl 512 gc r64 +caches", "lora", "sdxl", cache=True, activations_from=SDXL_BASE),
@@ -113,22 +114,24 @@ RUNS = [
     Run("lora sdxl 512 gc r16 +caches +8bit", "lora", "sdxl", rank=16, cache=True, adam8=True,
         activations_from=SDXL_BASE),
     Run("lora sdxl 512 r64 (no gc)", "lora", "sdxl"),
-    Run("lora sdxl 1024 gc r64", "lora", "sdxl", resolution=1024, activations_from=SDXL_BASE),
-    Run("lora sdxl 1024 gc r64 +caches +8bit", "lora", "sdxl", resolution=1024, cache=True, adam8=True,
-        activations_from=SDXL_BASE),
+    Run("lora sdxl 1024 gc r64", "lora", "sdxl", resolution=1024, activations_from=SDXL_1024),
+    Run(SDXL_1024, "lora", "sdxl", resolution=1024, cache=True, adam8=True, activations_from=SDXL_BASE),
     Run("lora sdxl 1024 gc r16 +caches +8bit", "lora", "sdxl", resolution=1024, rank=16, cache=True, adam8=True,
-        activations_from=SDXL_BASE),
+        activations_from=SDXL_1024),
     Run("lora ssd1b 512 gc r64 +caches +8bit", "lora", "ssd1b", cache=True, adam8=True, activations_from=SDXL_BASE),
     Run("tlcm sdxl stage1 512 gc r64", "lora", "sdxl"),
+    Run("tlcm sdxl stage1 512 gc r64 +cache +8bit", "lora", "sdxl", cache=True, adam8=True,
+        activations_from="tlcm sdxl stage1 512 gc r64"),
     Run("tlcm sdxl stage1 1024 gc r64 +cache +8bit", "lora", "sdxl", resolution=1024, cache=True, adam8=True,
         activations_from="tlcm sdxl stage1 512 gc r64"),
     Run("tlcm flux stage1 1024 gc r64", "lora", "flux", resolution=1024),
     Run("tlcm flux stage1 1024 gc r64 +cache +8bit", "lora", "flux", resolution=1024, cache=True, adam8=True),
     Run("lcm sd15 512 gc +8bit +cast", "lcm", "sd15", adam8=True, cast_teacher=True),
     Run("lcm sd15 512 gc", "lcm", "sd15", activations_from="lcm sd15 512 gc +8bit +cast"),
-    Run("lcm sdxl 1024 gc", "lcm", "sdxl", resolution=1024, activations_from="lcm sd15 512 gc +8bit +cast"),
+    # the same UNet's activations as the LoRA's at 1024 px (a full student's backward saves what a LoRA's does)
+    Run("lcm sdxl 1024 gc", "lcm", "sdxl", resolution=1024, activations_from=SDXL_1024),
     Run("lcm sdxl 1024 gc +8bit +cast +ema on cpu", "lcm", "sdxl", resolution=1024, adam8=True, cast_teacher=True,
-        ema_on_cpu=True, activations_from="lcm sd15 512 gc +8bit +cast"),
+        ema_on_cpu=True, activations_from=SDXL_1024),
 ]
 
 
@@ -142,7 +145,7 @@ def table(measured: dict[str, dict]) -> list[str]:
         act = activations_gb(run, runs, measured)
         total = held + (act or 0.0)
         row = measured.get(run.label)
-        got = row["train_peak_net_mb"] * 2**20 / GB if row and "train_peak_net_mb" in row else None
+        got = row["train_peak_net_mb"] / 1024 if row and "train_peak_net_mb" in row else None
         lines.append(f"| {run.label} | {held:.2f} | {'-' if act is None else f'{act:.2f}'} | {total:.2f} | "
                      f"{fits(total)} | {'-' if got is None else f'{got:.2f}'} | "
                      f"{'-' if got is None else f'{total / got:.2f}'} |")

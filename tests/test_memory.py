@@ -178,15 +178,30 @@ def test_memory_estimate_counts_bytes_per_parameter_and_scales_measured_activati
     assert 150e6 < lora < 250e6  # rank 64 on attention, feed-forward and resnet convs of a 2.6 B UNet
     base = est.Run("base", "lora", "sdxl")
     parts = est.weights_gb(base)
-    assert parts["frozen denoiser"] == pytest.approx(counts["unet"] * 2 / 1e9)
-    assert parts["trained weights + grads"] + parts["Adam moments"] == pytest.approx(lora * 16 / 1e9)
+    assert parts["frozen denoiser"] == pytest.approx(counts["unet"] * 2 / 2**30)
+    assert parts["trained weights + grads"] + parts["Adam moments"] == pytest.approx(lora * 16 / 2**30)
     lean = est.weights_gb(est.Run("lean", "lora", "sdxl", cache=True, adam8=True))
-    assert lean["text encoders"] == 0 and lean["Adam moments"] == pytest.approx(lora * 2 / 1e9)
+    assert lean["text encoders"] == 0 and lean["Adam moments"] == pytest.approx(lora * 2 / 2**30)
     held = sum(parts.values())
     big = est.Run("big", "lora", "sdxl", resolution=1024, batch=2, activations_from="base")
-    measured = {"base": {"train_peak_net_mb": (held + 1.5) * 1e9 / 2**20}}  # 1.5 GB of activations at 512 px
+    measured = {"base": {"train_peak_net_mb": (held + 1.5) * 1024}}  # 1.5 GB of activations at 512 px
     runs = {"base": base, "big": big}
     assert est.activations_gb(base, runs, measured) == pytest.approx(1.5)
     assert est.activations_gb(big, runs, measured) == pytest.approx(1.5 * 4 * 2)
     assert est.activations_gb(big, runs, {}) is None
     assert est.fits(10.0) == "12 GB" and est.fits(11.0) == "16 GB" and est.fits(100.0) == "> 80 GB"
+
+
+def test_8bit_adam_is_refused_in_one_line_where_bitsandbytes_cannot_run_it(monkeypatch, capsys):
+    """A bitsandbytes without an 8-bit AdamW for the parameters' device (older releases on a CPU): the flag named."""
+    from utils import loop
+
+    monkeypatch.setattr(loop, "eight_bit_adam_runs_on", lambda devices: False)
+    args = argparse.Namespace(learning_rate=1e-3, scale_lr=False, adam_beta1=0.9, adam_beta2=0.999,
+                              adam_weight_decay=0.0, adam_epsilon=1e-8, use_8bit_adam=True, lr_scheduler="constant",
+                              lr_warmup_steps=0)
+    with pytest.raises(SystemExit) as stop:
+        loop.make_optimizer(torch.nn.Linear(4, 4).parameters(), args, max_steps=1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --use_8bit_adam: this bitsandbytes") and "no 8-bit AdamW for cpu" in err[0]
