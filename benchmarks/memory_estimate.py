@@ -113,6 +113,8 @@ RUNS = [
     Run("lora sdxl 512 gc r64 +caches +8bit", "lora", "sdxl", cache=True, adam8=True, activations_from=SDXL_BASE),
     Run("lora sdxl 512 gc r16 +caches +8bit", "lora", "sdxl", rank=16, cache=True, adam8=True,
         activations_from=SDXL_BASE),
+    Run("lora sdxl 512 gc r64 +caches +8bit batch 2", "lora", "sdxl", batch=2, cache=True, adam8=True,
+        activations_from=SDXL_BASE),
     Run("lora sdxl 512 r64 (no gc)", "lora", "sdxl"),
     Run("lora sdxl 1024 gc r64", "lora", "sdxl", resolution=1024, activations_from=SDXL_1024),
     Run(SDXL_1024, "lora", "sdxl", resolution=1024, cache=True, adam8=True, activations_from=SDXL_BASE),
