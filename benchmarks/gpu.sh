@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/memory.md in one pass (estimated at about 8 minutes on one 80 GB card; not yet run):
-# full-size random-weight SDXL and SD 1.5 pipelines, then CUDA max allocated and step time of each configuration, ours and, with REFERENCE_DIR set,
-# diffusers' example scripts beside them.
+# full-size random-weight SDXL and SD 1.5 pipelines, then CUDA max allocated and step time of each configuration,
+# ours and, with REFERENCE_DIR set, diffusers' example scripts beside them.
 #
 #   bash benchmarks/gpu.sh                                   # results in results/gpu/memory.jsonl + memory.md
 #   REFERENCE_DIR=path/to/diffusers/examples/consistency_distillation bash benchmarks/gpu.sh
