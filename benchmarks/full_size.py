@@ -61,8 +61,8 @@ import common  # noqa: E402 -- also puts the repository root on sys.path
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from utils import files  # noqa: E402
-from utils.errors import UserError, note_output, user_errors  # noqa: E402
+from utils import files, outputs  # noqa: E402
+from utils.errors import UserError, user_errors  # noqa: E402
 from utils.flags import Parser  # noqa: E402
 
 MODELS = ("sd15", "sdxl", "ssd1b", "flux")
@@ -376,15 +376,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="sd15 (Stable Diffusion 1.5), sdxl (SDXL base 1.0), ssd1b (Segmind SSD-1B) or flux "
                              "(FLUX.1-dev; needs about 28 GB of free RAM at full size, 32 GB of RAM is enough)")
     parser.add_argument("--output_dir", required=True,
-                        help="the pipeline folder to write; it must not exist or be empty unless --overwrite")
+                        help="the pipeline folder to write; a folder holding other files needs --overwrite")
     parser.add_argument("--dtype", default="fp16", choices=list(DTYPES),
                         help="dtype of the weights on disk, and the only one they are ever built in (default: fp16)")
     parser.add_argument("--width_scale", type=float, default=1.0,
                         help="multiply every channel width by this, keeping depths and layout; 1.0 is the published "
                              "size, e.g. 0.05 a tiny pipeline of the same shape (default: 1.0)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace --output_dir even if it holds files (it is replaced only once the new "
-                             "pipeline is complete)")
+                        help="write into --output_dir even if it holds files: the pipeline's own names are "
+                             "replaced once the new pipeline is complete, other files are kept")
     args = parser.parse_args(argv)
     if not args.width_scale > 0:
         raise UserError(f"--width_scale must be above 0, got {args.width_scale}")
@@ -396,16 +396,14 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     with user_errors():
         args = parse_args(argv)
         out = os.path.abspath(args.output_dir)
-        if os.path.lexists(out) and not args.overwrite:
-            if not os.path.isdir(out) or os.listdir(out):
-                raise UserError(f"{args.output_dir} exists and is not an empty folder: choose another or pass "
-                                f"--overwrite (--output_dir)")
         if not os.path.isdir(os.path.dirname(out)):
             raise UserError(f"the folder {os.path.dirname(out)} does not exist (--output_dir)")
-        note_output(out, "--output_dir")
+        # the project's output rule: a folder holding what this program did not write is refused unless --overwrite,
+        # and even then only the names written here are replaced
+        outputs.prepare_output(out, "--output_dir", {}, "benchmarks/full_size.py", args.overwrite)
         start = time.perf_counter()
-        # written under a hidden sibling name and renamed at the end: an interrupted run leaves no half pipeline
-        with files.atomic_write(out) as tmp:
+        # written under a hidden name and moved in at the end: an interrupted run leaves no half pipeline
+        with files.atomic_write(out, into=True) as tmp:
             counts = write_pipeline(args.model, tmp, DTYPES[args.dtype], args.width_scale)
         print(f"wrote {args.output_dir}: {args.model}, {sum(counts.values()) / 1e6:,.1f}M params in {args.dtype}, "
               f"{time.perf_counter() - start:.1f} s")

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from helpers import listing
+
 from utils.errors import UserError
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "full_size.py")
@@ -26,6 +28,15 @@ def load():
 @pytest.fixture(scope="module")
 def full_size():
     return load()
+
+
+@pytest.fixture(autouse=True)
+def released():
+    """What the interpreter's exit does after each in-process main(): signal handlers restored (utils.outputs)."""
+    from utils.outputs import release
+
+    yield
+    release()
 
 
 # published parameter counts of the released checkpoints
@@ -114,7 +125,7 @@ def test_scaled_flux_pipeline_loads_through_the_project_and_runs(full_size, tmp_
     assert all(f"{name}: " in printed for name in counts) and "tokenizer_2: toy T5" in printed
     assert counts == full_size.param_counts("flux", float(SCALE))
     assert _weights_dtypes(str(out)) == {"F16"}
-    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
+    assert listing(out) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2", "tokenizer",
                                        "tokenizer_2", "transformer", "vae"]
 
     # the project's own readers see a FLUX pipeline with FLUX-dev's 512 T5 tokens
@@ -157,3 +168,17 @@ def test_refuses_a_folder_that_holds_files(full_size, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["mine"]
     with pytest.raises(UserError):  # the check itself, before the one-line exit
         full_size.configs("sdxl", 0.0)
+
+
+def test_overwrite_writes_among_the_users_files_and_keeps_them(full_size, tmp_path, capsys):
+    """--overwrite into a folder holding a user's file: the pipeline goes in beside it, the file is kept."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    full_size.main(["--model", "sd15", "--output_dir", str(out), "--width_scale", SCALE, "--overwrite"])
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= set(os.listdir(out))
+    assert not [n for n in os.listdir(out) if n.startswith(".partial")]
+    StableDiffusionPipeline.from_pretrained(str(out))
