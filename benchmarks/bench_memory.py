@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BIG, ROOT, emit, fail, median, resolve_recipe  # noqa: E402
+from common import BIG, ROOT, emit, fail, median, resolve_recipe, split_at_dashes  # noqa: E402
 
 from utils.errors import user_errors  # noqa: E402
 
@@ -47,11 +47,7 @@ PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_probe.p
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, shared = argv[:cut], argv[cut + 1:]
-    else:
-        shared = []
+    argv, shared = split_at_dashes(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--recipe", required=True, help="this repository's recipe (or any training script) to measure")

@@ -30,6 +30,7 @@ from functools import lru_cache
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import full_size  # noqa: E402  (also puts the repository root on sys.path)
+from common import fail  # noqa: E402
 
 from utils.errors import user_errors  # noqa: E402
 
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     for path in args.measured:
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {path} not found (--measured)")
+            fail(f"{path} not found (--measured)")
     measured = read_measured(args.measured)
     for run in (RUNS[0], RUNS[2], RUNS[-2], RUNS[-1]):  # where the bytes go, for a few of them
         parts = ", ".join(f"{k} {v:.2f}" for k, v in weights_gb(run).items())

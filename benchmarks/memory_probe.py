@@ -21,18 +21,14 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import resource
 import runpy
 import sys
 import time
 
+PATH = list(sys.path)  # as Python set it for this file; common (below) adds the repository root
+from common import peak_rss_mb, split_at_dashes  # noqa: E402
+
 T0 = time.perf_counter()
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def rss_mb() -> float | None:
@@ -88,11 +84,7 @@ def install(log: str, stop_after: int | None) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if "--" in argv:
-        cut = argv.index("--")
-        own, script = argv[:cut], argv[cut + 1:]
-    else:
-        own, script = argv, []
+    own, script = split_at_dashes(argv)
     log = own[own.index("--log") + 1] if "--log" in own else None
     stop_after = int(own[own.index("--stop_after") + 1]) if "--stop_after" in own else None
     if log is None or (not script and "--baseline" not in own):
@@ -107,7 +99,7 @@ def main(argv: list[str]) -> None:
     install(log, stop_after)
     path = os.path.abspath(script[0])
     sys.argv = [path, *script[1:]]
-    sys.path[0] = os.path.dirname(path)  # as `python SCRIPT.py` sets it: the script's own imports resolve
+    sys.path[:] = [os.path.dirname(path), *PATH[1:]]  # as `python SCRIPT.py` sets it: the script's own imports resolve
     runpy.run_path(path, run_name="__main__")
 
 
