@@ -118,8 +118,9 @@ def validation_grid(accelerator, args, pipe, prompts: list[str], step: int, labe
     for steps in (1, 2, 4, 8):
         gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
         with accelerator.autocast():
-            images = pipe(**(prompt_kwargs or {"prompt": prompts}), num_inference_steps=steps, guidance_scale=1.0, generator=gens,
-                          height=args.resolution, width=args.resolution, output_type="pt", **call).images
+            images = pipe(**(prompt_kwargs or {"prompt": prompts}), num_inference_steps=steps, guidance_scale=1.0,
+                          generator=gens, height=args.resolution, width=args.resolution, output_type="pt",
+                          **call).images
         rows.append(images.float().cpu() * 2 - 1)
         labels.append(f"{label}, {steps} step{'s' if steps > 1 else ''}, CFG 1")
     path = log_image_grid(accelerator, rows, labels, step, args.output_dir, column_labels=prompts)

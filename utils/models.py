@@ -480,7 +480,8 @@ def load_frozen_vae(args: Any, device: torch.device | str, dtype: torch.dtype) -
 class Teacher:
     """A teacher pipeline's parts: the frozen VAE and text encoders (on the run's device, in its mixed-precision
     dtype unless the VAE must stay fp32), the denoiser as loaded (on the CPU, fp32 or with `frozen_denoiser` the
-    run's dtype: the recipe decides its copies), and the noise schedule (alphas_cumprod and prediction_type for a DDPM teacher, None for flow matching)."""
+    run's dtype: the recipe decides its copies), and the noise schedule (alphas_cumprod and prediction_type for a
+    DDPM teacher, None for flow matching)."""
 
     arch: str  # "sd", "sdxl" or "flux"
     scheduler_config: dict
@@ -520,7 +521,8 @@ class Teacher:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        logger.info("text encoders freed: their outputs for every prompt of this run are cached (--cache_text_embeddings)")
+        logger.info("text encoders freed: their outputs for every prompt of this run are cached "
+                    "(--cache_text_embeddings)")
 
     def prompt_kwargs(self, prompts: list[str], device: Any) -> dict[str, Any]:
         """A diffusers pipeline's prompt arguments for `prompts` without CFG: the prompts, or their cached embeddings
