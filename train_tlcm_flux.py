@@ -233,7 +233,8 @@ def main(args: argparse.Namespace) -> None:
     teacher = models.load_teacher(args, accelerator, "flux", frozen_denoiser=True)
     encoders, device, dtype = teacher.text_encoders, accelerator.device, teacher.dtype
     base = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
-    lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout,
+                            dtype=args.lora_torch_dtype)
     # the extras' players, each when its flag asks: the reward model, the DMD fake score (a second adapter) and the
     # GAN head (on the input of the final norm layer), each of the last two with its own optimizer
     width = base.config.num_attention_heads * base.config.attention_head_dim

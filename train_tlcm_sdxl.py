@@ -236,7 +236,8 @@ def main(args: argparse.Namespace) -> None:
     teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"), frozen_denoiser=True)
     encoders, device = teacher.text_encoders, accelerator.device
     base = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
-    lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    lora.add_trainable_lora(base, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout,
+                            dtype=args.lora_torch_dtype)
     # the extras' players, each when its flag asks: the reward model, the DMD fake score (a second adapter) and the
     # GAN head (on the mid-block output), each of the last two with its own optimizer
     scorer, fake_opt, head, disc_opt = tlcm_extras.add_extras(args, base, device, base.config.block_out_channels[-1],

@@ -8,8 +8,10 @@ benchmarks/full_size.py writes; LoRA sizes counted by adding the recipe's LoRA t
   frozen denoiser (LoRA base, TLCM teacher)      P x 2 bytes (bf16/fp16: loaded straight in that dtype)
   text encoders                                   P x 2, or 0 once --cache_text_embeddings has freed them
   VAE                                             P x 4 (SD-family VAEs keep fp32: force_upcast)
-  trained weights (LoRA, or the full student)     P x 4 (fp32 master weights) + 4 (fp32 gradients)
-  AdamW moments                                   P x 8, or P x 2 with --use_8bit_adam
+  trained weights (LoRA, or the full student)     P x 4 (fp32 master weights) + 4 (fp32 gradients);
+                                                  a LoRA with --lora_dtype bf16: P x 2 + 2
+  AdamW moments                                   P x 8 (P x 4 in bf16 with --lora_dtype bf16), or P x 2 with
+                                                  --use_8bit_adam
   full LCM: EMA target P x 4 (0 on the GPU with --ema_target_on_cpu), teacher P x 4 (P x 2 with --cast_teacher_unet)
   activations                                     measured: the base row's peak less its weights, scaled with
                                                   pixels x batch (the step's tensors grow with the latent's area)
@@ -52,6 +54,7 @@ class Run:
     adam8: bool = False  # --use_8bit_adam
     cast_teacher: bool = False  # full LCM: --cast_teacher_unet
     ema_on_cpu: bool = False  # full LCM: --ema_target_on_cpu
+    lora_bf16: bool = False  # LoRA recipes: --lora_dtype bf16 (weights, gradients and AdamW moments in bf16)
     activations_from: str | None = None  # the measured row whose activations this one scales
 
 
@@ -77,7 +80,8 @@ def weights_gb(run: Run) -> dict[str, float]:
     counts = full_size.param_counts(run.model)
     unet, vae = counts.get("unet", counts.get("transformer")), counts["vae"]
     text = sum(v for k, v in counts.items() if k.startswith("text_encoder"))
-    adam = 2 if run.adam8 else 8
+    weight = 2 if run.lora_bf16 else 4  # bytes of one trained weight (and of its gradient, and of an fp moment)
+    adam = 2 if run.adam8 else 2 * weight
     out = {"text encoders": 0 if run.cache else text * 2 / GB, "VAE": vae * 4 / GB}
     if run.kind == "lora":
         trained = lora_parameters(run.model, run.rank)
@@ -86,7 +90,7 @@ def weights_gb(run: Run) -> dict[str, float]:
         trained = unet
         out["teacher UNet"] = unet * (2 if run.cast_teacher else 4) / GB
         out["EMA target"] = 0 if run.ema_on_cpu else unet * 4 / GB
-    out["trained weights + grads"] = trained * 8 / GB
+    out["trained weights + grads"] = trained * 2 * weight / GB
     out["Adam moments"] = trained * adam / GB
     return out
 
@@ -116,11 +120,16 @@ RUNS = [
         activations_from=SDXL_BASE),
     Run("lora sdxl 512 gc r64 +caches +8bit batch 2", "lora", "sdxl", batch=2, cache=True, adam8=True,
         activations_from=SDXL_BASE),
+    Run("lora sdxl 512 gc r64 bf16 lora", "lora", "sdxl", lora_bf16=True, activations_from=SDXL_BASE),
+    Run("lora sdxl 512 gc r64 +caches +8bit bf16 lora", "lora", "sdxl", cache=True, adam8=True, lora_bf16=True,
+        activations_from=SDXL_BASE),
     Run("lora sdxl 512 r64 (no gc)", "lora", "sdxl"),
     Run("lora sdxl 1024 gc r64", "lora", "sdxl", resolution=1024, activations_from=SDXL_1024),
     Run(SDXL_1024, "lora", "sdxl", resolution=1024, cache=True, adam8=True, activations_from=SDXL_BASE),
     Run("lora sdxl 1024 gc r16 +caches +8bit", "lora", "sdxl", resolution=1024, rank=16, cache=True, adam8=True,
         activations_from=SDXL_1024),
+    Run("lora sdxl 1024 gc r64 +caches +8bit bf16 lora", "lora", "sdxl", resolution=1024, cache=True, adam8=True,
+        lora_bf16=True, activations_from=SDXL_1024),
     Run("lora ssd1b 512 gc r64 +caches +8bit", "lora", "ssd1b", cache=True, adam8=True, activations_from=SDXL_BASE),
     Run("tlcm sdxl stage1 512 gc r64", "lora", "sdxl"),
     Run("tlcm sdxl stage1 512 gc r64 +cache +8bit", "lora", "sdxl", cache=True, adam8=True,

@@ -106,6 +106,9 @@ CASES = [
     ("tlcm", "max-train-samples-0", {"--max_train_samples": "0"}, "--max_train_samples"),
     ("tlcm", "segments-0", {"--num_segments": "0"}, "--num_segments"),
     ("lora", "steps-0", {"--max_train_steps": "0"}, "--max_train_steps"),
+    # a bf16 LoRA outside bf16 autocast
+    *[(e, "lora-dtype-bf16-without-bf16", {"--lora_dtype": "bf16"}, "--lora_dtype bf16 needs --mixed_precision bf16")
+      for e in ("lora", "tlcm")],
     ("tlcm", "steps-0", {"--stage1_steps": "0"}, "--stage1_steps"),
     ("infer", "steps-0", {"--infer-steps": "0"}, "--infer-steps"),
     ("infer", "steps-1001", {"--infer-steps": "1001"}, "--infer-steps"),

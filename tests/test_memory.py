@@ -106,6 +106,36 @@ def test_8bit_adam_runs_on_the_cpu_and_its_lora_loss_goes_down(toy_world):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_bf16_lora_trains_in_bf16_resumes_exactly_and_loads_into_diffusers(toy_world, tmp_path):
+    """--lora_dtype bf16 (under --mixed_precision bf16): the LoRA, its gradients' optimizer moments and the saved
+    files are bf16, the weights train, a run resumed from its checkpoint ends with the same LoRA, and the file
+    loads into diffusers' SDXL pipeline."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+    from helpers import assert_lora_moves_the_weights, run_recipe
+    from safetensors.torch import load_file
+
+    teacher = os.path.join(toy_world, "models/sdxl")
+    args = ["--pretrained_teacher_model", teacher, "--train_data_dir", os.path.join(toy_world, "data/train"),
+            "--resolution", "32", "--train_batch_size", "2", "--max_train_samples", "8", "--max_train_steps", "3",
+            "--checkpointing_steps", "2", "--lora_rank", "4", "--learning_rate", "1e-2", "--w_min", "2", "--w_max",
+            "6", "--mixed_precision", "bf16", "--lora_dtype", "bf16", "--validation_prompts", "--report_to", "none"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_recipe("train_lcm_distill_lora_sdxl.py", [*args, "--output_dir", straight])
+    optimizer = torch.load(os.path.join(straight, "checkpoint-2", "optimizer.bin"), weights_only=False)
+    moments = [t for state in optimizer["state"].values() for k, t in state.items() if k.startswith("exp_avg")]
+    assert moments and {t.dtype for t in moments} == {torch.bfloat16}
+    lora = load_file(os.path.join(straight, "pytorch_lora_weights.safetensors"))
+    assert {t.dtype for t in lora.values()} == {torch.bfloat16}
+    assert_lora_moves_the_weights(StableDiffusionXLPipeline, teacher, straight)
+
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    run_recipe("train_lcm_distill_lora_sdxl.py", [*args, "--output_dir", resumed, "--resume_from_checkpoint", "latest"])
+    again = load_file(os.path.join(resumed, "pytorch_lora_weights.safetensors"))
+    assert lora.keys() == again.keys() and all(torch.equal(lora[k], again[k]) for k in lora)
+
+
 TINY_TRAINER = '''
 import argparse, torch
 p = argparse.ArgumentParser()

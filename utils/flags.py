@@ -124,6 +124,12 @@ class Parser(argparse.ArgumentParser):
                                 "moves the LoRA about 1/8 as far per step (its 1e-4 is about our 8e-4; on the toy "
                                 "world 1e-4 at alpha 8 did better, docs/lcm.md) (default: %(default)s)")
         group.add_argument("--lora_dropout", type=float, default=0.0, help="dropout inside the LoRA layers")
+        group.add_argument("--lora_dtype", default="fp32", choices=("fp32", "bf16"),
+                           help="dtype of the trained LoRA weights, their gradients, Adam moments and EMA shadow. fp32: "
+                                "master weights as in usual mixed precision; bf16 (needs --mixed_precision bf16, one "
+                                "process or DDP): half the LoRA's training state, as diffusers' LCM-LoRA script holds "
+                                "it under bf16; updates smaller than bf16's precision are lost (docs/memory.md) "
+                                "(default: %(default)s)")
         group.add_argument("--lora_target_modules", default=default_targets, help=targets_help)
         group.add_argument("--ema_decay", type=float, default=0.0,
                            help="target = EMA of the LoRA with this decay (0: the online student under stop-grad, as "
@@ -332,6 +338,7 @@ def check_lora_args(args: argparse.Namespace, presets: tuple[str, ...]) -> None:
     if not 0.0 <= args.ema_decay < 1.0:
         fail(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     args.lora_targets = resolve_targets(args.lora_target_modules, presets)
+    args.lora_torch_dtype = torch.bfloat16 if args.lora_dtype == "bf16" else torch.float32
 
 
 def check_training_args(args: argparse.Namespace) -> None:

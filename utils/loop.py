@@ -106,6 +106,12 @@ def check_engine(accelerator, args: argparse.Namespace) -> None:
         fail("--dmd and --gan do not run under DeepSpeed ZeRO-3 (the DMD fake score's own optimizer steps outside "
              "DeepSpeed's engine, whose split weights hold no whole gradient; the GAN loss back-propagates through "
              "the split teacher a second time, which its hooks refuse): use FSDP or ZeRO-2 (docs/distributed.md)")
+    if getattr(args, "lora_dtype", "fp32") == "bf16" and (accelerator.mixed_precision != "bf16"
+                                                          or engine not in ("single", "ddp")):
+        # bf16 weights need bf16 autocast around them (fp16's loss scaler refuses half-precision weights); the
+        # sharded engines keep their own master weights and mixed-precision policy
+        fail(f"--lora_dtype bf16 needs --mixed_precision bf16 on one process or DDP (this run: mixed precision "
+             f"{accelerator.mixed_precision}, {engine})")
     if engine == "fsdp1":
         fail("FSDP version 1 is not supported: set `fsdp_version: 2` in the accelerate config "
              "(configs/accelerate/fsdp.yaml; the recipes read sharded weights as FSDP2's DTensors)")

@@ -61,16 +61,16 @@ def resolve_targets(spec: str, presets: tuple[str, ...] = tuple(TARGET_PRESETS))
 
 
 def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
-                       flag: str = "--lora_target_modules") -> Any:
-    """add_lora for training: the adapter's weights in fp32 (the frozen base may be fp16/bf16), a bad target
-    list as a one-line UserError naming `flag`."""
+                       flag: str = "--lora_target_modules", dtype: torch.dtype = torch.float32) -> Any:
+    """add_lora for training: the adapter's weights in `dtype` (fp32 by default; the frozen base may be fp16/bf16),
+    a bad target list as a one-line UserError naming `flag`."""
     try:
         config = add_lora(model, rank, alpha, targets, dropout)
     except ValueError as exc:
         raise UserError(f"{flag}: {str(exc).splitlines()[0]}") from None
     for p in model.parameters():
         if p.requires_grad:
-            p.data = p.data.float()
+            p.data = p.data.to(dtype)
     return config
 
 
@@ -83,8 +83,8 @@ def lora_scale_note(rank: int, alpha: float) -> str:
             f"and so the released LCM/TLCM loading snippets, apply (docs/lcm.md, LoRA alpha and the learning rate)")
 
 
-def add_text_encoder_lora(encoders: list[nn.Module], sdxl: bool, rank: int, alpha: float, dropout: float = 0.0
-                          ) -> None:
+def add_text_encoder_lora(encoders: list[nn.Module], sdxl: bool, rank: int, alpha: float, dropout: float = 0.0,
+                          dtype: torch.dtype = torch.float32) -> None:
     """--train_text_encoder_lora: a trainable LoRA on the CLIP attention projections of every encoder.
 
     SDXL conditions on encoder 1's penultimate layer, so that encoder's last layer gets none: its LoRA
@@ -95,7 +95,7 @@ def add_text_encoder_lora(encoders: list[nn.Module], sdxl: bool, rank: int, alph
         if sdxl and i == 0:
             last = f".layers.{enc.config.num_hidden_layers - 1}."
             targets = sorted(n for n in targeted_modules(enc, targets) if last not in n)
-        add_trainable_lora(enc, rank, alpha, targets, dropout, "--train_text_encoder_lora")
+        add_trainable_lora(enc, rank, alpha, targets, dropout, "--train_text_encoder_lora", dtype)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -206,10 +206,11 @@ def start_lora_run(args) -> LoRARun:
     teacher = models.load_teacher(args, accelerator, ("sdxl", "sd"), frozen_denoiser=True)
     arch, vae, tokenizers, encoders = teacher.arch, teacher.vae, teacher.tokenizers, teacher.text_encoders
     unet = teacher.lora_base(accelerator)  # on the CPU if prepare() splits it
-    lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout)
+    lora.add_trainable_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout,
+                            dtype=args.lora_torch_dtype)
     if args.train_text_encoder_lora:  # after the UNet's LoRA: its initialisation stays that of a run without
         lora.add_text_encoder_lora(encoders, arch == "sdxl", args.text_encoder_lora_rank, args.lora_alpha,
-                                   args.lora_dropout)
+                                   args.lora_dropout, args.lora_torch_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     models.prepare_denoiser(unet, args)  # xformers, --merged_lora_forward, --channels_last, --torch_compile
