@@ -237,6 +237,18 @@ def test_sharding_helpers_leave_plain_tensors_as_they_are():
 # ----------------------------------------------------------------------------- FSDP2, 2 CPU processes
 
 
+@pytest.mark.slow
+def test_bucketed_gather_of_fsdp2_shards_equals_full_tensor():
+    """sharding.whole_values (one collective per bucket of FSDP2 shards) gives each tensor's full_tensor(), for parts
+    of unequal and empty sizes, two dtypes, a replicated DTensor and a plain tensor among them (tests/gather_check.py,
+    2 processes over gloo)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), os.path.join(ROOT, "tests", "gather_check.py")], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("OK") == 2
+
+
 def image_args(world: str, teacher: str, steps: int) -> list[str]:
     return ["--pretrained_teacher_model", os.path.join(world, "models", teacher),
             "--train_data_dir", os.path.join(world, "data/train"), "--resolution", "32",

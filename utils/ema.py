@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .sharding import is_sharded, owner, settle, whole, write_whole
+from .sharding import is_sharded, owner, part_copy, settle, whole_values, write_part, write_whole
 
 
 def _params(x: Iterable[Tensor] | nn.Module) -> list[Tensor]:
@@ -20,18 +20,19 @@ def _params(x: Iterable[Tensor] | nn.Module) -> list[Tensor]:
 def ema_update(target: Iterable[Tensor] | nn.Module, source: Iterable[Tensor] | nn.Module, decay: float) -> None:
     """In place, no grad: theta_ema <- decay theta_ema + (1 - decay) theta.
 
-    The target is whole; a source sharded across processes (FSDP2, ZeRO-3) is read whole, one tensor at a time.
+    The target is whole; a source sharded across processes (FSDP2, ZeRO-3) is read whole (sharding.whole_values).
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
     tgt, src = _params(target), _params(source)
     if len(tgt) != len(src):
         raise ValueError(f"EMA target has {len(tgt)} tensors, source has {len(src)}")
-    for t, shard in zip(tgt, src):
-        with whole(shard) as s:
-            if t.shape != s.shape:
-                raise ValueError(f"EMA shape mismatch: target {tuple(t.shape)} vs source {tuple(s.shape)}")
-            t.mul_(decay).add_(s.to(device=t.device, dtype=t.dtype), alpha=1.0 - decay)
+    for t, shard in zip(tgt, src):  # before any collective, so that every process raises alike
+        shape = getattr(shard, "ds_shape", shard.shape)  # a ZeRO-3 part is empty; its whole shape is ds_shape
+        if t.shape != shape:
+            raise ValueError(f"EMA shape mismatch: target {tuple(t.shape)} vs source {tuple(shape)}")
+    for t, s in zip(tgt, whole_values(src)):
+        t.mul_(decay).add_(s.to(device=t.device, dtype=t.dtype), alpha=1.0 - decay)
 
 
 class EMAParams:
@@ -58,10 +59,7 @@ class EMAParams:
                 settle(self.model)  # the names of the kept (sharded) parameters, not of gathered copies
                 names = {id(p): name for name, p in self.model.named_parameters()}
             self.names = [names.get(id(p)) for p in self.params]
-        self.shadow = []
-        for p in self.params:
-            with whole(p) as full:
-                self.shadow.append(full.clone())
+        self.shadow = [full.clone() for full in whole_values(self.params)]
 
     def update(self) -> None:
         """shadow <- decay shadow + (1 - decay) params."""
@@ -83,14 +81,13 @@ class EMAParams:
         """
         held, saved = self._held(), []
         for p, s in zip(held, self.shadow):
-            with whole(p) as full:
-                saved.append(full.clone())
+            saved.append(part_copy(p))  # an FSDP2 shard's own part: nothing to gather for the way back
             write_whole(p, s)
         try:
             yield
         finally:
             for p, s in zip(held, saved):
-                write_whole(p, s)
+                write_part(p, s)
 
     def state_dict(self) -> dict:
         return {"shadow": [s.clone() for s in self.shadow], "decay": self.decay}

@@ -13,7 +13,8 @@ run; a LoRA's EMA is small), so reading a sharded source whole is all an update 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -109,12 +110,78 @@ def whole(t: Tensor) -> Iterator[Tensor]:
         yield t.detach()
 
 
-def whole_copy(value):
-    """A CPU copy of a tensor's whole value (gathered when sharded); a value that is no tensor as it is."""
-    if not isinstance(value, Tensor):
-        return value
-    with whole(value) as full:
-        return full.cpu().clone()
+def _dim0_shard(t: Tensor) -> bool:
+    """Whether t is an FSDP2 shard: a DTensor split along dim 0 over a 1-D mesh, whose whole value is its processes'
+    parts in rank order, each as torch.chunk cuts it."""
+    return (_is_dtensor(t) and t.device_mesh.ndim == 1 and len(t.placements) == 1
+            and t.placements[0].is_shard(0))
+
+
+def _gather_dim0(shards: list[Tensor]) -> list[Tensor]:
+    """The whole values of FSDP2 shards of one dtype and mesh, in one all_gather: each process sends its parts
+    padded to the largest part and cuts every process's parts out of what comes back."""
+    mesh = shards[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    rows = [[len(c) for c in torch.arange(t.shape[0]).chunk(world)] for t in shards]
+    rows = [r + [0] * (world - len(r)) for r in rows]  # torch.chunk may give fewer parts than processes
+    row_numel = [math.prod(t.shape[1:]) for t in shards]
+    width = [max(r) * n for r, n in zip(rows, row_numel)]
+    local = [t.detach().to_local() for t in shards]
+    buf = torch.zeros(sum(width), dtype=local[0].dtype, device=local[0].device)
+    offset = 0
+    for part, r, w in zip(local, rows, width):
+        assert part.shape[0] == r[rank], "an FSDP2 part other than torch.chunk's"
+        buf[offset:offset + part.numel()] = part.reshape(-1)
+        offset += w
+    received = [torch.empty_like(buf) for _ in range(world)]
+    torch.distributed.all_gather(received, buf, group=mesh.get_group())
+    out, offset = [], 0
+    for t, r, n, w in zip(shards, rows, row_numel, width):
+        out.append(torch.cat([received[k][offset:offset + r[k] * n] for k in range(world)]).view(t.shape))
+        offset += w
+    return out
+
+
+def whole_values(tensors: Sequence[Tensor], bucket_bytes: int = 2**27) -> Iterator[Tensor]:
+    """The whole value of each tensor in order, to read as it comes (a collective: every process iterates all).
+
+    FSDP2's shards are gathered in buckets whose whole values take at most `bucket_bytes` (or one tensor), one
+    collective per bucket instead of one per tensor (hundreds per step for a LoRA's EMA); others as `whole`
+    reads them. A gathered value is a new tensor, a plain tensor comes as itself (detached).
+    """
+    bucket: list[Tensor] = []
+    size = 0  # bytes of the bucket's whole values
+    for t in tensors:
+        if bucket and not (_dim0_shard(t) and t.dtype == bucket[0].dtype and t.device_mesh == bucket[0].device_mesh
+                           and size + t.numel() * t.element_size() <= bucket_bytes):
+            yield from _gather_dim0(bucket)
+            bucket, size = [], 0
+        if _dim0_shard(t):
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+            continue
+        with whole(t) as full:
+            yield full
+    if bucket:
+        yield from _gather_dim0(bucket)
+
+
+def part_copy(t: Tensor) -> Tensor:
+    """A copy of what restoring t later needs: this process's part of an FSDP2 shard (nothing sent), the whole
+    value of other tensors (gathered under ZeRO-3). Put back with write_part."""
+    if _is_dtensor(t):
+        return t.detach().to_local().clone()
+    with whole(t) as full:
+        return full.clone()
+
+
+@torch.no_grad()
+def write_part(t: Tensor, saved: Tensor) -> None:
+    """t <- what part_copy(t) returned."""
+    if _is_dtensor(t):
+        t.detach().to_local().copy_(saved)
+    else:
+        write_whole(t, saved)
 
 
 def shard_like(value, like: Tensor):
@@ -167,12 +234,12 @@ def whole_parameters(model: nn.Module, select: Callable[[str], bool] = lambda na
     """
     settle(model)
     named = [(n, p) for n, p in model.named_parameters() if select(n)]
+    sharded = [(n, p) for n, p in named if _is_dtensor(p)]
     swapped = []
-    for name, p in named:
-        if _is_dtensor(p):
-            module, attr = owner(model, name)
-            setattr(module, attr, nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad))
-            swapped.append((module, attr, p))
+    for (name, p), full in zip(sharded, whole_values([p for _, p in sharded])):
+        module, attr = owner(model, name)
+        setattr(module, attr, nn.Parameter(full, requires_grad=p.requires_grad))
+        swapped.append((module, attr, p))
     try:
         with _gathered([p for _, p in named if _is_zero3(p)]):
             yield

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import fail
-from .sharding import is_sharded, shard_like, whole, whole_copy, write_whole
+from .sharding import is_sharded, shard_like, whole_values, write_whole
 
 
 class DiscriminatorHead(nn.Module):
@@ -127,9 +127,8 @@ class AuxOptimizer:
                     dist.all_reduce(g)
                     g /= dist.get_world_size()
         finite = bool(torch.isfinite(loss.detach()))
-        for g in grads:
-            with whole(g) as full:
-                finite = finite and bool(torch.isfinite(full).all())
+        for full in whole_values(grads):  # every process reads every gradient whole: all decide alike
+            finite = finite and bool(torch.isfinite(full).all())
         if finite:
             for p, g in zip(self.params, grads):
                 p.grad = g
@@ -143,8 +142,12 @@ class AuxOptimizer:
     def state_dict(self) -> dict:
         """Weights and optimizer state as whole tensors (gathered when sharded: every process calls this)."""
         optimizer = self.optimizer.state_dict()
-        optimizer["state"] = {i: {k: whole_copy(v) for k, v in st.items()} for i, st in optimizer["state"].items()}
-        return {"params": [whole_copy(p) for p in self.params], "optimizer": optimizer}
+        # new dicts: the packed state's dicts are the optimizer's own, which must keep their shards
+        optimizer["state"] = {i: dict(st) for i, st in optimizer["state"].items()}
+        moments = [(st, k) for st in optimizer["state"].values() for k, v in st.items() if isinstance(v, torch.Tensor)]
+        for (st, k), full in zip(moments, whole_values([st[k] for st, k in moments])):
+            st[k] = full.cpu().clone()
+        return {"params": [full.cpu().clone() for full in whole_values(self.params)], "optimizer": optimizer}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["params"]) != len(self.params):
