@@ -93,7 +93,8 @@ def make_accelerator(args: argparse.Namespace):
 def check_engine(accelerator, args: argparse.Namespace) -> None:
     """Refuse, in one line, an engine the recipes cannot use as asked (FSDP asked for but not set up, FSDP version 1;
     sharded engines prepare one model per run, --train_text_encoder_lora needs three; the TLCM extras --dmd and --gan
-    under ZeRO-3) and make a DeepSpeed config follow the recipe's flags (deepspeed_settings)."""
+    under ZeRO-3; --lora_dtype bf16 outside bf16 mixed precision, known only once accelerate has read its config, or
+    under a sharded engine) and make a DeepSpeed config follow the recipe's flags (deepspeed_settings)."""
     engine = sharding.engine(accelerator)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not engine.startswith("fsdp"):
         # accelerate 1.15 silently runs DDP instead (every process holding everything): not what was asked for

@@ -152,13 +152,14 @@ def whole_values(tensors: Sequence[Tensor], bucket_bytes: int = 2**27) -> Iterat
     bucket: list[Tensor] = []
     size = 0  # bytes of the bucket's whole values
     for t in tensors:
-        if bucket and not (_dim0_shard(t) and t.dtype == bucket[0].dtype and t.device_mesh == bucket[0].device_mesh
-                           and size + t.numel() * t.element_size() <= bucket_bytes):
+        shard, nbytes = _dim0_shard(t), t.numel() * t.element_size()
+        if bucket and not (shard and t.dtype == bucket[0].dtype and t.device_mesh == bucket[0].device_mesh
+                           and size + nbytes <= bucket_bytes):
             yield from _gather_dim0(bucket)
             bucket, size = [], 0
-        if _dim0_shard(t):
+        if shard:
             bucket.append(t)
-            size += t.numel() * t.element_size()
+            size += nbytes
             continue
         with whole(t) as full:
             yield full
