@@ -51,12 +51,23 @@ def pytest_collection_finish(session) -> None:
     gc.freeze()  # the test modules and the libraries they imported live to the end: collections need not scan them
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the xdist_group marks into its work units
 def pytest_collection_modifyitems(config, items) -> None:
     """For pytest-xdist's `--dist loadgroup`: a test module goes to one worker whole (its module-scoped fixtures
-    are built once), except where a test names its own `xdist_group`; the slow tests are handed out first, so
-    that no long test starts last."""
+    are built once), except where a test names its own `xdist_group`. The longest units are handed out first (the
+    order pytest.ini keeps with --no-loadscope-reorder), so that no long unit starts last: the multi-process
+    tests (a unit each), then the modules with slow tests, then the rest, each kind by its number of tests."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    if getattr(config.option, "numprocesses", None):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not hasattr(config, "workerinput"):  # not a pytest-xdist worker (whose collection order the scheduler keeps)
+        return
+    units: dict[str, list] = {}
+    for index, item in enumerate(items):
+        name = item.get_closest_marker("xdist_group").args[0]
+        slow = item.get_closest_marker("slow") is not None
+        unit = units.setdefault(name, [2, 0, index])  # kind, tests, first position
+        unit[0] = min(unit[0], (0 if name != item.module.__name__ else 1) if slow else 2)
+        unit[1] += 1
+    order = {name: (kind, -tests, first) for name, (kind, tests, first) in units.items()}
+    items.sort(key=lambda item: order[item.get_closest_marker("xdist_group").args[0]])

@@ -37,24 +37,126 @@ def run_script(script: str, args: list[str], env: dict | None = None, check: boo
     return proc
 
 
+# What the recipes import from the libraries (the slow part of a new interpreter's start, ~7 s of CPU on 2 cores).
+LIBRARIES = ["torch", "accelerate", "diffusers.models.unets.unet_2d_condition",
+             "diffusers.models.autoencoders.autoencoder_kl", "diffusers.pipelines.stable_diffusion",
+             "diffusers.pipelines.stable_diffusion_xl", "diffusers.pipelines.flux", "transformers.models.clip",
+             "transformers.models.t5", "peft", "safetensors.torch", "datasets"]
+
+
+class ScriptProcess:
+    """A repo script running as a process of its own (start_script); the parts of subprocess.Popen the tests use."""
+
+    def __init__(self, process, stderr_path: str) -> None:
+        self.process, self.stderr_path, self.pid = process, stderr_path, process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode  # a signal's number negated, as Popen's
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        import os
+
+        if self.process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise TimeoutError(f"process {self.pid} still running after {timeout} s")
+        return self.process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[None, str]:
+        """Waits for the end; (None, its stderr)."""
+        self.wait(timeout)
+        with open(self.stderr_path) as f:
+            return None, f.read()
+
+
+def _run_as_main(path: str, args: list[str], env: dict, stderr_path: str) -> None:
+    """In the new process: what `python path args` does once the interpreter is up, then exit with its status."""
+    import atexit
+    import os
+    import runpy
+    import sys
+
+    os.environ.update(env)
+    os.chdir(os.path.dirname(path))
+    sys.path[0] = os.path.dirname(path)  # the script's folder, as `python path` puts it
+    sys.argv = [path, *args]
+    null, err = os.open(os.devnull, os.O_WRONLY), os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(null, 1)
+    os.dup2(err, 2)
+    code = 0
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # as the interpreter ends on an uncaught exception: a traceback by default
+        code = 1
+    atexit._run_exitfuncs()  # as the interpreter's exit would (os._exit below skips it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_warm_context = None
+
+
+def start_script(script: str, args: list[str], env: dict | None = None, stderr_path: str | None = None) -> ScriptProcess:
+    """Start `python script args` (a repo script) as a process of its own, to be signalled or killed; its stdout is
+    dropped, its stderr goes to stderr_path.
+
+    The process is forked from a server process (multiprocessing's forkserver) that has imported LIBRARIES and
+    nothing of this project, so it starts in about a second instead of the ~7 s a new interpreter spends importing
+    them: from there it runs the script's `__main__` block as `python` would (its folder first on sys.path, the
+    exit status of SystemExit, sys.excepthook and status 1 for an uncaught exception, the atexit functions at
+    the end). A real process: a signal reaches it and a kill ends it mid-write. What needs a new interpreter itself
+    (a command line as a user types it, several processes under a launcher, memory measured from the start)
+    runs through subprocess instead.
+    """
+    import multiprocessing
+    import os
+    import tempfile
+
+    global _warm_context
+    if _warm_context is None:
+        _warm_context = multiprocessing.get_context("forkserver")
+        _warm_context.set_forkserver_preload(LIBRARIES)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if stderr_path is None:
+        stderr_path = tempfile.mkstemp(suffix=".stderr")[1]
+    process = _warm_context.Process(target=_run_as_main, args=(os.path.join(root, script), list(args), env or {},
+                                                               stderr_path), daemon=False)
+    process.start()
+    return ScriptProcess(process, stderr_path)
+
+
 def kill_while_saving(script: str, args: list[str], partial_dir: str, timeout: float = 300) -> None:
     """Start a run whose checkpoint saves stall (the fault hook), SIGKILL it once partial_dir appears."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, os.path.join(root, script), *args], cwd=root,
-                            env={**os.environ, "DISTILL_FAULT_DURING_SAVE": "4"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_script(script, args, env={"DISTILL_FAULT_DURING_SAVE": "4"})
     deadline = time.time() + timeout
     while not os.path.isdir(partial_dir):
         assert proc.poll() is None and time.time() < deadline, "run ended before the injected fault"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    os.remove(proc.stderr_path)
 
 
 def assert_lora_moves_the_weights(pipeline_cls, teacher: str, lora_dir: str) -> None:

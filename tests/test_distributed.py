@@ -253,7 +253,8 @@ def image_args(world: str, teacher: str, steps: int) -> list[str]:
     return ["--pretrained_teacher_model", os.path.join(world, "models", teacher),
             "--train_data_dir", os.path.join(world, "data/train"), "--resolution", "32",
             "--train_batch_size", str(BATCH), "--max_train_samples", str(SAMPLES), "--w_min", "2", "--w_max", "6",
-            "--max_train_steps", str(steps), "--checkpointing_steps", "1", "--lr_scheduler", "constant",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--checkpoint_at_end",
+            "--lr_scheduler", "constant",
             "--validation_steps", "1000", "--validation_prompts", "a red circle", "--report_to", "none"]
 
 
@@ -271,6 +272,8 @@ def test_fsdp_lcm_sd_shards_the_student_keeps_the_ema_right_and_resumes_exactly(
 
     # FSDP's layout: the student (model 0) and its Adam state as per-process shards (torch.distributed.checkpoint);
     # the whole EMA target (registered object 0) and the loss's random streams (object 1) from the main process
+    # at the multiple of --checkpointing_steps and, with --checkpoint_at_end, at the last step
+    assert sorted(d for d in os.listdir(straight) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
     ckpt = os.path.join(straight, "checkpoint-2")
     files = set(os.listdir(ckpt))
     assert {"pytorch_model_fsdp_0", "optimizer_0", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl",
@@ -326,7 +329,8 @@ def test_fsdp_tlcm_extras_match_ddp_and_resume_exactly(toy_world, start_lora, tm
             "--resolution", "32", "--lora_rank", "4", "--train_batch_size", str(BATCH), "--stage", "extras",
             "--init_lora", start_lora, "--dmd", "--gan", "--ema_decay", "0.9", "--extras_steps", "3",
             "--extras_learning_rate", "1e-3", "--dmd_learning_rate", "1e-3", "--gan_learning_rate", "1e-3",
-            "--checkpointing_steps", "1", "--validation_steps", "2", "--validation_prompts", "a red circle",
+            "--checkpointing_steps", "2", "--checkpoint_at_end", "--validation_steps", "2",
+            "--validation_prompts", "a red circle",
             "--report_to", "none"]
     straight, ddp, log = str(tmp_path / "straight"), str(tmp_path / "ddp"), str(tmp_path / "batches")
     launch("fsdp", script, args + ["--output_dir", straight], log, FLUX_BLOCKS)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
+from helpers import start_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +51,8 @@ def test_no_private_name_is_imported_from_another_module():
 
 @pytest.mark.slow
 def test_training_runs_on_a_model_folder_never_import_the_toy_world(toy_world, tmp_path):
-    """The five recipes, one step each, in one fresh process: utils.toy is not among the loaded modules."""
+    """The five recipes, one step each, in one process of its own that starts with none of this project's modules
+    (helpers.start_script): utils.toy is not among the loaded modules at its end."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a small red circle on a blue background\na large green square on a white background\n")
     common = ["--report_to", "none", "--resolution", "32", "--train_batch_size", "2", "--validation_steps", "100",
@@ -71,14 +71,17 @@ def test_training_runs_on_a_model_folder_never_import_the_toy_world(toy_world, t
             ("train_tlcm_sdxl", [*common, "--prompts_file", str(prompts), "--stage1_steps", "1", "--stage2_steps", "1",
                                  "--pretrained_teacher_model", os.path.join(toy_world, "models/sdxl"),
                                  "--output_dir", str(tmp_path / "d")])]
-    script = ("import sys, importlib\n"
-              f"for name, argv in {runs!r}:\n"
-              "    module = importlib.import_module(name)\n"
-              "    module.main(module.parse_args(argv))\n"
-              "print('TOY', sorted(m for m in sys.modules if m.startswith('utils.toy')))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    script = tmp_path / "five_recipes.py"
+    script.write_text("import sys, importlib\n"
+                      f"sys.path.insert(0, {ROOT!r})\n"
+                      f"for name, argv in {runs!r}:\n"
+                      "    module = importlib.import_module(name)\n"
+                      "    module.main(module.parse_args(argv))\n"
+                      "print('TOY', sorted(m for m in sys.modules if m.startswith('utils.toy')), file=sys.stderr)\n")
+    proc = start_script(str(script), [], stderr_path=str(tmp_path / "stderr"))
+    err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 0, err[-3000:]
     assert os.path.isfile(tmp_path / "c" / "pytorch_lora_weights.safetensors")
     assert os.path.isfile(tmp_path / "d" / "pytorch_lora_weights.safetensors")
     assert os.path.isfile(tmp_path / "e" / "scheduler" / "scheduler_config.json")
-    assert "TOY []" in proc.stdout
+    assert "TOY []" in err

@@ -26,7 +26,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from helpers import import_script, listing, run_recipe
+from helpers import import_script, listing, run_recipe, start_script
 
 from utils import checkpoint, flags, loop, outputs
 from utils.errors import UserError
@@ -297,6 +297,20 @@ def _finished(folder: str, final: str = "model_index.json", checkpoints=(7,)) ->
         open(os.path.join(folder, f"checkpoint-{step}", checkpoint.STATE_FILE), "w").write('{"global_step": 7}')
 
 
+def test_a_folder_created_for_a_run_goes_again_with_its_write_probe_when_a_stop_lands_on_the_probe(tmp_path):
+    """make_output_dir writes and removes a probe file to check the new folder is writable; a stop signal between the
+    two leaves the probe: the exit still removes the folder it created (and nobody else's probe or files)."""
+    out = tmp_path / "new" / "run"
+    outputs.make_output_dir(str(out))
+    (out / f".write_test.{os.getpid()}").write_text("")  # the state a stop inside the probe leaves
+    outputs.release()
+    assert not (tmp_path / "new").exists()
+    outputs.make_output_dir(str(out))
+    (out / ".write_test.1").write_text("")  # another process's probe (a multi-process run): not ours to remove
+    outputs.release()
+    assert os.listdir(out) == [".write_test.1"]
+
+
 def test_a_folder_of_a_users_files_is_refused_unless_asked_and_then_only_its_own_names_replaced(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -487,14 +501,13 @@ def test_sigterm_to_a_real_run_keeps_a_checkpoint_or_leaves_nothing(toy_world, t
                 "2", "--max_train_samples", "8", "--max_train_steps", steps, "--checkpointing_steps", "2",
                 "--checkpoints_total_limit", "1", "--w_min", "2", "--w_max", "6", "--validation_steps", "100000",
                 "--report_to", "none"]
-        return subprocess.Popen([sys.executable, os.path.join(ROOT, "train_lcm_distill_sd.py"), *argv], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return start_script("train_lcm_distill_sd.py", argv, env={"OMP_NUM_THREADS": "1"},
+                            stderr_path=out + ".stderr")
 
     def wait_for(path: str, proc) -> None:
         deadline = time.time() + 300
         while not os.path.exists(path):
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, open(proc.stderr_path).read()[-3000:]
             time.sleep(0.02)
 
     early = str(tmp_path / "early")
@@ -504,7 +517,7 @@ def test_sigterm_to_a_real_run_keeps_a_checkpoint_or_leaves_nothing(toy_world, t
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 128 + signal.SIGTERM and error_lines(err) == [
         "error: stopped by SIGTERM; finished checkpoints and outputs are kept"], err[-3000:]
-    assert not os.path.exists(early)
+    assert not os.path.exists(early), os.listdir(early)
 
     out = str(tmp_path / "out")
     proc = start(out, "1000")

@@ -191,12 +191,12 @@ def prepare_output(path: str, flag: str, inputs: dict[str, Any], program: str, o
 
 
 def remove_if_unused(folder: str) -> None:
-    """Remove `folder` if it holds nothing but our bookkeeping (the marker, a lock of ours)."""
+    """Remove `folder` if it holds nothing but our bookkeeping (the marker, a lock of ours, a write probe)."""
     try:
         names = os.listdir(folder)
         if all(_internal(n) for n in names):
-            for name in names:
-                if name == MARKER:
+            for name in names:  # the marker, and this process's write probe (a stop can land while it exists)
+                if name in (MARKER, f".write_test.{os.getpid()}"):
                     os.remove(os.path.join(folder, name))
             os.rmdir(folder)
     except OSError:
