@@ -51,6 +51,12 @@ def pytest_collection_finish(session) -> None:
     gc.freeze()  # the test modules and the libraries they imported live to the end: collections need not scan them
 
 
+def unit_of(item) -> str:
+    """The name of the item's xdist_group, read as pytest-xdist reads it."""
+    mark = item.get_closest_marker("xdist_group")
+    return mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns the xdist_group marks into its work units
 def pytest_collection_modifyitems(config, items) -> None:
     """For pytest-xdist's `--dist loadgroup`: a test module goes to one worker whole (its module-scoped fixtures
@@ -64,10 +70,10 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     units: dict[str, list] = {}
     for index, item in enumerate(items):
-        name = item.get_closest_marker("xdist_group").args[0]
+        name = unit_of(item)
         slow = item.get_closest_marker("slow") is not None
         unit = units.setdefault(name, [2, 0, index])  # kind, tests, first position
         unit[0] = min(unit[0], (0 if name != item.module.__name__ else 1) if slow else 2)
         unit[1] += 1
     order = {name: (kind, -tests, first) for name, (kind, tests, first) in units.items()}
-    items.sort(key=lambda item: order[item.get_closest_marker("xdist_group").args[0]])
+    items.sort(key=lambda item: order[unit_of(item)])

@@ -81,7 +81,7 @@ class ScriptProcess:
             return None, f.read()
 
 
-def _run_as_main(path: str, args: list[str], env: dict, stderr_path: str) -> None:
+def _run_as_main(path: str, args: list[str], env: dict, cwd: str, stderr_path: str) -> None:
     """In the new process: what `python path args` does once the interpreter is up, then exit with its status."""
     import atexit
     import os
@@ -89,7 +89,7 @@ def _run_as_main(path: str, args: list[str], env: dict, stderr_path: str) -> Non
     import sys
 
     os.environ.update(env)
-    os.chdir(os.path.dirname(path))
+    os.chdir(cwd)
     sys.path[0] = os.path.dirname(path)  # the script's folder, as `python path` puts it
     sys.argv = [path, *args]
     null, err = os.open(os.devnull, os.O_WRONLY), os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -112,11 +112,21 @@ def _run_as_main(path: str, args: list[str], env: dict, stderr_path: str) -> Non
 
 
 _warm_context = None
+_started: list = []
+
+
+def _end_leftovers() -> None:
+    """At this process's exit: kill what start_script started and a failed test left running (multiprocessing would
+    wait for it)."""
+    for process in _started:
+        if process.exitcode is None:
+            process.kill()
+            process.join()
 
 
 def start_script(script: str, args: list[str], env: dict | None = None, stderr_path: str | None = None) -> ScriptProcess:
-    """Start `python script args` (a repo script) as a process of its own, to be signalled or killed; its stdout is
-    dropped, its stderr goes to stderr_path.
+    """Start `python script args` (a repo script, or an absolute path) from the repo root as a process of its own,
+    to be signalled or killed; its stdout is dropped, its stderr goes to stderr_path.
 
     The process is forked from a server process (multiprocessing's forkserver) that has imported LIBRARIES and
     nothing of this project, so it starts in about a second instead of the ~7 s a new interpreter spends importing
@@ -126,6 +136,7 @@ def start_script(script: str, args: list[str], env: dict | None = None, stderr_p
     (a command line as a user types it, several processes under a launcher, memory measured from the start)
     runs through subprocess instead.
     """
+    import atexit
     import multiprocessing
     import os
     import tempfile
@@ -134,12 +145,14 @@ def start_script(script: str, args: list[str], env: dict | None = None, stderr_p
     if _warm_context is None:
         _warm_context = multiprocessing.get_context("forkserver")
         _warm_context.set_forkserver_preload(LIBRARIES)
+        atexit.register(_end_leftovers)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if stderr_path is None:
         stderr_path = tempfile.mkstemp(suffix=".stderr")[1]
     process = _warm_context.Process(target=_run_as_main, args=(os.path.join(root, script), list(args), env or {},
-                                                               stderr_path), daemon=False)
+                                                               root, stderr_path))
     process.start()
+    _started.append(process)
     return ScriptProcess(process, stderr_path)
 
 
