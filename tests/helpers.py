@@ -148,7 +148,8 @@ def start_script(script: str, args: list[str], env: dict | None = None, stderr_p
         atexit.register(_end_leftovers)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if stderr_path is None:
-        stderr_path = tempfile.mkstemp(suffix=".stderr")[1]
+        handle, stderr_path = tempfile.mkstemp(suffix=".stderr")
+        os.close(handle)
     process = _warm_context.Process(target=_run_as_main, args=(os.path.join(root, script), list(args), env or {},
                                                                root, stderr_path))
     process.start()
@@ -165,7 +166,8 @@ def kill_while_saving(script: str, args: list[str], partial_dir: str, timeout: f
     proc = start_script(script, args, env={"DISTILL_FAULT_DURING_SAVE": "4"})
     deadline = time.time() + timeout
     while not os.path.isdir(partial_dir):
-        assert proc.poll() is None and time.time() < deadline, "run ended before the injected fault"
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"run ended before the injected fault\n{open(proc.stderr_path).read()[-3000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
