@@ -132,7 +132,9 @@ def start_script(script: str, args: list[str], env: dict | None = None, stderr_p
     nothing of this project, so it starts in about a second instead of the ~7 s a new interpreter spends importing
     them: from there it runs the script's `__main__` block as `python` would (its folder first on sys.path, the
     exit status of SystemExit, sys.excepthook and status 1 for an uncaught exception, the atexit functions at
-    the end). A real process: a signal reaches it and a kill ends it mid-write. What needs a new interpreter itself
+    the end). `env` is set in the new process after those libraries were imported, so a variable they read only at
+    import (OMP_NUM_THREADS for torch's thread pool) keeps the server's value, which it took from this process.
+    A real process: a signal reaches it and a kill ends it mid-write. What needs a new interpreter itself
     (a command line as a user types it, several processes under a launcher, memory measured from the start)
     runs through subprocess instead.
     """
